@@ -1,0 +1,174 @@
+"""ThinkerConfig: the thinker text model's hyper-parameters, read from a checkpoint's config.json."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+COMPONENTS = ("thinker_text", "audio_tower", "visual", "talker", "code2wav", "other")
+
+
+@dataclass
+class ThinkerConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 2048
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: list[int] = field(default_factory=lambda: [24, 20, 20])
+    mrope_interleaved: bool = True
+    max_position_embeddings: int = 65536
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads {self.num_key_value_heads}")
+        if sum(self.mrope_section) != self.head_dim // 2:
+            problems.append(f"mrope_section {self.mrope_section} sums to {sum(self.mrope_section)}, "
+                            f"expected head_dim/2 = {self.head_dim // 2}")
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            problems.append(f"num_experts_per_tok {self.num_experts_per_tok} not in 1..{self.num_experts}")
+        if self.hidden_act != "silu":
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if problems:
+            raise CheckpointError("invalid thinker text config: " + "; ".join(problems))
+
+    # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def expert_numel(self) -> int:
+        return 3 * self.moe_intermediate_size * self.hidden_size
+
+    def expert_nbytes(self, itemsize: int = 2) -> int:
+        return self.expert_numel * itemsize
+
+    # -- reading -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], *, where: str = "config.json") -> "ThinkerConfig":
+        """Accept the nested Qwen3-Omni config, a thinker config, or a bare text config."""
+        text = find_text_config(cfg, where=where)
+        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size"]
+        missing = [k for k in required if k not in text]
+        if missing:
+            raise CheckpointError(f"{where}: thinker text config lacks {', '.join(missing)}")
+        rope = dict(text.get("rope_scaling") or {})
+        rope.update(text.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        section = list(rope.get("mrope_section") or [head_dim // 2, 0, 0])
+        interleaved = bool(rope.get("mrope_interleaved", rope.get("interleaved", True)))
+        if text.get("mlp_only_layers") or text.get("decoder_sparse_step", 1) != 1:
+            raise CheckpointError(f"{where}: dense (mlp_only) layers are not supported: "
+                                  f"mlp_only_layers={text.get('mlp_only_layers')}, "
+                                  f"decoder_sparse_step={text.get('decoder_sparse_step')}")
+        if text.get("shared_expert_intermediate_size"):
+            raise CheckpointError(f"{where}: shared experts are not supported "
+                                  f"(shared_expert_intermediate_size={text['shared_expert_intermediate_size']})")
+        tie = cfg.get("thinker_config", {}).get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        try:
+            return cls(
+                vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
+                num_hidden_layers=int(text["num_hidden_layers"]),
+                num_attention_heads=int(text["num_attention_heads"]),
+                num_key_value_heads=int(text["num_key_value_heads"]), head_dim=int(head_dim),
+                num_experts=int(text["num_experts"]), num_experts_per_tok=int(text["num_experts_per_tok"]),
+                moe_intermediate_size=int(text["moe_intermediate_size"]),
+                norm_topk_prob=bool(text.get("norm_topk_prob", True)),
+                rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+                mrope_section=[int(s) for s in section], mrope_interleaved=interleaved,
+                max_position_embeddings=int(text.get("max_position_embeddings", 65536)),
+                tie_word_embeddings=bool(tie), hidden_act=text.get("hidden_act", "silu"),
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: malformed thinker text config: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ThinkerConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        return cls.from_dict(read_json(path, CheckpointError), where=str(path))
+
+    def to_text_dict(self) -> dict[str, Any]:
+        """A text config in the official key names (what a Qwen3-Omni config.json holds)."""
+        d = asdict(self)
+        sec = d.pop("mrope_section")
+        inter = d.pop("mrope_interleaved")
+        theta = d.pop("rope_theta")
+        d.update(model_type="qwen3_omni_moe_text", rope_theta=theta, decoder_sparse_step=1, mlp_only_layers=[],
+                 attention_bias=False, sliding_window=None, intermediate_size=4 * self.hidden_size,
+                 rope_scaling={"mrope_section": sec, "interleaved": inter, "mrope_interleaved": inter,
+                               "rope_type": "default", "type": "default"})
+        return d
+
+    # -- the tensors this config implies ---------------------------------------------------------
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Every canonical tensor name of the thinker text model, with its shape, in load order."""
+        D, hd, E, I, V = self.hidden_size, self.head_dim, self.num_experts, self.moe_intermediate_size, self.vocab_size
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            out.update({
+                p + "input_layernorm.weight": (D,),
+                p + "self_attn.q_proj.weight": (q, D),
+                p + "self_attn.k_proj.weight": (kv, D),
+                p + "self_attn.v_proj.weight": (kv, D),
+                p + "self_attn.o_proj.weight": (D, q),
+                p + "self_attn.q_norm.weight": (hd,),
+                p + "self_attn.k_norm.weight": (hd,),
+                p + "post_attention_layernorm.weight": (D,),
+                p + "mlp.gate.weight": (E, D),
+            })
+            for e in range(E):
+                out.update({
+                    p + f"mlp.experts.{e}.gate_proj.weight": (I, D),
+                    p + f"mlp.experts.{e}.up_proj.weight": (I, D),
+                    p + f"mlp.experts.{e}.down_proj.weight": (D, I),
+                })
+        out["model.norm.weight"] = (D,)
+        if not self.tie_word_embeddings:
+            out["lm_head.weight"] = (V, D)
+        return out
+
+
+def expert_key(layer: int, e: int, proj: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj.weight"
+
+
+def find_text_config(cfg: dict[str, Any], *, where: str = "config.json") -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, found {type(cfg).__name__}")
+    if "thinker_config" in cfg:
+        th = cfg["thinker_config"]
+        if not isinstance(th, dict) or not isinstance(th.get("text_config"), dict):
+            raise CheckpointError(f"{where}: thinker_config has no text_config: not a Qwen3-Omni thinker")
+        return th["text_config"]
+    if isinstance(cfg.get("text_config"), dict):
+        return cfg["text_config"]
+    if "num_experts" in cfg and "hidden_size" in cfg:
+        return cfg
+    raise CheckpointError(f"{where}: no thinker text config found (expected thinker_config.text_config, "
+                          f"text_config, or a bare MoE text config with num_experts); keys: {sorted(cfg)[:12]}")
+
+
+def read_json(path: Path, error=CheckpointError) -> Any:
+    if not path.exists():
+        raise error(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: invalid JSON: {e}") from None

@@ -1,0 +1,149 @@
+"""A strict safetensors reader: validate the header, then read single tensors with positioned reads.
+
+We parse the format ourselves (8-byte little-endian header length, JSON header, raw data) so that every
+way a file can be broken ends in a `CheckpointError` naming the file and tensor, and so that reading one
+expert touches only that expert's bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"BF16", "F16", "F32"}
+MAX_HEADER = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    end: int    # absolute file offset one past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {k!r}")
+        seen[k] = v
+    return seen
+
+
+def loads_strict(text: str | bytes):
+    """json.loads that refuses duplicate keys instead of keeping the last one silently."""
+    return json.loads(text, object_pairs_hook=_reject_duplicates)
+
+
+class SafetensorsFile:
+    """One .safetensors file: its validated header, and positioned reads of single tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: shard file not found")
+        self.size = self.path.stat().st_size
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict = {}
+        self._parse()
+
+    def _fail(self, msg: str):
+        raise CheckpointError(f"{self.path.name}: {msg} (file {self.path})")
+
+    def _parse(self) -> None:
+        if self.size < 8:
+            self._fail(f"file is {self.size} bytes, too short for a safetensors header")
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(MAX_HEADER, self.size - 8):
+                self._fail(f"corrupt header: header length {n} exceeds the file's {self.size - 8} bytes after it")
+            raw = f.read(n)
+        try:
+            header = loads_strict(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            self._fail(f"corrupt header: invalid JSON ({e})")
+        if not isinstance(header, dict):
+            self._fail("corrupt header: not a JSON object")
+        base = 8 + n
+        data_len = self.size - base
+        meta = header.pop("__metadata__", {}) or {}
+        self.metadata = meta if isinstance(meta, dict) else {}
+        spans = []
+        for name, info in header.items():
+            try:
+                dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                b, e = int(b), int(e)
+            except (KeyError, TypeError, ValueError):
+                self._fail(f"corrupt header: malformed entry for tensor {name!r}: {str(info)[:120]}")
+            if dtype not in DTYPES:
+                self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
+            if any(s < 0 for s in shape) or b < 0 or e < b:
+                self._fail(f"corrupt header: tensor {name!r} has invalid shape {shape} or offsets [{b}, {e}]")
+            numel = 1
+            for s in shape:
+                numel *= s
+            itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+            if e - b != numel * itemsize:
+                self._fail(f"corrupt header: tensor {name!r} spans {e - b} bytes, but {dtype}{list(shape)} "
+                           f"needs {numel * itemsize}")
+            if e > data_len:
+                self._fail(f"truncated: tensor {name!r} needs bytes up to {base + e}, file has {self.size}")
+            spans.append((b, e, name))
+            self.tensors[name] = TensorInfo(name, dtype, shape, base + b, base + e)
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                self._fail(f"corrupt header: tensors {n0!r} and {n1!r} overlap")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh, writable CPU tensor) with a single positioned read."""
+        info = self.tensors.get(name)
+        if info is None:
+            self._fail(f"tensor {name!r} not in this shard")
+        return read_span(self.path, info)
+
+
+def read_span(path: Path, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read `info`'s bytes from `path` into `out` (or a new tensor); errors name the file and tensor."""
+    dtype = DTYPES[info.dtype]
+    if out is None:
+        out = torch.empty(info.shape, dtype=dtype)
+    buf = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open to read tensor {info.name!r}: {e.strerror}") from None
+    try:
+        got = 0
+        while got < info.nbytes:
+            k = os.preadv(fd, [buf[got:]], info.start + got)
+            if k == 0:
+                raise CheckpointError(f"{path.name}: truncated while reading tensor {info.name!r}: got {got} of "
+                                      f"{info.nbytes} bytes (file {path})")
+            got += k
+    except OSError as e:
+        raise CheckpointError(f"{path}: read of tensor {info.name!r} failed: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return out
