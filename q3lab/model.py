@@ -1,0 +1,435 @@
+"""The Qwen3-Omni thinker text model, from scratch, in one file.
+
+Dimensions: B batch, T new tokens, S cached + new tokens, D hidden, H query heads, K kv heads,
+hd head dim, E experts, A active experts per token (top-k), I expert intermediate, V vocabulary.
+
+Module names follow Hugging Face (`model.layers.{i}.self_attn.q_norm`, `model.layers.{i}.mlp.gate`) so
+that checkpoint keys, hooks and tools such as nnsight line up. Hook points (`HookPoint`) are identities
+that cost one attribute check when nobody listens.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ThinkerConfig
+from .errors import CheckpointError, InputError
+from .experts import ExpertProvider, ResidentExperts
+
+
+class HookPoint(nn.Module):
+    """An identity with a stable name; forward hooks registered on it see (and may replace) the value."""
+
+    def forward(self, x):
+        return x
+
+    def __call__(self, x):
+        if self._forward_hooks or self._forward_pre_hooks:
+            return super().__call__(x)
+        return x
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+# -- rotary ------------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # [hd/2]
+
+
+def mrope_freqs(position_ids: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
+                interleaved: bool = True) -> torch.Tensor:
+    """Rotary angles [B, T, hd/2] from 3-axis positions [3, B, T] (temporal, height, width).
+
+    Interleaved (Qwen3-Omni): frequency index j takes H if j % 3 == 1 and j < 3*section[1], W if
+    j % 3 == 2 and j < 3*section[2], else T. Chunked (Qwen2-VL): the first section[0] indices take T,
+    the next section[1] H, the last section[2] W.
+    """
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [3, B, T, hd/2]
+    if interleaved:
+        out = freqs[0].clone()
+        for axis, offset in ((1, 1), (2, 2)):
+            idx = slice(offset, 3 * section[axis], 3)
+            out[..., idx] = freqs[axis][..., idx]
+        return out
+    return torch.cat([f[..., sum(section[:i]):sum(section[:i + 1])] for i, f in enumerate(freqs)], dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd]; cos/sin [B, T, hd]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+# -- KV cache ----------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer: [L, B, K, max_len, hd] each."""
+
+    def __init__(self, config: ThinkerConfig, batch: int, max_len: int, *, device=None, dtype=torch.float32):
+        super().__init__()
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.max_len = max_len
+        self.length = 0                     # tokens already stored
+        self.mask: torch.Tensor | None = None  # [B, max_len] key validity, when padding is used
+        self.next_pos: torch.Tensor | None = None  # [B] next text position per row
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, K, T, hd] at the current length; return all keys/values so far [B, K, S, hd]."""
+        s, t = self.length, k.shape[2]
+        self.k[layer, :, :, s:s + t] = k
+        self.v[layer, :, :, s:s + t] = v
+        return self.k[layer, :, :, :s + t], self.v[layer, :, :, :s + t]
+
+
+# -- attention ---------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, config: ThinkerConfig, layer_idx: int):
+        super().__init__()
+        D, H, K, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.layer_idx, self.n_heads, self.n_kv, self.head_dim = layer_idx, H, K, hd
+        self.q_proj = nn.Linear(D, H * hd, bias=False)
+        self.k_proj = nn.Linear(D, K * hd, bias=False)
+        self.v_proj = nn.Linear(D, K * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)     # [B, K, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # [B, K, T, hd]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                                           # [B, K, S, hd]
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           scale=self.head_dim ** -0.5, enable_gqa=True)          # [B, H, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# -- mixture of experts ------------------------------------------------------------------------
+class Experts(nn.Module):
+    """One layer's experts, whose weights come from a provider (resident or an on-demand cache)."""
+
+    def __init__(self, config: ThinkerConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.num_experts = layer_idx, config.num_experts
+        self.provider: ExpertProvider | None = None
+
+    def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """h [N, D]; idx, w [N, A] -> [N, D]: each token's weighted sum of its experts' outputs."""
+        N, A = idx.shape
+        flat = idx.reshape(-1)                                         # [N*A]
+        order = torch.argsort(flat, stable=True)                       # slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        used = [e for e, c in enumerate(counts) if c]
+        self.provider.prepare(self.layer_idx, used)
+        out = torch.zeros_like(h)
+        w_flat = w.reshape(-1)
+        start = 0
+        for e, c in enumerate(counts):
+            if not c:
+                continue
+            slots = order[start:start + c]                             # [c]
+            start += c
+            tok = slots // A                                           # tokens routed to expert e
+            gate, up, down = self.provider.weights(self.layer_idx, e)
+            x = h[tok]                                                 # [c, D]
+            y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)  # [c, D]
+            out.index_add_(0, tok, y * w_flat[slots, None])
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: ThinkerConfig, layer_idx: int):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)   # the router
+        self.experts = Experts(config, layer_idx)
+        self.hook_router_logits = HookPoint()   # [N, E]
+        self.hook_topk_ids = HookPoint()        # [N, A], rank order
+        self.hook_topk_weights = HookPoint()    # [N, A], renormalised, hidden dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        h = x.reshape(-1, D)                                                         # [N, D]
+        logits = self.hook_router_logits(self.gate(h))                               # [N, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)                   # per token, float32
+        w, idx = torch.topk(probs, self.top_k, dim=-1)                               # [N, A]
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        idx = self.hook_topk_ids(idx)
+        w = self.hook_topk_weights(w.to(h.dtype))
+        return self.experts(h, idx, w).view(B, T, D)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ThinkerConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = SparseMoeBlock(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hook_attn_out = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        x = x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
+        return self.hook_resid_post(x)
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: ThinkerConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hook_embed = HookPoint()
+        self.hook_final_norm = HookPoint()
+
+
+class Thinker(nn.Module):
+    """The thinker text model: embeddings, decoder layers of attention + sparse MoE, final norm, lm_head."""
+
+    def __init__(self, config: ThinkerConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+        self.experts_provider: ExpertProvider | None = None
+
+    def set_experts(self, provider: ExpertProvider) -> None:
+        self.experts_provider = provider
+        for layer in self.model.layers:
+            layer.mlp.experts.provider = provider
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, device=self.device, dtype=self.dtype)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise InputError("empty prompt: input_ids has no tokens")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, *, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (float32) for input_ids [B, T].
+
+        position_ids: [B, T] text positions or [3, B, T] temporal/height/width positions; by default
+        positions continue from the cache (or from the left-padding-aware count of `attention_mask`).
+        attention_mask: [B, S] 1 for real tokens, 0 for (left) padding, covering cached + new tokens.
+        """
+        self._check_ids(input_ids)
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise InputError(f"cache holds {cache.max_len} tokens; {past} cached + {T} new do not fit")
+        if past + T > self.config.max_position_embeddings:
+            raise InputError(f"{past + T} tokens exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        dev = input_ids.device
+        mask = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(dev).bool()
+            if attention_mask.shape != (B, past + T):
+                raise InputError(f"attention_mask must be [B, cached + new] = [{B}, {past + T}], "
+                                 f"got {list(attention_mask.shape)}")
+            q_pos = torch.arange(past, past + T, device=dev)
+            k_pos = torch.arange(past + T, device=dev)
+            causal = k_pos[None, :] <= q_pos[:, None]                                   # [T, S]
+            mask = causal[None] & (attention_mask[:, None, :] | (k_pos[None, None, :] == q_pos[None, :, None]))
+            mask = mask[:, None]                                                         # [B, 1, T, S]
+        elif T > 1 and past > 0:
+            q_pos = torch.arange(past, past + T, device=dev)
+            mask = (torch.arange(past + T, device=dev)[None, :] <= q_pos[:, None])[None, None]
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
+        if position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, B, T)
+        if position_ids.shape != (3, B, T):
+            raise InputError(f"position_ids must be [B, T] or [3, B, T] = [3, {B}, {T}], "
+                             f"got {list(position_ids.shape)}")
+        freqs = mrope_freqs(position_ids.to(dev), self.inv_freq, self.config.mrope_section,
+                            self.config.mrope_interleaved)                          # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        x = self.model.hook_embed(self.model.embed_tokens(input_ids))                # [B, T, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.hook_final_norm(self.model.norm(x if not last_only else x[:, -1:]))
+        return self.lm_head(x).float()
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 seed: int | None = None, attention_mask: torch.Tensor | None = None,
+                 streamer=None) -> torch.Tensor:
+        """The prompt followed by up to max_new_tokens new tokens [B, T + n], with a KV cache.
+
+        Rows that reach an eos token keep emitting it (padding), as transformers does with pad = eos.
+        `streamer(token_ids [B])` is called with each new token as it comes.
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        input_ids = input_ids.to(self.device)
+        self._check_ids(input_ids)
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+            raise InputError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        B, T = input_ids.shape
+        total = T + max_new_tokens
+        if total > self.config.max_position_embeddings:
+            raise InputError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        gen = torch.Generator(device=self.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        cache = self.new_cache(B, total)
+        mask = attention_mask.to(self.device).bool() if attention_mask is not None else None
+        next_pos = None
+        if mask is not None:
+            next_pos = mask.long().sum(-1)                                           # [B]
+            full = torch.ones(B, total, dtype=torch.bool, device=self.device)
+            full[:, :T] = mask
+            logits = self(input_ids, cache=cache, attention_mask=full[:, :T], last_only=True)[:, -1]
+        else:
+            logits = self(input_ids, cache=cache, last_only=True)[:, -1]
+        out = [input_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        eos_t = torch.tensor(sorted(eos), device=self.device) if eos else None
+        for step in range(max_new_tokens):
+            nxt = self._pick(logits, do_sample, temperature, top_p, gen)            # [B]
+            if eos_t is not None:
+                nxt = torch.where(done, eos_t[0], nxt)
+                done |= torch.isin(nxt, eos_t)
+            out.append(nxt[:, None])
+            if streamer is not None:
+                streamer(nxt)
+            if step == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
+                break
+            if mask is not None:
+                pos = next_pos[:, None]
+                next_pos = next_pos + 1
+                logits = self(nxt[:, None], pos, cache=cache, attention_mask=full[:, :cache.length + 1],
+                              last_only=True)[:, -1]
+            else:
+                logits = self(nxt[:, None], cache=cache, last_only=True)[:, -1]
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+              gen: torch.Generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if top_p < 1.0:
+            sp, si = probs.sort(dim=-1, descending=True)
+            keep = sp.cumsum(-1) - sp < top_p          # always keeps the most likely token
+            sp = sp * keep
+            probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+# -- loading -----------------------------------------------------------------------------------
+_NORM_SUFFIXES = ("layernorm.weight", "norm.weight")
+
+
+def _open_source(path):
+    from .weights import open_weights
+    return open_weights(path)
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         experts: ExpertProvider | None = None, allow_missing: list[str] | None = None,
+         progress: bool = False) -> Thinker:
+    """Build a Thinker from a checkpoint folder or an extracted store.
+
+    Every tensor the config implies must be present with the right shape: a missing one raises
+    `CheckpointError` naming it. `allow_missing` (exact canonical names) is for ablations only: norms are
+    then set to ones, other tensors to zeros, and each substitute is named in a warning.
+    """
+    src = path if hasattr(path, "expert") else _open_source(path)
+    config = src.config
+    with torch.device("meta"):
+        model = Thinker(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq.copy_(rope_inv_freq(config.head_dim, config.rope_theta))
+    allowed = set(allow_missing or [])
+    expected = {n: s for n, s in config.expected_tensors().items() if ".mlp.experts." not in n}
+    params = dict(model.named_parameters())
+    for name, shape in expected.items():
+        param = params[name]
+        try:
+            t = src.get(name)
+        except CheckpointError:
+            if name not in allowed:
+                raise
+            fill = 1.0 if name.endswith(_NORM_SUFFIXES) else 0.0
+            warnings.warn(f"q3lab.load: {name} is missing; substituted {'ones' if fill else 'zeros'} "
+                          f"(allow_missing)", stacklevel=2)
+            with torch.no_grad():
+                param.fill_(fill)
+            continue
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        with torch.no_grad():
+            param.copy_(t)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    provider = experts if experts is not None else ResidentExperts()
+    kwargs = {"progress": progress} if isinstance(provider, ResidentExperts) else {}
+    provider.bind(src, config, torch.device(device), dtype, **kwargs)
+    model.set_experts(provider)
+    model.source = src
+    model.requires_grad_(False)
+    return model.eval()
