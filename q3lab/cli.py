@@ -26,6 +26,32 @@ def _cmd_audit(args) -> int:
     return 0 if report.ok else 1
 
 
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="write the thinker text model into a store (q3lab extract CKPT OUT), "
+                                       "or re-check a store's checksums (q3lab extract --verify OUT)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder to extract from")
+    p.add_argument("out", nargs="?", help="store folder to write (new, empty, or an interrupted extraction)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="convert tensors (default: keep the source's)")
+    p.add_argument("--verify", metavar="OUT", help="re-check every checksum of the store OUT; exit 1 if any differs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_extract, parser=p)
+
+
+def _cmd_extract(args) -> int:
+    from .extract import extract, verify
+    if args.verify:
+        if args.checkpoint or args.out or args.dtype:
+            args.parser.error("--verify OUT takes no checkpoint, output folder or --dtype")
+        report = verify(args.verify, progress=not args.no_progress, strict=False)
+        print(report.summary())
+        return 0 if report.ok else 1
+    if not (args.checkpoint and args.out):
+        args.parser.error("expected CKPT OUT (or --verify OUT)")
+    out = extract(args.checkpoint, args.out, dtype=args.dtype, progress=not args.no_progress)
+    print(f"extracted {args.checkpoint} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q3lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,435 @@
+"""Extract the thinker text model from a checkpoint into a store (q3lab/store.py), and verify stores.
+
+Extraction audits first and refuses an incomplete checkpoint; it streams one chunk at a time (memory
+bounded by a few chunks, whatever the checkpoint's size), writes each file atomically, and keeps a
+journal (`.progress.json`) of finished files with their sha256, so that a rerun after a crash re-checks
+and skips them. The manifest is written last: a folder without it is not a store.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import TOKENIZER_FILES, AuditReport, Checkpoint, audit_checkpoint, expected_dtype
+from .config import ThinkerConfig, expert_key, read_json
+from .errors import CheckpointError, InputError, StoreError
+from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
+from .store import (DENSE, EXPERTS_DIR, FORMAT, LABEL_TO_ST, MANIFEST, PROGRESS, ST_TO_LABEL, VERSION, FileDigest,
+                    SafetensorsWriter, Store, copy_file_atomic, expert_file, fingerprint, fsync_dir, itemsize, numel,
+                    read_manifest, safetensors_header, sha256_file, tmp_path, with_text_dtype, write_bytes_atomic)
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+_CHUNK_BYTES = 16 << 20  # source bytes per read when streaming a dense tensor (the embedding is 623 MB)
+_JOURNAL_FORMAT = "q3lab-store-progress"
+
+
+# -- the plan: which file holds which tensors, from where ------------------------------------------
+@dataclass
+class TensorPlan:
+    name: str
+    source_key: str
+    source_shard: str
+    shape: tuple[int, ...]
+    src_dtype: str  # safetensors dtype names
+    dst_dtype: str
+
+
+@dataclass
+class FilePlan:
+    rel: str
+    kind: str                  # "bytes" (config.json), "copy" (tokenizer files), "tensors"
+    nbytes: int                # the output file's exact size
+    data: bytes | None = None
+    src: Path | None = None
+    layer: int | None = None   # expert files
+    tensors: list[TensorPlan] = field(default_factory=list)
+
+
+def _tensor_plan(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: str | None) -> TensorPlan:
+    m = _EXPERT.match(name)
+    if m and int(m.group(1)) in ckpt.fused_layers:
+        kind = "down_proj" if name.endswith("down_proj.weight") else "gate_up_proj"
+        shard, info = ckpt.info(f"model.layers.{m.group(1)}.mlp.experts.{kind}")
+        key = ckpt.source_key(f"model.layers.{m.group(1)}.mlp.experts.{kind}")
+    else:
+        shard, info = ckpt.info(name)
+        key = ckpt.source_key(name)
+        if tuple(info.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {key} in {shard} has shape {list(info.shape)}, expected {list(shape)}")
+    return TensorPlan(name, key, shard, tuple(shape), info.dtype, LABEL_TO_ST[dtype] if dtype else info.dtype)
+
+
+def plan_extraction(ckpt: Checkpoint, dtype: str | None = None) -> tuple[list[FilePlan], str]:
+    """The files of the store, in writing order, and the store's dtype label ("mixed" if the source is)."""
+    cfg = ckpt.config
+    expected = cfg.expected_tensors()
+    plans = {name: _tensor_plan(ckpt, name, shape, dtype) for name, shape in expected.items()}
+    labels = {ST_TO_LABEL.get(p.dst_dtype, p.dst_dtype) for p in plans.values()}
+    store_dtype = labels.pop() if len(labels) == 1 else "mixed"
+
+    files: list[FilePlan] = []
+    src_cfg = (ckpt.path / "config.json").read_bytes()
+    if dtype and expected_dtype(ckpt.raw_config) != LABEL_TO_ST[dtype]:
+        src_cfg = (json.dumps(with_text_dtype(ckpt.raw_config, dtype), indent=2, ensure_ascii=False) + "\n").encode()
+    files.append(FilePlan("config.json", "bytes", len(src_cfg), data=src_cfg))
+    for name in TOKENIZER_FILES:
+        if (ckpt.path / name).is_file():
+            files.append(FilePlan(name, "copy", (ckpt.path / name).stat().st_size, src=ckpt.path / name))
+
+    def tensor_file(rel: str, names: list[str], layer: int | None = None) -> FilePlan:
+        ts = [plans[n] for n in names]
+        raw, data_len = safetensors_header([(t.name, t.dst_dtype, t.shape) for t in ts])
+        return FilePlan(rel, "tensors", len(raw) + data_len, layer=layer, tensors=ts)
+
+    files.append(tensor_file(DENSE, [n for n in expected if not _EXPERT.match(n)]))
+    for layer in range(cfg.num_hidden_layers):
+        names = [expert_key(layer, e, p) for e in range(cfg.num_experts) for p in ("gate", "up", "down")]
+        files.append(tensor_file(expert_file(layer), names, layer))
+    return files, store_dtype
+
+
+def source_id(ckpt: Checkpoint) -> str:
+    """Cheap identity of a checkpoint (config, index, shard sizes and mtimes): a resume must not mix sources."""
+    h = hashlib.sha256((ckpt.path / "config.json").read_bytes())
+    idx = ckpt.path / "model.safetensors.index.json"
+    if idx.exists():
+        h.update(idx.read_bytes())
+    for shard in ckpt.shards:
+        st = (ckpt.path / shard).stat()
+        h.update(f"{shard}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def _dense_chunks(ckpt: Checkpoint, t: TensorPlan) -> Iterator[torch.Tensor]:
+    """A dense tensor's elements in row-major order, `_CHUNK_BYTES` of source at a time."""
+    shard, info = ckpt.info(t.name)
+    item = itemsize(info.dtype)
+    n = numel(info.shape)
+    step = max(1, _CHUNK_BYTES // item)
+    for i in range(0, n, step):
+        k = min(step, n - i)
+        yield read_span(ckpt.path / shard, TensorInfo(info.name, info.dtype, (k,), info.start + i * item,
+                                                      info.start + (i + k) * item))
+
+
+def _write_tensor_file(ckpt: Checkpoint, path: Path, fp: FilePlan, on_bytes: Callable[[int], None]) -> FileDigest:
+    with SafetensorsWriter(path, [(t.name, t.dst_dtype, t.shape) for t in fp.tensors]) as w:
+        if fp.layer is None:
+            for t in fp.tensors:
+                for chunk in _dense_chunks(ckpt, t):
+                    chunk = chunk.to(DTYPES[t.dst_dtype])
+                    w.append(t.name, chunk)
+                    on_bytes(chunk.nbytes)
+        else:
+            by_name = {t.name: t for t in fp.tensors}
+            for e in range(ckpt.config.num_experts):
+                for p, x in zip(("gate", "up", "down"), ckpt.expert(fp.layer, e)):
+                    t = by_name[expert_key(fp.layer, e, p)]
+                    if tuple(x.shape) != t.shape:
+                        raise CheckpointError(f"tensor {t.source_key} in {t.source_shard}: expert {e} {p} has shape "
+                                              f"{list(x.shape)}, expected {list(t.shape)}")
+                    x = x.to(DTYPES[t.dst_dtype])
+                    w.append(t.name, x)
+                    on_bytes(x.nbytes)
+        digest = w.close()
+    on_bytes(digest.bytes - sum(numel(t.shape) * itemsize(t.dst_dtype) for t in fp.tensors))  # the header
+    return digest
+
+
+def _write_file(ckpt: Checkpoint, out: Path, fp: FilePlan, on_bytes: Callable[[int], None]) -> FileDigest:
+    path = out / fp.rel
+    if fp.kind == "tensors":
+        return _write_tensor_file(ckpt, path, fp, on_bytes)
+    digest = write_bytes_atomic(path, fp.data) if fp.kind == "bytes" else copy_file_atomic(fp.src, path)
+    on_bytes(digest.bytes)
+    return digest
+
+
+# -- the output folder: refuse foreign content, resume our own -------------------------------------
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One extraction per folder at a time (flock on the folder itself: no extra file in the store)."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{out}: another q3lab extract is writing this folder") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _same_source(old: dict[str, Any], ident: dict[str, Any], where: Path) -> None:
+    if old.get("fingerprint") != ident["fingerprint"]:
+        raise StoreError(f"{where}: this folder holds a store of a different model (fingerprint "
+                         f"{str(old.get('fingerprint'))[:12]}, this checkpoint's {ident['fingerprint'][:12]}); "
+                         f"choose another output folder")
+    if old.get("dtype") != ident["dtype"]:
+        raise StoreError(f"{where}: this folder holds a {old.get('dtype')} store, you asked for {ident['dtype']}; "
+                         f"choose another output folder or remove it")
+    if old.get("source_id") != ident["source_id"]:
+        raise StoreError(f"{where}: this folder was extracted from {old.get('source')}, and the checkpoint "
+                         f"{ident['source']} differs from it (config, index or shard sizes/mtimes changed); "
+                         f"remove the folder to extract again")
+
+
+def _foreign_files(out: Path, planned: set[str]) -> list[str]:
+    ours = planned | {MANIFEST, PROGRESS}
+    ours |= {tmp_path(Path(r)).as_posix() for r in ours}
+    found = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_dir() and rel == EXPERTS_DIR:
+            continue
+        if rel not in ours or p.is_dir() or p.is_symlink():
+            found.append(rel)
+    return found
+
+
+def _open_journal(out: Path, ident: dict[str, Any], planned: set[str]) -> dict[str, Any]:
+    """The journal of `out` (created, loaded, or rebuilt from a finished store's manifest); refuses
+    foreign folders and stores of another model, dtype or source."""
+    fresh = {"format": _JOURNAL_FORMAT, "version": VERSION, **ident, "files": {}}
+    if (out / MANIFEST).exists():
+        m = read_manifest(out)
+        _same_source(m, ident, out / MANIFEST)
+        files = {rel: {"sha256": d["sha256"], "bytes": d["bytes"], "tensors": {}} for rel, d in m["files"].items()}
+        for t in m["tensors"]:
+            files[t["file"]]["tensors"][t["name"]] = t["sha256"]
+        journal = {**fresh, "files": files}
+    elif (out / PROGRESS).exists():
+        try:
+            journal = loads_strict((out / PROGRESS).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{out / PROGRESS}: unreadable journal ({e}); remove the folder to start over") from None
+        if not isinstance(journal, dict) or journal.get("format") != _JOURNAL_FORMAT or \
+                not isinstance(journal.get("files"), dict):
+            raise StoreError(f"{out / PROGRESS}: not a q3lab extraction journal; remove the folder to start over")
+        _same_source(journal, ident, out / PROGRESS)
+    else:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            raise StoreError(f"{out}: not empty and not a q3lab store (found {', '.join(entries[:8])}"
+                             f"{' ...' if len(entries) > 8 else ''}); choose an empty or new folder")
+        journal = fresh
+    foreign = _foreign_files(out, planned)
+    if foreign:
+        raise StoreError(f"{out}: holds files that are not part of this store: {', '.join(foreign[:8])}"
+                         f"{' ...' if len(foreign) > 8 else ''}; remove them or choose another folder")
+    # The journal goes down before the manifest goes away, so that no moment leaves neither.
+    write_bytes_atomic(out / PROGRESS, json.dumps(journal).encode())
+    (out / MANIFEST).unlink(missing_ok=True)
+    return journal
+
+
+def _audit_failure(report: AuditReport) -> str:
+    probs = report.problems()
+    lines = [f"{report.path}: the audit failed, nothing was extracted: {len(probs)} tensor problem(s), "
+             f"{len(report.errors)} shard error(s)"]
+    for _, r in probs.head(40).iterrows():
+        lines.append(f"  {r['status']}: {r['key']} [{r['detail']}]")
+    if len(probs) > 40:
+        lines.append(f"  ... and {len(probs) - 40} more (run q3lab audit)")
+    lines += [f"  shard error: {e}" for e in report.errors]
+    return "\n".join(lines)
+
+
+def _still_good(path: Path, done: dict[str, Any], fp: FilePlan, on_bytes: Callable[[int], None]) -> bool:
+    """Is a journaled file on disk intact? (full sha256 re-check; progress counts the bytes read)."""
+    if not path.is_file() or path.stat().st_size != done.get("bytes") or done.get("bytes") != fp.nbytes:
+        return False
+    if fp.kind == "tensors" and set(done.get("tensors", {})) != {t.name for t in fp.tensors}:
+        return False
+    return sha256_file(path, on_bytes) == done.get("sha256")
+
+
+# -- the two entry points --------------------------------------------------------------------------
+def extract(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, progress: bool = True) -> Path:
+    """Extract the thinker text model of a checkpoint into the store `out`; returns `out`.
+
+    dtype: "bf16", "fp16", "fp32", or None to keep the source's. Resumes an interrupted extraction
+    into the same folder (finished files are re-checked against their sha256 and kept).
+    """
+    if dtype is not None and dtype not in LABEL_TO_ST:
+        raise InputError(f"dtype {dtype!r} is not one of {sorted(LABEL_TO_ST)}")
+    ckpt = Checkpoint.open(ckpt_path)
+    report = audit_checkpoint(ckpt)
+    if not report.ok:
+        raise CheckpointError(_audit_failure(report))
+    files, store_dtype = plan_extraction(ckpt, dtype)
+    ident = {"source": str(ckpt.path.resolve()), "source_id": source_id(ckpt),
+             "fingerprint": fingerprint(ckpt.config), "dtype": store_dtype}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        planned = {f.rel for f in files}
+        journal = _open_journal(out, ident, planned)
+        for rel in planned | {MANIFEST, PROGRESS}:
+            tmp_path(out / rel).unlink(missing_ok=True)  # partial files of an interrupted run
+        (out / EXPERTS_DIR).mkdir(exist_ok=True)
+        bar = tqdm(total=sum(f.nbytes for f in files), unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"extract {out.name}", disable=not progress)
+        try:
+            for fp in files:
+                done = journal["files"].get(fp.rel)
+                if done is not None:
+                    read = [0]
+
+                    def count(n: int, read=read) -> None:
+                        read[0] += n
+                        bar.update(n)
+                    if _still_good(out / fp.rel, done, fp, count):
+                        continue
+                    bar.update(-read[0])
+                    warnings.warn(f"{out / fp.rel}: missing or changed since it was written; writing it again",
+                                  stacklevel=2)
+                    del journal["files"][fp.rel]
+                (out / fp.rel).unlink(missing_ok=True)
+                digest = _write_file(ckpt, out, fp, bar.update)
+                journal["files"][fp.rel] = {"sha256": digest.sha256, "bytes": digest.bytes, "tensors": digest.tensors}
+                write_bytes_atomic(out / PROGRESS, json.dumps(journal).encode())
+        finally:
+            bar.close()
+        write_bytes_atomic(out / MANIFEST, json.dumps(_manifest(ident, files, journal), indent=1).encode())
+        (out / PROGRESS).unlink()
+        fsync_dir(out)
+    Store.open(out).close()  # the store loads: manifest, config and files agree
+    return out
+
+
+def _manifest(ident: dict[str, Any], files: list[FilePlan], journal: dict[str, Any]) -> dict[str, Any]:
+    tensors = []
+    for fp in files:
+        for t in fp.tensors:
+            tensors.append({"name": t.name, "source_key": t.source_key, "source_shard": t.source_shard,
+                            "file": fp.rel, "shape": list(t.shape), "dtype": ST_TO_LABEL[t.dst_dtype],
+                            "sha256": journal["files"][fp.rel]["tensors"][t.name]})
+    return {"format": FORMAT, "version": VERSION, "source": ident["source"], "source_id": ident["source_id"],
+            "dtype": ident["dtype"], "fingerprint": ident["fingerprint"],
+            "files": {fp.rel: {"sha256": journal["files"][fp.rel]["sha256"], "bytes": journal["files"][fp.rel]["bytes"]}
+                      for fp in files},
+            "tensors": tensors}
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    files: int = 0
+    bytes: int = 0
+    bad_files: dict[str, str] = field(default_factory=dict)    # relpath -> what is wrong
+    bad_tensors: dict[str, str] = field(default_factory=dict)  # tensor name -> relpath
+    extra_files: list[str] = field(default_factory=list)       # present but not in the manifest (not a failure)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_files and not self.bad_tensors
+
+    def summary(self) -> str:
+        lines = [f"store: {self.path}", f"checked {self.files} files, {self.bytes / 2**20:.1f} MiB"]
+        for rel, why in self.bad_files.items():
+            lines.append(f"  BAD {rel}: {why}")
+        for name, rel in list(self.bad_tensors.items())[:50]:
+            lines.append(f"  BAD tensor {name} in {rel}: sha256 differs from the manifest")
+        if len(self.bad_tensors) > 50:
+            lines.append(f"  ... and {len(self.bad_tensors) - 50} more tensors")
+        for rel in self.extra_files:
+            lines.append(f"  note: {rel} is not in the manifest")
+        lines.append("OK: every checksum matches" if self.ok else
+                     f"FAILED: {len(self.bad_files)} bad file(s), {len(self.bad_tensors)} bad tensor(s)")
+        return "\n".join(lines)
+
+
+def _hash_safetensors(path: Path, on_bytes: Callable[[int], None]) -> tuple[str, dict[str, str], str | None]:
+    """One pass over a file: its sha256, every tensor's sha256, and a header error if any."""
+    try:
+        header = SafetensorsFile(path)
+    except CheckpointError as e:
+        return sha256_file(path, on_bytes), {}, str(e)
+    fh, th = hashlib.sha256(), {}
+    with open(path, "rb") as f:
+        def feed(n: int, *hashes) -> None:
+            while n > 0:
+                chunk = f.read(min(n, 8 << 20))
+                if not chunk:
+                    return
+                for h in hashes:
+                    h.update(chunk)
+                on_bytes(len(chunk))
+                n -= len(chunk)
+        pos = 0
+        for info in sorted(header.tensors.values(), key=lambda i: i.start):
+            feed(info.start - pos, fh)
+            h = hashlib.sha256()
+            feed(info.nbytes, fh, h)
+            th[info.name] = h.hexdigest()
+            pos = info.end
+        feed(header.size - pos, fh)
+    return fh.hexdigest(), th, None
+
+
+def verify(out: str | Path, *, progress: bool = True, strict: bool = True) -> VerifyReport:
+    """Re-check every file's and tensor's sha256 against the manifest.
+
+    strict: raise `StoreError` listing every bad file and tensor; otherwise return the report (`.ok`).
+    A missing or unreadable manifest always raises.
+    """
+    out = Path(out)
+    m = read_manifest(out)
+    report = VerifyReport(out)
+    try:
+        cfg = ThinkerConfig.from_dict(read_json(out / "config.json", StoreError), where=str(out / "config.json"))
+        if fingerprint(cfg) != m.get("fingerprint"):
+            report.bad_files["config.json"] = "its text config does not match the manifest's fingerprint"
+    except (StoreError, CheckpointError) as e:
+        report.bad_files["config.json"] = str(e)
+    by_file: dict[str, list[dict[str, Any]]] = {}
+    for t in m["tensors"]:
+        by_file.setdefault(t["file"], []).append(t)
+    bar = tqdm(total=sum(d["bytes"] for d in m["files"].values()), unit="B", unit_scale=True, unit_divisor=1024,
+               desc=f"verify {out.name}", disable=not progress)
+    try:
+        for rel, d in m["files"].items():
+            p = out / rel
+            report.files += 1
+            if not p.is_file():
+                report.bad_files[rel] = "missing"
+                continue
+            size = p.stat().st_size
+            if size != d["bytes"]:
+                report.bad_files[rel] = f"{size} bytes, the manifest says {d['bytes']}"
+                continue
+            report.bytes += size
+            if rel in by_file:
+                sha, tensor_sha, err = _hash_safetensors(p, bar.update)
+                if err:
+                    report.bad_files[rel] = err
+                for t in by_file[rel]:
+                    if tensor_sha.get(t["name"]) != t["sha256"]:
+                        report.bad_tensors[t["name"]] = rel
+            else:
+                sha = sha256_file(p, bar.update)
+            if sha != d["sha256"]:
+                report.bad_files.setdefault(rel, "sha256 differs from the manifest")
+    finally:
+        bar.close()
+    known = set(m["files"]) | {MANIFEST}
+    report.extra_files = [p.relative_to(out).as_posix() for p in sorted(out.rglob("*"))
+                          if p.is_file() and p.relative_to(out).as_posix() not in known]
+    if strict and not report.ok:
+        raise StoreError(report.summary())
+    return report
