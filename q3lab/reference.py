@@ -1,0 +1,71 @@
+"""transformers' own Qwen3-Omni thinker text model, loaded with the same tensors, as an oracle.
+
+Needs the `reference` extra (transformers). Only the text model is built (no audio or vision towers),
+so this works for the real 30B config too, given the memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ThinkerConfig
+from .errors import Q3LabError
+
+
+def hf_text_config(config: ThinkerConfig):
+    """A transformers `Qwen3OmniMoeTextConfig` with the same numbers as ours."""
+    try:
+        from transformers import Qwen3OmniMoeTextConfig
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise Q3LabError("the reference needs transformers: pip install 'q3lab[reference]'") from e
+    d = config.to_text_dict()
+    rope = d.pop("rope_scaling")
+    d.pop("rope_theta")
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta,
+                            "mrope_section": rope["mrope_section"], "interleaved": rope["interleaved"],
+                            "mrope_interleaved": rope["mrope_interleaved"]}
+    keep = {k: v for k, v in d.items() if k not in ("model_type", "tie_word_embeddings")}
+    return Qwen3OmniMoeTextConfig(**keep)
+
+
+class ReferenceThinker(torch.nn.Module):
+    """transformers' `Qwen3OmniMoeThinkerTextModel` + an lm_head; call it with input_ids -> float logits."""
+
+    def __init__(self, text_model, lm_head):
+        super().__init__()
+        self.text_model, self.lm_head = text_model, lm_head
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.text_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        return self.lm_head(h).float()
+
+
+def load_reference(source, dtype: torch.dtype = torch.float32) -> ReferenceThinker:
+    """Build transformers' thinker text model and fill it from a q3lab weight source (path or object)."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextModel
+    if not hasattr(source, "expert"):
+        from .weights import open_weights
+        source = open_weights(source)
+    cfg = source.config
+    hf_cfg = hf_text_config(cfg)
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        text = Qwen3OmniMoeThinkerTextModel(hf_cfg)
+    text = text.to_empty(device="cpu").to(dtype)
+    text.rotary_emb.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float)
+                                                          / cfg.head_dim))
+    params = dict(text.named_parameters())
+    for name in cfg.expected_tensors():
+        if ".mlp.experts." in name or not name.startswith("model."):
+            continue
+        params[name[len("model."):]].data.copy_(source.get(name))
+    for layer in range(cfg.num_hidden_layers):
+        ex = text.layers[layer].mlp.experts
+        for e in range(cfg.num_experts):
+            g, u, d = source.expert(layer, e)
+            ex.gate_up_proj.data[e].copy_(torch.cat([g, u], dim=0))
+            ex.down_proj.data[e].copy_(d)
+    lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False).to(dtype)
+    lm_head.weight.data.copy_(source.get("lm_head.weight") if not cfg.tie_word_embeddings
+                              else source.get("model.embed_tokens.weight"))
+    return ReferenceThinker(text.eval(), lm_head.eval())
