@@ -115,8 +115,8 @@ def test_rank_and_kl_by_hand():
     logits = torch.tensor([0.5, 2.0, -1.0, 2.0, 1.0])
     assert rank_of(logits, 1) == 1 and rank_of(logits, 3) == 1 and rank_of(logits, 4) == 3
     assert rank_of(logits, 2) == 5
-    p = torch.tensor([math.log(0.5), math.log(0.5)])
-    q = torch.tensor([math.log(0.25), math.log(0.75)])
+    p = torch.tensor([math.log(0.5), math.log(0.5)], dtype=torch.float64)
+    q = torch.tensor([math.log(0.25), math.log(0.75)], dtype=torch.float64)
     want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert abs(kl_divergence(p, q).item() - want) < 1e-12
     assert abs(kl_divergence(q, q).item()) < 1e-12
