@@ -52,6 +52,63 @@ def _cmd_extract(args) -> int:
     return 0
 
 
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a random checkpoint in the official Qwen3-Omni layout")
+    p.add_argument("out", help="folder to write (created; an interrupted run with the same options resumes)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium", "full"],
+                   help="model size: tiny/small/medium for tests and demos, full = the real dimensions (~61 GB)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
+    p.add_argument("--layers", type=int, help="override the preset's layer count")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--shards", type=int, help="number of shards (default: at least 3, about 4 GiB each)")
+    p.add_argument("--no-stubs", action="store_true", help="leave out the audio/visual/talker/code2wav stubs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    import json
+
+    from .synth import synth
+    out = synth(args.out, args.preset, seed=args.seed, layers=args.layers, dtype=args.dtype, stubs=not args.no_stubs,
+                shards=args.shards, progress=not args.no_progress)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    cfg = json.loads((out / "config.json").read_text())["thinker_config"]["text_config"]
+    print(f"wrote {out}: preset {args.preset}, {cfg['num_hidden_layers']} layers, {cfg['num_experts']} experts, "
+          f"{args.dtype}, seed {args.seed}; {len(index['weight_map'])} tensors in {len(shards)} shards, "
+          f"{index['metadata']['total_size'] / 2**20:.1f} MiB")
+    return 0
+
+
+def _add_notebooks(sub) -> None:
+    p = sub.add_parser("notebooks", help="run every numbered notebook headless (papermill) on a checkpoint")
+    p.add_argument("--checkpoint", help="checkpoint folder or extracted store (default: the embedded data/mini)")
+    p.add_argument("--out", default="out/notebooks", help="folder for the executed notebooks (default %(default)s)")
+    p.add_argument("--figures", help="folder for the figures (default OUT/figures)")
+    p.add_argument("--only", nargs="*", help="run only notebooks whose names start with these (e.g. 01 05)")
+    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="override a notebook parameter (value parsed as JSON when possible)")
+    p.add_argument("--in-place", action="store_true", help="also write the executed notebooks over the sources")
+    p.set_defaults(func=_cmd_notebooks)
+
+
+def _cmd_notebooks(args) -> int:
+    import json as _json
+
+    from .notebooks import run_notebooks
+    params = {}
+    for name, value in args.param:
+        try:
+            params[name] = _json.loads(value)
+        except ValueError:
+            params[name] = value
+    table = run_notebooks(args.checkpoint, args.out, figures_dir=args.figures, names=args.only,
+                          parameters=params, in_place=args.in_place)
+    print(table.to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q3lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

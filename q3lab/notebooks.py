@@ -1,0 +1,66 @@
+"""Run the numbered notebooks headless with papermill, on any checkpoint."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import InputError, Q3LabError
+
+
+class NotebookError(Q3LabError):
+    """A notebook raised while papermill ran it; names the notebook, the cell and the error."""
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO / "notebooks"
+DEFAULT_CHECKPOINT = REPO / "data" / "mini"
+
+
+def notebook_paths(notebooks_dir: Path = NOTEBOOKS_DIR, names: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks NN_*.ipynb in order (optionally only those whose name starts with one of names)."""
+    paths = sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+    if names:
+        paths = [p for p in paths if any(p.stem.startswith(n) or p.name == n for n in names)]
+    if not paths:
+        raise InputError(f"no notebooks NN_*.ipynb found in {notebooks_dir}" + (f" matching {names}" if names else ""))
+    return paths
+
+
+def run_notebooks(checkpoint: str | Path | None = None, out: str | Path = "out/notebooks", *,
+                  figures_dir: str | Path | None = None, names: list[str] | None = None,
+                  notebooks_dir: str | Path = NOTEBOOKS_DIR, parameters: dict | None = None,
+                  kernel: str = "python3", progress: bool = True, in_place: bool = False) -> pd.DataFrame:
+    """Execute every numbered notebook with papermill; returns one row per notebook with its time.
+
+    checkpoint: the folder every notebook's `checkpoint` parameter gets (default: the embedded data/mini).
+    out: where the executed notebooks and per-notebook outputs go. figures_dir: where figures are saved
+    (default: out/figures). in_place: also copy each executed notebook back over its source (what
+    `make demo` does to refresh the committed outputs).
+    """
+    import papermill as pm
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    figures = Path(figures_dir).resolve() if figures_dir else out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    params = dict(parameters or {})
+    if checkpoint is not None:
+        params["checkpoint"] = str(Path(checkpoint).resolve())
+    params.setdefault("figures_dir", str(figures))
+    params.setdefault("out_dir", str(out))
+    rows = []
+    for nb in notebook_paths(Path(notebooks_dir), names):
+        t0 = time.perf_counter()
+        dest = out / nb.name
+        try:
+            pm.execute_notebook(str(nb), str(dest), parameters=params, kernel_name=kernel,
+                                cwd=str(nb.parent), progress_bar=progress)
+        except pm.PapermillExecutionError as e:
+            raise NotebookError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                                f"(executed notebook: {dest})") from None
+        rows.append(dict(notebook=nb.name, seconds=round(time.perf_counter() - t0, 1), output=str(dest)))
+        if in_place:
+            shutil.copyfile(dest, nb)
+    return pd.DataFrame(rows)
