@@ -1,0 +1,360 @@
+"""Record the thinker's routing: `with q3lab.record(model) as rec:` ... `rec.to_frame()`.
+
+Dimensions: B batch, T tokens in one forward call, N = B*T, L layers, A active experts, E experts.
+
+Hooks keep references to the tensors the model already made (top-k ids and weights, optionally router
+logits); all conversion to numpy/pandas happens in `to_frame()`, so a recorded forward costs a few Python
+calls per layer and no device synchronisation.
+
+Prompts: a forward call without a cache (or with an empty one) starts one new prompt per batch row; a call
+whose cache already holds tokens continues the prompts of the call that filled that cache, with
+`token_index` going on from `cache.length`. Left-padding tokens (attention_mask 0) are dropped from frames.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import InputError
+
+TRACE_COLUMNS = ("prompt", "token_index", "position", "token", "layer", "rank", "expert", "weight")
+_CSV_MAGIC = "# q3lab-trace "
+
+
+@dataclass
+class _Call:
+    """One forward call of the thinker: its inputs and, per layer, what the router chose."""
+    prompts: list[Any]                      # prompt id per batch row
+    start: int                              # token_index of the first new token (cache.length)
+    ids: torch.Tensor                       # [B, T]
+    positions: torch.Tensor                 # [B, T] text positions the model used
+    valid: torch.Tensor | None              # [B, T] False for padding, None if no mask
+    cache: Any
+    topk_ids: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> [N, A]
+    topk_weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [N, A]
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> [N, E]
+    done: bool = False
+
+
+class Recorder:
+    """Collects routing per forward call while its hooks are registered (see `record`)."""
+
+    def __init__(self, model, *, probs: bool = False, prompt: Any = None, domain: str | None = None,
+                 **labels: Any):
+        self.model = model
+        self.probs = probs
+        self.num_layers = len(model.model.layers)
+        self.num_experts = model.config.num_experts
+        self.top_k = model.config.num_experts_per_tok
+        self.calls: list[_Call] = []
+        self.labels: dict[Any, dict[str, Any]] = {}    # prompt id -> {"domain": ..., other labels}
+        self._pending: list[tuple[Any, dict[str, Any]]] = []
+        self._current: _Call | None = None
+        self._handles: list = []
+        if prompt is not None:
+            self.set_prompt(prompt, domain=domain, **labels)
+        elif domain is not None or labels:
+            raise InputError("record(): domain/labels given without a prompt id; pass prompt=...")
+
+    # -- prompt ids -----------------------------------------------------------------------------
+    def set_prompt(self, prompt: Any, domain: str | None = None, **labels: Any) -> None:
+        """Name the next prompt started (one batch row), with an optional domain and other labels.
+
+        Call it once per row before a batched call. Ids must be unique within one recording.
+        """
+        taken = set(self.labels) | {p for p, _ in self._pending}
+        if prompt in taken:
+            raise InputError(f"record: prompt id {prompt!r} is already used in this recording")
+        self._pending.append((prompt, {"domain": domain, **labels}))
+
+    def _new_prompt_ids(self, batch: int) -> list[Any]:
+        ids = []
+        for _ in range(batch):
+            if self._pending:
+                pid, lab = self._pending.pop(0)
+            else:
+                pid = len(self.labels)
+                while pid in self.labels:
+                    pid += 1
+                lab = {}
+            self.labels[pid] = lab
+            ids.append(pid)
+        return ids
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._on_call_end))
+        for i, layer in enumerate(self.model.model.layers):
+            mlp = layer.mlp
+            self._handles.append(mlp.hook_topk_ids.register_forward_hook(self._keeper("topk_ids", i)))
+            self._handles.append(mlp.hook_topk_weights.register_forward_hook(self._keeper("topk_weights", i)))
+            if self.probs:
+                self._handles.append(mlp.hook_router_logits.register_forward_hook(self._keeper("logits", i)))
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._current = None
+
+    def _keeper(self, what: str, layer: int):
+        def hook(module, args, out):
+            call = self._current
+            if call is None:
+                raise InputError(f"record: layer {layer} routed tokens outside a forward call of the recorded "
+                                 f"Thinker (call the model itself, not its layers)")
+            getattr(call, what)[layer] = out.detach()
+        return hook
+
+    def _on_call(self, module, args, kwargs) -> None:
+        names = ("input_ids", "position_ids", "cache")
+        given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        ids, pos, cache = given.get("input_ids"), given.get("position_ids"), given.get("cache")
+        mask = kwargs.get("attention_mask")
+        if ids is None or ids.dim() != 2:
+            return  # the model's own input check raises the proper error
+        B, T = ids.shape
+        past = cache.length if cache is not None else 0
+        if past == 0:
+            prompts = self._new_prompt_ids(B)
+        else:
+            prev = next((c for c in reversed(self.calls) if c.cache is cache and c.done), None)
+            if prev is None:
+                raise InputError(f"record: a call continues a cache holding {past} tokens, but no recorded call "
+                                 f"filled that cache (start recording before the prompt's first call)")
+            end = prev.start + prev.ids.shape[1]
+            if end != past or len(prev.prompts) != B:
+                raise InputError(f"record: cache continuation mismatch: the last recorded call on this cache "
+                                 f"ended at token {end} with batch {len(prev.prompts)}; this call starts at "
+                                 f"{past} with batch {B}")
+            prompts = prev.prompts
+        if pos is None:
+            if mask is not None:
+                pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                pos = torch.arange(past, past + T, device=ids.device)[None].expand(B, T)
+        elif pos.dim() == 3:
+            pos = pos[0]   # temporal axis: equal to the text position for text tokens
+        valid = mask.bool()[:, past:] if mask is not None else None
+        self._current = _Call(prompts, past, ids.detach().clone(), pos.detach().clone(),
+                              None if valid is None else valid.clone(), cache)
+        self.calls.append(self._current)
+
+    def _on_call_end(self, module, args, out) -> None:
+        call = self._current
+        if call is not None:
+            missing = [i for i in range(self.num_layers) if i not in call.topk_ids or i not in call.topk_weights]
+            if missing:
+                raise InputError(f"record: forward call ended without routing from layers {missing}")
+            call.done = True
+        self._current = None
+
+    # -- output ---------------------------------------------------------------------------------
+    def _calls(self) -> list[_Call]:
+        return [c for c in self.calls if c.done]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long frame, one row per (prompt, token_index, layer, rank): the expert chosen and its weight.
+
+        Columns: prompt, token_index (int32, from 0 over the input as given), position (int32), token (int32),
+        layer (int16), rank (int16), expert (int16), weight (float32, renormalised), then `prob` (float32,
+        softmax probability before renormalisation) when recording with probs=True, then `domain` and other
+        labels when any prompt has them. Sorted by prompt (in order of first appearance), token, layer, rank.
+        """
+        L, A = self.num_layers, self.top_k
+        parts = []
+        for call in self._calls():
+            B, T = call.ids.shape
+            ex = torch.stack([call.topk_ids[i] for i in range(L)]).view(L, B, T, A)
+            w = torch.stack([call.topk_weights[i] for i in range(L)]).float().view(L, B, T, A)
+            cols = {
+                "prompt_row": np.broadcast_to(np.arange(B)[None, :, None, None], (L, B, T, A)),
+                "token_index": np.broadcast_to((call.start + np.arange(T, dtype=np.int32))[None, None, :, None],
+                                               (L, B, T, A)),
+                "position": np.broadcast_to(call.positions.cpu().numpy().astype(np.int32)[None, :, :, None],
+                                            (L, B, T, A)),
+                "token": np.broadcast_to(call.ids.cpu().numpy().astype(np.int32)[None, :, :, None], (L, B, T, A)),
+                "layer": np.broadcast_to(np.arange(L, dtype=np.int16)[:, None, None, None], (L, B, T, A)),
+                "rank": np.broadcast_to(np.arange(A, dtype=np.int16)[None, None, None, :], (L, B, T, A)),
+                "expert": ex.cpu().numpy().astype(np.int16),
+                "weight": w.cpu().numpy().astype(np.float32),
+            }
+            if self.probs:
+                lg = torch.stack([call.logits[i] for i in range(L)])                   # [L, N, E]
+                p = torch.softmax(lg.float(), dim=-1).view(L, B, T, -1)
+                cols["prob"] = torch.gather(p, -1, ex).cpu().numpy().astype(np.float32)
+            keep = None
+            if call.valid is not None:
+                keep = np.broadcast_to(call.valid.cpu().numpy()[None, :, :, None], (L, B, T, A)).reshape(-1)
+            flat = {k: (v.reshape(-1) if keep is None else v.reshape(-1)[keep]) for k, v in cols.items()}
+            order = {pid: n for n, pid in enumerate(self.labels)}
+            flat["prompt_order"] = np.array([order[p] for p in call.prompts], dtype=np.int32)[flat.pop("prompt_row")]
+            parts.append(flat)
+        return self._assemble(parts)
+
+    def _assemble(self, parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+        names = ["prompt_order", "token_index", "position", "token", "layer", "rank", "expert", "weight"]
+        if self.probs:
+            names.append("prob")
+        if parts:
+            data = {k: np.concatenate([p[k] for p in parts]) for k in names}
+        else:
+            data = {k: np.zeros(0, dtype=np.float32 if k in ("weight", "prob") else np.int32) for k in names}
+        sort = np.lexsort((data["rank"], data["layer"], data["token_index"], data["prompt_order"]))
+        data = {k: v[sort] for k, v in data.items()}
+        pids = list(self.labels)
+        po = data.pop("prompt_order")
+        prompt = _prompt_column(pids, po)
+        frame = pd.DataFrame({"prompt": prompt, **data})
+        label_keys = sorted({k for lab in self.labels.values() for k, v in lab.items() if v is not None})
+        for key in label_keys:
+            values = [self.labels[p].get(key) for p in pids]
+            frame[key] = pd.Categorical.from_codes(*_codes(values, po)) if values else pd.Categorical([])
+        frame.attrs.update(num_experts=int(self.num_experts), top_k=int(self.top_k),
+                           num_layers=int(self.num_layers))
+        return frame
+
+    def router_probs(self, layer: int) -> tuple[pd.DataFrame, np.ndarray]:
+        """Full router probabilities of one layer: (index frame prompt/token_index/position/token, [rows, E]).
+
+        Needs probs=True. Rows follow the order of `to_frame()`'s tokens.
+        """
+        if not self.probs:
+            raise InputError("record: router_probs() needs record(model, probs=True)")
+        if not 0 <= layer < self.num_layers:
+            raise InputError(f"record: layer {layer} is outside [0, {self.num_layers})")
+        order = {pid: n for n, pid in enumerate(self.labels)}
+        idx, mats = [], []
+        for call in self._calls():
+            B, T = call.ids.shape
+            p = torch.softmax(call.logits[layer].float(), dim=-1).view(B, T, -1).cpu().numpy()
+            ti = call.start + np.arange(T, dtype=np.int32)
+            for b in range(B):
+                keep = np.ones(T, bool) if call.valid is None else call.valid[b].cpu().numpy()
+                idx.append(pd.DataFrame({"prompt_order": order[call.prompts[b]], "token_index": ti[keep],
+                                         "position": call.positions[b].cpu().numpy().astype(np.int32)[keep],
+                                         "token": call.ids[b].cpu().numpy().astype(np.int32)[keep]}))
+                mats.append(p[b][keep])
+        if not idx:
+            return pd.DataFrame(columns=["prompt", "token_index", "position", "token"]), \
+                np.zeros((0, self.num_experts), np.float32)
+        index = pd.concat(idx, ignore_index=True)
+        mat = np.concatenate(mats).astype(np.float32)
+        sort = np.lexsort((index["token_index"].to_numpy(), index["prompt_order"].to_numpy()))
+        index = index.iloc[sort].reset_index(drop=True)
+        po = index.pop("prompt_order").to_numpy()
+        index.insert(0, "prompt", _prompt_column(list(self.labels), po))
+        return index, mat[sort]
+
+    def probs_frame(self) -> pd.DataFrame:
+        """Full router probabilities as a long frame: prompt, token_index, layer, expert, prob (needs probs=True)."""
+        frames = []
+        for layer in range(self.num_layers):
+            index, mat = self.router_probs(layer)
+            n, E = mat.shape
+            frames.append(pd.DataFrame({
+                "prompt": np.repeat(index["prompt"].to_numpy(), E),
+                "token_index": np.repeat(index["token_index"].to_numpy(), E),
+                "layer": np.full(n * E, layer, np.int16),
+                "expert": np.tile(np.arange(E, dtype=np.int16), n),
+                "prob": mat.reshape(-1)}))
+        out = pd.concat(frames, ignore_index=True)
+        out = out.sort_values(["prompt", "token_index", "layer", "expert"], kind="stable", ignore_index=True) \
+            if len(out) else out
+        out.attrs.update(num_experts=int(self.num_experts), top_k=int(self.top_k), num_layers=int(self.num_layers))
+        return out
+
+
+def _prompt_column(pids: list[Any], codes: np.ndarray) -> np.ndarray | pd.Categorical:
+    """Prompt ids per row: int32 when every id is an int, else strings."""
+    if all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in pids):
+        return np.asarray(pids, dtype=np.int32)[codes] if pids else np.zeros(0, np.int32)
+    return np.asarray([str(p) for p in pids], dtype=object)[codes]
+
+
+def _codes(values: list[Any], po: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+    cats = sorted({v for v in values if v is not None}, key=str)
+    lookup = {v: i for i, v in enumerate(cats)}
+    per_prompt = np.array([lookup.get(v, -1) for v in values], dtype=np.int32)
+    return per_prompt[po], cats
+
+
+@contextmanager
+def record(model, *, probs: bool = False, prompt: Any = None, domain: str | None = None,
+           **labels: Any) -> Iterator[Recorder]:
+    """Record routing of every forward call of `model` (a `q3lab.model.Thinker`) inside the block.
+
+    probs: also keep router logits, giving a `prob` column and `rec.router_probs(layer)`.
+    prompt/domain/labels: id and labels of the first prompt (see `Recorder.set_prompt`).
+    Hooks are removed on exit, also when the block raises.
+    """
+    rec = Recorder(model, probs=probs, prompt=prompt, domain=domain, **labels)
+    rec._attach()
+    try:
+        yield rec
+    finally:
+        rec._detach()
+
+
+# -- saving and loading ----------------------------------------------------------------------------
+def save_trace(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a trace frame to `.parquet` (pyarrow) or `.csv` (a first comment line keeps frame.attrs)."""
+    path = Path(path)
+    _check_trace(frame, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        frame.to_parquet(path, engine="pyarrow", index=False)
+    elif suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            f.write(_CSV_MAGIC + json.dumps(dict(frame.attrs), sort_keys=True) + "\n")
+            frame.to_csv(f, index=False)
+    else:
+        raise InputError(f"{path}: unknown trace format {path.suffix!r}; use .parquet or .csv")
+    return path
+
+
+_DTYPES = {"token_index": np.int32, "position": np.int32, "token": np.int32, "layer": np.int16,
+           "rank": np.int16, "expert": np.int16, "weight": np.float32, "prob": np.float32}
+
+
+def load_trace(path: str | Path) -> pd.DataFrame:
+    """Read a trace written by `save_trace`, checking its columns and restoring compact dtypes."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such trace file")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        frame = pd.read_parquet(path, engine="pyarrow")
+    elif suffix == ".csv":
+        with open(path) as f:
+            first = f.readline()
+        attrs = json.loads(first[len(_CSV_MAGIC):]) if first.startswith(_CSV_MAGIC) else {}
+        frame = pd.read_csv(path, skiprows=1 if attrs else 0)
+        for col in ("domain",):
+            if col in frame:
+                frame[col] = frame[col].astype("category")
+        frame.attrs.update(attrs)
+    else:
+        raise InputError(f"{path}: unknown trace format {path.suffix!r}; use .parquet or .csv")
+    _check_trace(frame, str(path))
+    for col, dt in _DTYPES.items():
+        if col in frame and frame[col].dtype != dt:
+            frame[col] = frame[col].astype(dt)
+    return frame
+
+
+def _check_trace(frame: pd.DataFrame, where: str) -> None:
+    need = ("prompt", "token_index", "layer", "rank", "expert")
+    missing = [c for c in need if c not in frame.columns]
+    if missing:
+        raise InputError(f"{where}: not a routing trace: missing columns {missing} "
+                         f"(found {list(frame.columns)[:12]})")
