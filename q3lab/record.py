@@ -315,7 +315,10 @@ def save_trace(frame: pd.DataFrame, path: str | Path) -> Path:
         frame.to_parquet(path, engine="pyarrow", index=False)
     elif suffix == ".csv":
         with open(path, "w", newline="") as f:
-            f.write(_CSV_MAGIC + json.dumps(dict(frame.attrs), sort_keys=True) + "\n")
+            # the header keeps what CSV loses: attrs, and which columns hold text or categories
+            kinds = {c: ("category" if isinstance(frame[c].dtype, pd.CategoricalDtype) else
+                         "str" if not pd.api.types.is_numeric_dtype(frame[c]) else "num") for c in frame.columns}
+            f.write(_CSV_MAGIC + json.dumps({"attrs": dict(frame.attrs), "kinds": kinds}, sort_keys=True) + "\n")
             frame.to_csv(f, index=False)
     else:
         raise InputError(f"{path}: unknown trace format {path.suffix!r}; use .parquet or .csv")
@@ -337,15 +340,19 @@ def load_trace(path: str | Path) -> pd.DataFrame:
     elif suffix == ".csv":
         with open(path) as f:
             first = f.readline()
-        attrs = json.loads(first[len(_CSV_MAGIC):]) if first.startswith(_CSV_MAGIC) else {}
-        frame = pd.read_csv(path, skiprows=1 if attrs else 0)
-        for col in ("domain",):
-            if col in frame:
+        head = json.loads(first[len(_CSV_MAGIC):]) if first.startswith(_CSV_MAGIC) else {}
+        kinds = head.get("kinds", {})
+        frame = pd.read_csv(path, skiprows=1 if head else 0,
+                            dtype={c: str for c, kind in kinds.items() if kind != "num"})
+        for col, kind in kinds.items():
+            if kind == "category" and col in frame:
                 frame[col] = frame[col].astype("category")
-        frame.attrs.update(attrs)
+        frame.attrs.update(head.get("attrs", {}))
     else:
         raise InputError(f"{path}: unknown trace format {path.suffix!r}; use .parquet or .csv")
     _check_trace(frame, str(path))
+    if pd.api.types.is_integer_dtype(frame["prompt"]) and frame["prompt"].dtype != np.int32:
+        frame["prompt"] = frame["prompt"].astype(np.int32)
     for col, dt in _DTYPES.items():
         if col in frame and frame[col].dtype != dt:
             frame[col] = frame[col].astype(dt)
