@@ -64,3 +64,42 @@ def run_notebooks(checkpoint: str | Path | None = None, out: str | Path = "out/n
         if in_place:
             shutil.copyfile(dest, nb)
     return pd.DataFrame(rows)
+
+
+def open_checked(checkpoint: str | Path):
+    """Open a checkpoint or store for a notebook's first cell; a checkpoint must pass the audit.
+
+    Raises `CheckpointError` carrying the audit's report, so a papermill run pointed at the wrong folder
+    fails in its first cell with the audit's message.
+    """
+    from .checkpoint import Checkpoint, audit_checkpoint
+    from .errors import CheckpointError
+    from .weights import open_weights
+    path = Path(checkpoint)
+    if (path / "manifest.json").exists():
+        return open_weights(path)
+    ckpt = Checkpoint(path)
+    report = audit_checkpoint(ckpt)
+    if not report.ok:
+        raise CheckpointError(f"audit of {path} failed:\n{report.summary()}")
+    return ckpt
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """A prompt file: JSONL with at least `prompt` (and `expected`, `domain` where used), or one prompt a line."""
+    import json
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"prompt file {path} not found")
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                items.append(json.loads(line))
+            except ValueError as e:
+                raise InputError(f"{path}:{n}: invalid JSON: {e}") from None
+        else:
+            items.append({"prompt": line})
+    return items
