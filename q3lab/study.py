@@ -94,3 +94,19 @@ def lens_ranks(model: Thinker, tokenizer, items: list[dict]) -> pd.DataFrame:
         f["prompt_id"], f["prompt"] = n, item["prompt"]
         frames.append(f)
     return pd.concat(frames, ignore_index=True)
+
+
+def trace_prompts(model: Thinker, tokenizer, items: list[dict], max_new_tokens: int = 0) -> pd.DataFrame:
+    """Record routing of every prompt (prompt id = its index, `domain` label when given), generating
+    `max_new_tokens` greedily after each so that decode steps are in the trace too."""
+    from .record import record
+    with record(model) as rec:
+        for n, item in enumerate(items):
+            rec.set_prompt(n, domain=item.get("domain"))
+            ids = torch.tensor([tokenizer.encode(item["prompt"])], device=model.device)
+            if max_new_tokens:
+                model.generate(ids, max_new_tokens)
+            else:
+                with torch.no_grad():
+                    model(ids)
+    return rec.to_frame()
