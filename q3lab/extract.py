@@ -30,7 +30,7 @@ from .store import (DENSE, EXPERTS_DIR, FORMAT, LABEL_TO_ST, MANIFEST, PROGRESS,
                     read_manifest, safetensors_header, sha256_file, tmp_path, with_text_dtype, write_bytes_atomic)
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
-_CHUNK_BYTES = 16 << 20  # source bytes per read when streaming a dense tensor (the embedding is 623 MB)
+_CHUNK_BYTES = 4 << 20  # source bytes per read when streaming a dense tensor (the embedding is 623 MB)
 _JOURNAL_FORMAT = "q3lab-store-progress"
 
 
@@ -118,10 +118,11 @@ def _dense_chunks(ckpt: Checkpoint, t: TensorPlan) -> Iterator[torch.Tensor]:
     item = itemsize(info.dtype)
     n = numel(info.shape)
     step = max(1, _CHUNK_BYTES // item)
+    buf = torch.empty(min(step, n), dtype=DTYPES[info.dtype])  # reused: one allocation per tensor
     for i in range(0, n, step):
         k = min(step, n - i)
         yield read_span(ckpt.path / shard, TensorInfo(info.name, info.dtype, (k,), info.start + i * item,
-                                                      info.start + (i + k) * item))
+                                                      info.start + (i + k) * item), out=buf[:k])
 
 
 def _write_tensor_file(ckpt: Checkpoint, path: Path, fp: FilePlan, on_bytes: Callable[[int], None]) -> FileDigest:
