@@ -24,7 +24,7 @@ import torch
 
 from .errors import InputError
 
-TRACE_COLUMNS = ("prompt", "token_index", "position", "token", "layer", "rank", "expert", "weight")
+TRACE_COLUMNS = ("prompt", "token_index", "position", "token", "layer", "rank", "expert", "weight", "call")
 _CSV_MAGIC = "# q3lab-trace "
 
 
@@ -165,17 +165,19 @@ class Recorder:
         """Long frame, one row per (prompt, token_index, layer, rank): the expert chosen and its weight.
 
         Columns: prompt, token_index (int32, from 0 over the input as given), position (int32), token (int32),
-        layer (int16), rank (int16), expert (int16), weight (float32, renormalised), then `prob` (float32,
+        layer (int16), rank (int16), expert (int16), weight (float32, renormalised), call (int32, the index of
+        the recorded forward call: what one expert-cache step sees), then `prob` (float32,
         softmax probability before renormalisation) when recording with probs=True, then `domain` and other
         labels when any prompt has them. Sorted by prompt (in order of first appearance), token, layer, rank.
         """
         L, A = self.num_layers, self.top_k
         parts = []
-        for call in self._calls():
+        for n_call, call in enumerate(self._calls()):
             B, T = call.ids.shape
             ex = torch.stack([call.topk_ids[i] for i in range(L)]).view(L, B, T, A)
             w = torch.stack([call.topk_weights[i] for i in range(L)]).float().view(L, B, T, A)
             cols = {
+                "call": np.full((L, B, T, A), n_call, dtype=np.int32),
                 "prompt_row": np.broadcast_to(np.arange(B)[None, :, None, None], (L, B, T, A)),
                 "token_index": np.broadcast_to((call.start + np.arange(T, dtype=np.int32))[None, None, :, None],
                                                (L, B, T, A)),
@@ -201,7 +203,7 @@ class Recorder:
         return self._assemble(parts)
 
     def _assemble(self, parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-        names = ["prompt_order", "token_index", "position", "token", "layer", "rank", "expert", "weight"]
+        names = ["prompt_order", "token_index", "position", "token", "layer", "rank", "expert", "weight", "call"]
         if self.probs:
             names.append("prob")
         if parts:
@@ -326,7 +328,7 @@ def save_trace(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 _DTYPES = {"token_index": np.int32, "position": np.int32, "token": np.int32, "layer": np.int16,
-           "rank": np.int16, "expert": np.int16, "weight": np.float32, "prob": np.float32}
+           "rank": np.int16, "expert": np.int16, "weight": np.float32, "prob": np.float32, "call": np.int32}
 
 
 def load_trace(path: str | Path) -> pd.DataFrame:
