@@ -215,8 +215,9 @@ def shard_name(k: int, n: int) -> str:
 
 # -- values and files ------------------------------------------------------------------------------
 def _is_norm(key: str) -> bool:
-    leaf = key.rsplit(".", 2)[-2]
-    return key.endswith(".weight") and ("norm" in leaf or leaf.startswith("ln_"))
+    parts = key.split(".")
+    leaf = parts[-2] if len(parts) >= 2 else ""
+    return parts[-1] == "weight" and ("norm" in leaf or leaf.startswith("ln_"))
 
 
 def make_tensor(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -224,9 +225,7 @@ def make_tensor(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype)
     so a norm read as 1 + w, or not applied, shows). Depends only on (seed, key, shape, dtype)."""
     h = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
     g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
-    t = torch.randn(shape, generator=g, dtype=torch.float32).mul_(STD)
-    if _is_norm(key):
-        t.add_(1.0)
+    t = torch.empty(shape, dtype=torch.float32).normal_(1.0 if _is_norm(key) else 0.0, STD, generator=g)
     return t.to(dtype)
 
 
