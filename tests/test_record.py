@@ -1,4 +1,5 @@
-"""q3lab.record: recorded routing equals transformers' router choices; prompts, decode steps, padding, files."""
+"""q3lab.record and q3lab.lens against transformers: router choices, weights, probs; prompts, decode steps, padding,
+files; logit lens vs the reference hidden states."""
 from __future__ import annotations
 
 import numpy as np
@@ -177,3 +178,55 @@ def test_save_load_round_trip(pair, tmp_path, suffix):
         save_trace(f, tmp_path / "trace.txt")
     with pytest.raises(InputError, match="missing columns"):
         save_trace(f.drop(columns="expert"), tmp_path / "t.parquet")
+
+
+# -- logit lens (q3lab.lens): checked here against the same transformers reference ---------------------
+def test_logit_lens_equals_reference_hidden_states(pair):
+    from q3lab.lens import lens_logits, logit_lens, residual_stream
+    ref, ours = pair
+    ids = _ids((1, 9), seed=9)
+    with torch.no_grad():
+        out = ref(input_ids=ids, output_hidden_states=True)
+        lm = ref.model.language_model
+        # transformers: hidden_states[l + 1] is the residual after layer l, except the last, which is normed
+        want = [ref.lm_head(lm.norm(h)) for h in out.hidden_states[1:-1]] + [out.logits]
+    resid = residual_stream(ours, ids)
+    L = CFG["layers"]
+    assert len(resid) == L
+    for layer in range(L):
+        assert (lens_logits(ours, resid[layer]) - want[layer]).abs().max() <= 1e-4
+    # the last layer's lens is the model's output, bit for bit
+    assert torch.equal(lens_logits(ours, resid[-1]), ours(ids))
+
+    target = 17
+    f = logit_lens(ours, ids[0], target_token=target, top=3)
+    assert len(f) == L * 9
+    for layer in range(L):
+        w = want[layer][0]                                                  # [T, V]
+        g = f[f["layer"] == layer].sort_values("position")
+        tl = w[:, target]
+        close = ((w - tl[:, None]).abs() < 1e-4).sum(-1) > 1                # another logit ties the target
+        rank = (w > tl[:, None]).sum(-1) + 1
+        assert g["rank_of_target"].to_numpy()[~close.numpy()].tolist() == rank[~close].tolist()
+        top = w.topk(3, dim=-1)
+        assert g["top1"].tolist() == top.indices[:, 0].tolist()
+        np.testing.assert_allclose(g["top1_prob"].to_numpy(), torch.softmax(w, -1).max(-1).values.numpy(),
+                                   atol=1e-5)
+
+
+def test_logit_lens_next_token_target(pair):
+    from q3lab.lens import logit_lens
+    _, ours = pair
+    ids = _ids((2, 5), seed=10)
+    f = logit_lens(ours, ids, target_token="next", top=1)
+    last = f[f["layer"] == CFG["layers"] - 1]
+    logits = ours(ids)
+    for row in range(2):
+        g = last[last["row"] == row].sort_values("position")
+        assert g["target"].tolist()[:4] == ids[row, 1:].tolist()
+        assert pd.isna(g["rank_of_target"].iloc[4]) and pd.isna(g["target_prob"].iloc[4])
+        for t in range(4):
+            tl = logits[row, t, ids[row, t + 1]]
+            assert g["rank_of_target"].iloc[t] == int((logits[row, t] > tl).sum()) + 1
+    with pytest.raises(InputError, match="vocabulary"):
+        logit_lens(ours, ids, target_token=10_000)
