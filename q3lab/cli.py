@@ -109,6 +109,48 @@ def _cmd_notebooks(args) -> int:
     return 0
 
 
+def _add_trace(sub) -> None:
+    p = sub.add_parser("trace", help="record routing (experts, weights) of every prompt in a file to a trace")
+    p.add_argument("checkpoint", help="checkpoint folder or extracted store (with its tokenizer)")
+    p.add_argument("--prompts", required=True, help="one prompt per line, or .jsonl with 'prompt' [, 'domain', 'id']")
+    p.add_argument("--out", default="data/trace.parquet", help="trace file, .parquet or .csv (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="greedy tokens generated after each prompt")
+    p.add_argument("--full-probs", action="store_true",
+                   help="also write all router probabilities to OUT's name + '.probs' (and a prob column)")
+    p.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_trace)
+
+
+def _cmd_trace(args) -> int:
+    import torch
+
+    from .errors import CheckpointError, InputError
+    from .model import load
+    from .record import read_prompts, save_trace, trace_prompts
+    from .tokenizer import load_tokenizer
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    items = read_prompts(args.prompts)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = load(args.checkpoint, device=args.device, dtype=dtype, progress=not args.no_progress)
+    if model.source.tokenizer_dir is None:
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    tok = load_tokenizer(model.source.tokenizer_dir)
+    rec = trace_prompts(model, tok, items, max_new_tokens=args.max_new_tokens, probs=args.full_probs,
+                        progress=not args.no_progress, where=args.prompts)
+    frame = rec.to_frame()
+    out = save_trace(frame, args.out)
+    tokens = frame[["prompt", "token_index"]].drop_duplicates().shape[0]
+    print(f"wrote {out}: {len(items)} prompts, {tokens} tokens, {frame['layer'].nunique()} layers, "
+          f"{len(frame):,} rows")
+    if args.full_probs:
+        probs_out = save_trace(rec.probs_frame(), out.with_name(out.stem + ".probs" + out.suffix))
+        print(f"wrote {probs_out}: router probabilities of every expert")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q3lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

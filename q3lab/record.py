@@ -362,8 +362,64 @@ def load_trace(path: str | Path) -> pd.DataFrame:
 
 
 def _check_trace(frame: pd.DataFrame, where: str) -> None:
-    need = ("prompt", "token_index", "layer", "rank", "expert")
+    need = ("prompt", "token_index", "layer", "expert", "prob" if "rank" not in frame.columns else "rank")
     missing = [c for c in need if c not in frame.columns]
     if missing:
         raise InputError(f"{where}: not a routing trace: missing columns {missing} "
                          f"(found {list(frame.columns)[:12]})")
+
+
+# -- tracing a file of prompts (the `q3lab trace` command) ----------------------------------------------
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Prompts from a file: `.jsonl` (objects with `prompt`, optional `domain` and `id`), else one per line.
+
+    Blank lines are skipped; each prompt's id is `id` when given, else its 0-based index among the prompts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such prompts file")
+    items: list[dict[str, Any]] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix.lower() == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise InputError(f"{path}:{n}: not a JSON object: {e}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise InputError(f"{path}:{n}: expected an object with a string 'prompt', got {line[:80]!r}")
+            items.append({"id": obj.get("id", len(items)), "prompt": obj["prompt"], "domain": obj.get("domain"),
+                          "line": n})
+        else:
+            items.append({"id": len(items), "prompt": line, "domain": None, "line": n})
+    if not items:
+        raise InputError(f"{path}: no prompts (the file is empty or blank)")
+    return items
+
+
+def trace_prompts(model, tokenizer, items: list[dict[str, Any]], *, max_new_tokens: int = 0,
+                  probs: bool = False, progress: bool = True, where: str = "prompts") -> Recorder:
+    """Record the routing of each prompt (tokenised, then greedy decode of `max_new_tokens`); the Recorder.
+
+    Generation stops early at the tokenizer's EOS token. A prompt that tokenises to nothing raises InputError.
+    """
+    from tqdm.auto import tqdm
+    eos = getattr(tokenizer, "eos_token_id", None)
+    with record(model, probs=probs) as rec:
+        bar = tqdm(items, desc="trace", unit="prompt", disable=not progress)
+        for item in bar:
+            ids = tokenizer.encode(item["prompt"])
+            if not ids:
+                raise InputError(f"{where}:{item.get('line', '?')}: the prompt gives no tokens")
+            rec.set_prompt(item["id"], domain=item.get("domain"))
+            x = torch.tensor([ids], device=model.device)
+            with torch.inference_mode():
+                if max_new_tokens:
+                    model.generate(x, max_new_tokens, eos_token_id=eos)
+                else:
+                    model(x, last_only=True)
+            bar.set_postfix(tokens=sum(c.ids.shape[1] for c in rec.calls if c.done))
+        bar.close()
+    return rec

@@ -230,3 +230,34 @@ def test_logit_lens_next_token_target(pair):
             assert g["rank_of_target"].iloc[t] == int((logits[row, t] > tl).sum()) + 1
     with pytest.raises(InputError, match="vocabulary"):
         logit_lens(ours, ids, target_token=10_000)
+
+
+# -- q3lab trace (CLI) -------------------------------------------------------------------------------
+def test_cli_trace_writes_a_trace_equal_to_recording_directly(tmp_path):
+    from q3lab.cli import main
+    from q3lab.synth import synth
+    from q3lab.tokenizer import load_tokenizer
+    ckpt = synth(tmp_path / "ckpt", preset="tiny", seed=2)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "experts route tokens", "domain": "prose"}\n\n'
+                       '{"prompt": "def f(x): return x", "domain": "code", "id": "c1"}\n')
+    out = tmp_path / "data" / "trace.parquet"
+    assert main(["trace", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "3",
+                 "--full-probs", "--no-progress"]) == 0
+    got = load_trace(out)
+    model, tok = q3lab.load(ckpt), load_tokenizer(ckpt)
+    with record(model, probs=True) as rec:
+        for pid, text, dom in (("0", "experts route tokens", "prose"), ("c1", "def f(x): return x", "code")):
+            rec.set_prompt(pid, domain=dom)
+            model.generate(torch.tensor([tok.encode(text)]), 3, eos_token_id=tok.eos_token_id)
+    want = rec.to_frame()
+    pd.testing.assert_frame_equal(got.drop(columns="domain"), want.drop(columns="domain"))
+    assert got["domain"].astype(str).tolist() == want["domain"].astype(str).tolist()
+    probs = load_trace(tmp_path / "data" / "trace.probs.parquet")
+    n_tok = len(want[["prompt", "token_index"]].drop_duplicates())
+    assert len(probs) == n_tok * 4 * 8
+    np.testing.assert_allclose(probs.groupby(["prompt", "token_index", "layer"])["prob"].sum(), 1.0, atol=1e-5)
+    # a bad prompts file is a clear error, exit status 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt key"}\n')
+    assert main(["trace", str(ckpt), "--prompts", str(bad), "--out", str(out), "--no-progress"]) == 2
