@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .checkpoint import INDEX, SINGLE, Checkpoint
 from .errors import StoreError
-from .store import MANIFEST, PROGRESS, Store
+from .store import DENSE, MANIFEST, PROGRESS, Store
 
 
 def open_weights(path: str | Path) -> Store | Checkpoint:
@@ -19,4 +19,6 @@ def open_weights(path: str | Path) -> Store | Checkpoint:
         return Store.open(path)
     if (path / PROGRESS).exists():
         raise StoreError(f"{path}: incomplete extraction ({PROGRESS} but no {MANIFEST}), rerun q3lab extract")
+    if (path / DENSE).exists() and not (path / INDEX).exists() and not (path / SINGLE).exists():
+        raise StoreError(f"{path}: holds {DENSE} but no {MANIFEST}: a damaged q3lab store (extract it again)")
     return Checkpoint.open(path)

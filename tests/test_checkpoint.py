@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from hf_reference import build_thinker_only, save_full
 from q3lab.checkpoint import Checkpoint, audit_checkpoint
+from q3lab.cli import main
 from q3lab.errors import CheckpointError
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYERS, E, D, I, V, HQ, HKV, HD = 6, 8, 64, 32, 256, 4, 2, 16  # tiny_text_config defaults, 6 layers
 
 
@@ -133,14 +131,16 @@ def test_one_missing_tensor_fails_the_audit_naming_it(hf_full, tmp_path, name, w
         Checkpoint(path).get(name)
 
 
-def test_cli_audit_exit_codes(hf_full, tmp_path):
+def test_cli_audit_exit_codes(hf_full, tmp_path, capsys):
     path = copy(hf_full[0], tmp_path / "ck")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "q3lab", *a], cwd=ROOT, capture_output=True, text=True)
-    ok = run("audit", str(path))
-    assert ok.returncode == 0 and "OK" in ok.stdout
+    assert main(["audit", str(path)]) == 0
+    assert "OK: the thinker text model is complete" in capsys.readouterr().out
     _drop_from_index(path, "thinker.model.layers.5.input_layernorm.weight")
-    bad = run("audit", str(path))
-    assert bad.returncode == 1 and "thinker.model.layers.5.input_layernorm.weight" in bad.stdout
+    assert main(["audit", str(path)]) == 1
+    assert "thinker.model.layers.5.input_layernorm.weight" in capsys.readouterr().out
+    (path / "config.json").unlink()
+    assert main(["audit", str(path)]) == 2
+    assert "config.json" in capsys.readouterr().err
 
 
 def _shard_of(path: Path, key: str) -> str:
