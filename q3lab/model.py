@@ -227,6 +227,9 @@ class Thinker(nn.Module):
         self.experts_provider = provider
         for layer in self.model.layers:
             layer.mlp.experts.provider = provider
+        attach = getattr(provider, "attach", None)   # e.g. ExpertCache listens to router weights
+        if attach is not None:
+            attach(self)
 
     @property
     def device(self) -> torch.device:
