@@ -8,6 +8,7 @@ and skips them. The manifest is written last: a folder without it is not a store
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -258,6 +259,18 @@ def _still_good(path: Path, done: dict[str, Any], fp: FilePlan, on_bytes: Callab
 
 
 # -- the two entry points --------------------------------------------------------------------------
+def _name_os_errors(fn):
+    """OSErrors outside the store's writers (mkdir, unlink, lock in a read-only or full folder) -> StoreError."""
+    @functools.wraps(fn)
+    def wrapper(ckpt_path, out, *args, **kwargs):
+        try:
+            return fn(ckpt_path, out, *args, **kwargs)
+        except OSError as e:
+            raise StoreError(f"extract into {out}: {e.filename or out}: {e.strerror or e}") from None
+    return wrapper
+
+
+@_name_os_errors
 def extract(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, progress: bool = True) -> Path:
     """Extract the thinker text model of a checkpoint into the store `out`; returns `out`.
 
@@ -431,6 +444,11 @@ def verify(out: str | Path, *, progress: bool = True, strict: bool = True) -> Ve
     known = set(m["files"]) | {MANIFEST}
     report.extra_files = [p.relative_to(out).as_posix() for p in sorted(out.rglob("*"))
                           if p.is_file() and p.relative_to(out).as_posix() not in known]
+    if report.ok:
+        try:  # checksums match; manifest, config and headers must also agree (a hand-edited manifest)
+            Store.open(out).close()
+        except StoreError as e:
+            report.bad_files[MANIFEST] = str(e)
     if strict and not report.ok:
         raise StoreError(report.summary())
     return report

@@ -11,6 +11,8 @@ This module holds the format: the streaming writer, atomic file writes, checksum
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -81,31 +83,51 @@ class FileDigest:
     tensors: dict[str, str] = field(default_factory=dict)  # tensor name -> sha256 of its stored bytes
 
 
+def write_error(path: Path, err: OSError) -> StoreError:
+    """The StoreError for a failed write of `path` (disk full, read-only folder, ...), naming the file."""
+    hint = "; free space and rerun: finished files are kept" if err.errno == errno.ENOSPC else ""
+    return StoreError(f"{path}: cannot write: {err.strerror or err}{hint}")
+
+
+def _drop(tmp: Path) -> None:
+    """Remove a partial file after a failed write; a second failure must not hide the first."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> FileDigest:
-    """Write `data` to `path` via `path.tmp`, fsync, rename."""
+    """Write `data` to `path` via `path.tmp`, fsync, rename; on failure no `.tmp` is left and StoreError names `path`."""
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        _drop(tmp)
+        raise write_error(path, e) from None
     return FileDigest(hashlib.sha256(data).hexdigest(), len(data))
 
 
 def copy_file_atomic(src: Path, dst: Path) -> FileDigest:
-    """Copy in chunks, hashing as we go, via `dst.tmp` then rename."""
+    """Copy in chunks, hashing as we go, via `dst.tmp` then rename (failures as in `write_bytes_atomic`)."""
     h, n = hashlib.sha256(), 0
     tmp = tmp_path(dst)
-    with open(src, "rb") as fi, open(tmp, "wb") as fo:
-        while chunk := fi.read(_HASH_CHUNK):
-            fo.write(chunk)
-            h.update(chunk)
-            n += len(chunk)
-        fo.flush()
-        os.fsync(fo.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while chunk := fi.read(_HASH_CHUNK):
+                fo.write(chunk)
+                h.update(chunk)
+                n += len(chunk)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except OSError as e:
+        _drop(tmp)
+        raise write_error(dst, e) from None
     return FileDigest(h.hexdigest(), n)
 
 
@@ -153,12 +175,22 @@ class SafetensorsWriter:
         self._tensor_hashes: dict[str, str] = {}
         self._i, self._left, self._th = -1, 0, hashlib.sha256()
         self.tmp = tmp_path(self.path)
-        self._f = open(self.tmp, "wb")
-        self._write(raw)
+        try:
+            self._f = open(self.tmp, "wb")
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        try:
+            self._write(raw)
+        except StoreError:
+            self.abort()  # not yet inside `with`: nobody else would remove the partial file
+            raise
         self._advance()
 
     def _write(self, data) -> None:
-        self._f.write(data)
+        try:
+            self._f.write(data)
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self._file_hash.update(data)
 
     def _advance(self) -> None:
@@ -195,17 +227,22 @@ class SafetensorsWriter:
         """Check every tensor is complete, fsync, rename into place; return the file's and tensors' sha256."""
         if self.current is not None:
             raise ValueError(f"{self.path}: closed before tensor {self.current} was complete")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        try:
+            self._f.flush()  # a full disk may only show here, when the buffer goes out
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            self.abort()
+            raise write_error(self.path, e) from None
         return FileDigest(self._file_hash.hexdigest(), self.size, dict(self._tensor_hashes))
 
     def abort(self) -> None:
         if not self._f.closed:
-            self._f.close()
-        self.tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._f.close()
+        _drop(self.tmp)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
