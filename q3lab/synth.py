@@ -301,6 +301,8 @@ def synth(out: str | Path, preset: str = "tiny", *, seed: int = 0, layers: int |
     names = [shard_name(k + 1, n) for k in range(n)]
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"synth: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     total = sum(t.numel for t in plan) * itemsize
     headers = [_header(g, tdtype, seed) for g in groups]
