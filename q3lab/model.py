@@ -392,6 +392,22 @@ def _open_source(path):
     return open_weights(path)
 
 
+def _refuse_failed_audit(src, allowed: set[str]) -> None:
+    """A checkpoint folder must pass the audit before it is loaded: a dtype other than config.json's or a
+    tensor in two shards reads without error, so only the audit sees it. Names in `allowed` may be missing."""
+    from .checkpoint import Checkpoint, audit_checkpoint
+    if not isinstance(src, Checkpoint):
+        return  # a Store was checked against its manifest when it was opened
+    report = audit_checkpoint(src)
+    probs = report.problems()
+    probs = probs[~((probs["status"] == "missing") & probs["name"].isin(allowed))]
+    if len(probs) or report.errors:
+        lines = [f"  {r['status']}: {r['key']} [{r['detail']}]" for _, r in probs.head(20).iterrows()]
+        lines += [f"  shard error: {e}" for e in report.errors]
+        raise CheckpointError(f"{src.path}: the audit failed, refusing to load ({len(probs)} tensor problem(s), "
+                              f"{len(report.errors)} shard error(s); run q3lab audit):\n" + "\n".join(lines))
+
+
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          experts: ExpertProvider | None = None, allow_missing: list[str] | None = None,
          progress: bool = False) -> Thinker:
@@ -402,6 +418,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     then set to ones, other tensors to zeros, and each substitute is named in a warning.
     """
     src = path if hasattr(path, "expert") else _open_source(path)
+    _refuse_failed_audit(src, set(allow_missing or []))
     config = src.config
     with torch.device("meta"):
         model = Thinker(config)
