@@ -6,7 +6,7 @@ STAMP := $(VENV)/.q3lab-installed
 NBVAL_ARGS ?=
 DEMO := out/demo
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo clean e2e chromium lab
 
 venv: $(STAMP)
 
@@ -27,6 +27,27 @@ demo: venv
 	$(VENV)/bin/q3lab audit $(DEMO)/ckpt
 	$(VENV)/bin/q3lab extract $(DEMO)/ckpt $(DEMO)/store --no-progress
 	$(VENV)/bin/q3lab extract --verify $(DEMO)/store --no-progress
+
+# JupyterLab in headless Chromium (tests/e2e): notebooks run, figures and widgets render. Screenshots: out/e2e/.
+CHROMIUM ?= /usr/bin/chromium
+e2e: venv chromium
+	Q3LAB_E2E=1 Q3LAB_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q tests/e2e --durations=5
+
+# Debian's Chromium (Playwright cannot download its own browsers here); installed with apt-get when root.
+chromium:
+	@test -x $(CHROMIUM) && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "no Chromium at $(CHROMIUM): run 'apt-get install -y chromium' as root (or set CHROMIUM=...)"; exit 1; fi; \
+	for try in 1 2 3; do \
+		DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=3 -o DPkg::Lock::Timeout=300 update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=3 -o DPkg::Lock::Timeout=300 install -y -q chromium && \
+		test -x $(CHROMIUM) && exit 0; \
+		echo "apt-get chromium: try $$try failed"; \
+	done; exit 1
+
+# Open the notebooks in JupyterLab (prints the URL with its token).
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
 
 # Leaves .venv alone (rebuilding it takes a minute); `rm -rf .venv` for a fresh one.
 clean:
