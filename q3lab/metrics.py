@@ -152,8 +152,8 @@ def coactivation_matrix(frame: pd.DataFrame, layer: int, num_experts: int | None
     _, layers, sets = token_sets(frame[frame["layer"] == layer])
     if not len(layers):
         raise InputError(f"metrics: layer {layer} is not in the trace")
-    x = _indicator(sets[0], E).astype(np.int64)                              # [N, E]
-    return x.T @ x
+    x = _indicator(sets[0], E).astype(np.float64)                            # [N, E]
+    return np.rint(x.T @ x).astype(np.int64)     # float64 matmul uses BLAS and is exact for counts < 2**53
 
 
 def coactivation(frame: pd.DataFrame, num_experts: int | None = None) -> pd.DataFrame:
@@ -163,9 +163,9 @@ def coactivation(frame: pd.DataFrame, num_experts: int | None = None) -> pd.Data
     parts = []
     a, b = np.meshgrid(np.arange(E, dtype=np.int16), np.arange(E, dtype=np.int16), indexing="ij")
     for li, layer in enumerate(layers):
-        x = _indicator(sets[li], E).astype(np.int64)
+        x = _indicator(sets[li], E).astype(np.float64)
         parts.append(pd.DataFrame({"layer": np.int16(layer), "expert_a": a.reshape(-1), "expert_b": b.reshape(-1),
-                                   "count": (x.T @ x).reshape(-1)}))
+                                   "count": np.rint(x.T @ x).astype(np.int64).reshape(-1)}))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -195,7 +195,9 @@ def cross_layer_association(frame: pd.DataFrame, num_experts: int | None = None,
         observed = (a & b).sum() / (N * k)
         ca, cb = a.sum(0).astype(np.float64), b.sum(0).astype(np.float64)
         independent = float((ca * cb).sum() / (N * ca.sum()))
-        shuf = np.array([(a & b[p]).sum() / (N * k) for p in perms]) if shuffles else np.array([np.nan])
+        # gather b at each token's own k ids instead of and-ing [N, E] masks: N*k work per shuffle
+        shuf = np.array([b[p[:, None], sets[li]].sum() / (N * k) for p in perms]) if shuffles \
+            else np.array([np.nan])
         rows.append(dict(layer=np.int16(layers[li]), next_layer=np.int16(layers[li + 1]), observed=observed,
                          chance=k / E, independent=independent, shuffle_mean=shuf.mean(),
                          shuffle_std=shuf.std(), p_value=(1 + (shuf >= observed).sum()) / (1 + shuffles)
