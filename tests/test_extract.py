@@ -133,6 +133,10 @@ def test_manifest_records_every_tensor_with_its_checksum(hf_full, full_store):
             f"experts/layer_{int(t['name'].split('.')[2]):03d}.safetensors"
         assert t["file"] == want_file
     assert not (full_store / PROGRESS).exists() and not tmp_files(full_store)
+    store = Store.open(full_store)
+    assert store.shard_of("model.norm.weight") == "dense.safetensors" and store.shard_of("nope") is None
+    assert store.shard_of(expert_key(1, 2, "up")) == "experts/layer_001.safetensors"
+    assert store.source_key(expert_key(1, 2, "up")) == "thinker." + expert_key(1, 2, "up")
 
 
 def test_store_files_load_with_the_safetensors_library(hf_full, full_store):
