@@ -206,7 +206,12 @@ def test_dtype_conversion(hf_full, tmp_path, label, dtype):
 
 def test_thinker_only_checkpoint_without_prefix(hf_thinker, tmp_path):
     path, model = hf_thinker
+    path = shutil.copytree(path, tmp_path / "ck")
+    tok = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}}}).encode()
+    (path / "tokenizer.json").write_bytes(tok)
     out = extract(path, tmp_path / "st", progress=False)
+    assert Store.open(out).tokenizer_dir == out and (out / "tokenizer.json").read_bytes() == tok
+    assert Store.open(out).manifest["files"]["tokenizer.json"]["sha256"] == hashlib.sha256(tok).hexdigest()
     store, ckpt = Store.open(out), Checkpoint(path)
     assert_same_as_checkpoint(store, ckpt)
     keys = {t["source_key"] for t in store.manifest["tensors"]}
