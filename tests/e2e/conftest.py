@@ -1,4 +1,4 @@
-"""Browser tests: JupyterLab in headless Chromium. Skipped unless Q3LAB_E2E=1 (what `make e2e` sets).
+"""Browser tests: JupyterLab in headless Chromium, skipped unless Q3LAB_E2E=1 (what `make e2e` sets).
 
 Fixtures: a synthetic checkpoint and prompt file, a temp folder of notebook copies served by one JupyterLab
 server, and a Chromium page. Screenshots and the server log go to out/e2e/ (or $Q3LAB_E2E_OUT).
@@ -19,11 +19,12 @@ ENABLED = os.environ.get("Q3LAB_E2E") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
+    # Only tests that need the browser or the server are skipped; the harness's own unit tests always run.
     if ENABLED:
         return
     skip = pytest.mark.skip(reason="browser test: run `make e2e` (sets Q3LAB_E2E=1)")
     for item in items:
-        if HERE in Path(item.path).parents:
+        if HERE in Path(item.path).parents and {"page", "lab", "browser"} & set(item.fixturenames):
             item.add_marker(skip)
 
 
@@ -73,10 +74,20 @@ def browser():
 
 
 @pytest.fixture
-def page(browser):
-    """A fresh browser context and page, 1400x1000, 30 s default timeout for each action."""
+def page(browser, e2e_out, request):
+    """A fresh browser context and page, 1400x1000, 30 s default timeout for each action.
+
+    The browser console goes to out/e2e/<test>.console.log; an uncaught page error or a console error
+    (a widget view that failed to render logs one) fails the test at teardown.
+    """
     ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
     ctx.set_default_timeout(30_000)
     pg = ctx.new_page()
+    log, bad = [], []
+    pg.on("console", lambda m: (log.append(f"console.{m.type}: {m.text}"),
+                                m.type == "error" and bad.append(m.text)))
+    pg.on("pageerror", lambda e: (log.append(f"pageerror: {e}"), bad.append(str(e))))
     yield pg
     ctx.close()
+    (e2e_out / f"{request.node.name}.console.log").write_text("\n".join(log) + "\n")
+    assert not bad, f"browser errors during {request.node.name}:\n" + "\n".join(bad)

@@ -263,12 +263,13 @@ def run_all(page, panel, name: str, timeout: float = 180) -> RunResult:
 
 def wait_changed(page, probe: str, before: str, what: str, timeout: float = 30) -> str:
     """Poll the JS expression `probe` until it returns a non-empty value different from `before`."""
-    handle = page.wait_for_function(f"(b) => {{ const v = {probe}; return v && v !== b ? v : null; }}",
-                                    arg=before, timeout=timeout * 1000)
-    value = handle.json_value()
-    if not value:
-        raise LabError(f"{what}: no change from {before[:80]!r}")
-    return value
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        handle = page.wait_for_function(f"(b) => {{ const v = {probe}; return v && v !== b ? v : null; }}",
+                                        arg=before, timeout=timeout * 1000)
+    except PlaywrightTimeout:
+        raise LabError(f"{what}: `{probe}` still {before[:80]!r}... after {timeout:.0f} s") from None
+    return handle.json_value()
 
 
 # ------------------------------------------------------------------------------------------------ images
