@@ -74,7 +74,7 @@ def notebook_parameters(root: Path, **extra) -> dict:
 # ------------------------------------------------------------------------------------------------- server
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the server retries others if it is taken meanwhile)."""
+    """A TCP port free on 127.0.0.1 right now (if another process takes it first, the server exits: no retries)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -163,6 +163,7 @@ def start_lab(root: Path, state: Path, log: Path, timeout: float = 90) -> LabSer
     _settings(state / "settings")
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+           "--ServerApp.port_retries=0",
            "--ServerApp.terminals_enabled=False", "--LabApp.extension_manager=readonly",
            # A server orphaned by a killed test run exits on its own once idle.
            "--ServerApp.shutdown_no_activity_timeout=900"]
@@ -180,9 +181,8 @@ def start_lab(root: Path, state: Path, log: Path, timeout: float = 90) -> LabSer
                            f"log {log}:\n{server.log_tail()}")
         if server.status() is not None:
             return server
-        proc_wait = min(0.25, max(0.0, deadline - time.monotonic()))
-        try:  # poll interval; returns early if the server dies
-            proc.wait(proc_wait)
+        try:  # the poll interval, cut short if the server exits
+            proc.wait(0.25)
         except subprocess.TimeoutExpired:
             pass
     server.stop()
@@ -218,25 +218,36 @@ class RunResult:
     seconds: float
 
 
+# Conditions on the probe's state `s`. The indicator reads 'idle' before a kernel is attached ('No Kernel').
+_KERNEL_READY = "s.status === 'idle' && s.kernel && s.kernel !== 'No Kernel'"
+_RUN_DONE = (r"s.status === 'idle' && (s.prompts.every(p => /^\[\d+\]:$/.test(p.trim())) || "
+             r"s.stderr.some(t => /%s/m.test(t)))" % _ERROR_TEXT.pattern)
+
+
+def _wait_state(page, panel, condition: str, what: str, timeout: float) -> dict:
+    """Wait (polling the page, bounded) until `condition` holds on the probe's state or a dialog opens."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    js = f"(panel) => {{ const s = ({_PROBE})(panel); return (s.dialogs.length || ({condition})) ? s : null; }}"
+    try:
+        state = page.wait_for_function(js, arg=panel.element_handle(), polling=250,
+                                       timeout=timeout * 1000).json_value()
+    except PlaywrightTimeout:
+        state = panel.evaluate(_PROBE)
+        raise LabError(f"{what}: not reached after {timeout:.0f} s: kernel {state['kernel']!r} "
+                       f"{state['status']!r}, prompts {state['prompts']}") from None
+    if state["dialogs"]:
+        raise LabError(f"{what}: a dialog opened instead: {state['dialogs']}")
+    return state
+
+
 def open_notebook(page, server: LabServer, name: str, timeout: float = 60):
     """Open notebook `name` in JupyterLab and wait until its kernel is idle; returns the panel's locator."""
     page.goto(server.url(name))
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").filter(
         has=page.locator(".jp-Notebook")).first
     panel.wait_for(state="visible", timeout=timeout * 1000)
-    deadline = time.monotonic() + timeout
-    while True:
-        state = panel.evaluate(_PROBE)
-        if state["dialogs"]:
-            raise LabError(f"{name}: a dialog opened while the kernel started: {state['dialogs']}")
-        # The indicator reads 'idle' before a kernel is attached ('No Kernel'): wait for both.
-        if state["status"] == "idle" and state["kernel"] not in (None, "", "No Kernel"):
-            return panel
-        if time.monotonic() > deadline:
-            raise LabError(f"{name}: kernel not idle after {timeout:.0f} s (status {state['status']!r}, "
-                           f"kernel {state['kernel']!r}); "
-                           f"server log:\n{server.log_tail()}")
-        page.wait_for_timeout(200)  # poll interval of a bounded wait, not a fixed sleep
+    _wait_state(page, panel, _KERNEL_READY, f"{name}: kernel started and idle", timeout)
+    return panel
 
 
 def run_all(page, panel, name: str, timeout: float = 180) -> RunResult:
@@ -245,31 +256,31 @@ def run_all(page, panel, name: str, timeout: float = 180) -> RunResult:
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
     t0 = time.monotonic()
-    numbered = re.compile(r"^\[\d+\]:$")
-    while True:
-        state = panel.evaluate(_PROBE)
-        errors = [t for t in state["stderr"] if _ERROR_TEXT.search(t)]
-        done = all(numbered.match(p.strip()) for p in state["prompts"])
-        if state["dialogs"]:
-            raise LabError(f"{name}: a dialog opened during Run All: {state['dialogs']}")
-        if state["status"] == "idle" and (done or errors):
-            return RunResult(state["prompts"], errors, [t for t in state["stderr"] if t not in errors],
-                             time.monotonic() - t0)
-        if time.monotonic() - t0 > timeout:
-            raise LabError(f"{name}: Run All not finished after {timeout:.0f} s: kernel {state['status']!r}, "
-                           f"prompts {state['prompts']}")
-        page.wait_for_timeout(250)  # poll interval of a bounded wait
+    state = _wait_state(page, panel, _RUN_DONE, f"{name}: Run All finished", timeout)
+    errors = [t for t in state["stderr"] if _ERROR_TEXT.search(t)]
+    return RunResult(state["prompts"], errors, [t for t in state["stderr"] if t not in errors],
+                     time.monotonic() - t0)
 
 
-def wait_changed(page, probe: str, before: str, what: str, timeout: float = 30) -> str:
-    """Poll the JS expression `probe` until it returns a non-empty value different from `before`."""
+# Every figure inside an element: the image sources joined, '' while there is none.
+_FIGURES = "(el) => [...el.querySelectorAll('img')].map(i => i.src).join('|')"
+
+
+def figure_sources(scope) -> str:
+    """The sources of every image inside the locator `scope`, joined ('' when there is none)."""
+    return scope.evaluate(_FIGURES)
+
+
+def wait_figures_changed(page, scope, before: str, what: str, timeout: float = 30) -> str:
+    """Wait until the images inside `scope` are there and differ from `before`; returns their sources."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    js = f"([el, b]) => {{ const v = ({_FIGURES})(el); return v && v !== b ? v : null; }}"
     try:
-        handle = page.wait_for_function(f"(b) => {{ const v = {probe}; return v && v !== b ? v : null; }}",
-                                        arg=before, timeout=timeout * 1000)
+        return page.wait_for_function(js, arg=[scope.element_handle(), before], polling=100,
+                                      timeout=timeout * 1000).json_value()
     except PlaywrightTimeout:
-        raise LabError(f"{what}: `{probe}` still {before[:80]!r}... after {timeout:.0f} s") from None
-    return handle.json_value()
+        raise LabError(f"{what}: the figure did not change within {timeout:.0f} s "
+                       f"(still {figure_sources(scope)[:60]!r}...)") from None
 
 
 # ------------------------------------------------------------------------------------------------ images

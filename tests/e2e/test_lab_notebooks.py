@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 import nbformat
-import pytest
 
-from labdriver import REPO, check_not_blank, notebook_parameters, open_notebook, run_all, set_parameters, wait_changed
+from labdriver import (REPO, check_not_blank, notebook_parameters, open_notebook, run_all, set_parameters,
+                       wait_figures_changed)
 
 NOTEBOOKS = REPO / "notebooks"
 
@@ -84,10 +84,6 @@ def _widget_notebook(path: Path) -> Path:
     return path
 
 
-# The figure the explorer shows: the first image inside a rendered widget, or '' while there is none.
-_FIGURE_SRC = "(document.querySelector('.jupyter-widgets img') || {}).src || ''"
-
-
 def test_explorer_widget_renders_and_follows_its_layer_slider(page, lab, lab_root, e2e_out, tmp_path):
     name = "widget_explorer.ipynb"
     set_parameters(_widget_notebook(tmp_path / name), lab_root / "notebooks" / name,
@@ -96,17 +92,18 @@ def test_explorer_widget_renders_and_follows_its_layer_slider(page, lab, lab_roo
 
     slider = panel.locator(".widget-slider", has=page.locator(".widget-label", has_text="layer")).first
     slider.wait_for(state="visible")
+    # The explorer: the outermost widget around the slider (controls and figure together).
     explorer = slider.locator("xpath=ancestor::*[contains(@class,'jupyter-widgets')][last()]")
     readout = slider.locator(".widget-readout")
     before_value = readout.text_content().strip()
-    before_src = wait_changed(page, _FIGURE_SRC, "", "explorer figure")
+    before_src = wait_figures_changed(page, explorer, "", "explorer figure drawn")
     shot_before = explorer.screenshot(path=str(e2e_out / "explorer_before.png"))
     stats_before = check_not_blank(shot_before, "explorer before")
 
     # A person's keyboard: focus the slider's handle and step it once to the right.
     slider.locator(".noUi-handle").focus()
     page.keyboard.press("ArrowRight")
-    after_src = wait_changed(page, _FIGURE_SRC, before_src, "explorer figure after ArrowRight")
+    after_src = wait_figures_changed(page, explorer, before_src, "explorer figure after ArrowRight")
     after_value = readout.text_content().strip()
     assert int(after_value) == int(before_value) + 1, f"readout {before_value!r} -> {after_value!r}"
     shot_after = explorer.screenshot(path=str(e2e_out / "explorer_after.png"))
