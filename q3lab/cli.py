@@ -151,6 +151,79 @@ def _cmd_trace(args) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, printing tokens as they come (optionally with an "
+                                        "on-demand expert cache)")
+    p.add_argument("checkpoint", help="checkpoint folder or extracted store (with its tokenizer)")
+    p.add_argument("--prompt", required=True, help="the text to continue (special tokens written out are kept)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="(default %(default)s)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--expert-cache", metavar="N", help="load experts on demand, keeping at most N (a count, or "
+                                                       "a size such as 2GB); default: all experts resident")
+    p.add_argument("--policy", default="lru", choices=["lru", "lfu", "score"],
+                   help="eviction policy of the expert cache (default %(default)s)")
+    p.add_argument("--per-layer", action="store_true", help="the cache capacity applies to each layer")
+    p.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    import time
+
+    import torch
+
+    from .errors import CheckpointError, InputError
+    from .experts import ExpertCache
+    from .model import load
+    from .tokenizer import load_tokenizer
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    cache = None
+    if args.expert_cache is not None:
+        cap = int(args.expert_cache) if args.expert_cache.strip().isdigit() else args.expert_cache
+        cache = ExpertCache(cap, policy=args.policy, per_layer=args.per_layer)
+    elif args.per_layer or args.policy != "lru":
+        raise InputError("--policy and --per-layer apply to the expert cache: add --expert-cache N")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = load(args.checkpoint, device=args.device, dtype=dtype, experts=cache)
+    if model.source.tokenizer_dir is None:
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    tok = load_tokenizer(model.source.tokenizer_dir)
+    ids = torch.tensor([tok.encode(args.prompt)], dtype=torch.long)
+    new: list[int] = []
+    shown = 0
+
+    def stream(token: torch.Tensor) -> None:
+        nonlocal shown
+        new.append(int(token[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+
+    t0 = time.perf_counter()
+    model.generate(ids, args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id, streamer=stream)
+    seconds = time.perf_counter() - t0
+    text = tok.decode(new)
+    sys.stdout.write(text[shown:] + "\n")
+    print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds if seconds else 0:.2f} tokens/s, prompt "
+          f"{ids.shape[1]} tokens included in the time)", file=sys.stderr)
+    if cache is not None:
+        s = cache.summary()
+        print(f"expert cache: {s['policy']}, capacity {s['capacity_experts']} experts"
+              f"{' per layer' if s['per_layer'] else ''} ({s['capacity_bytes'] / 2**20:.1f} MiB); "
+              f"{s['accesses']} accesses, hit rate {s['hit_rate']:.3f}, {s['misses']} misses, "
+              f"{s['evictions']} evictions, {s['bytes_loaded'] / 2**20:.1f} MiB loaded in "
+              f"{s['load_seconds']:.2f} s", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q3lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

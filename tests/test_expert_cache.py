@@ -424,3 +424,23 @@ def test_resident_memory_stays_within_capacity(tmp_path):
     bound = dense_load + capacity * eb + overhead
     assert cached["peak"] - cached["base_import"] <= bound
     assert resident["peak"] - resident["base_import"] > bound + 200 * 2**20
+
+
+# -- command line --------------------------------------------------------------------------------
+def test_cli_generate_with_cache_prints_the_resident_models_text(ckpt, capsys):
+    from q3lab.cli import main
+    from q3lab.tokenizer import load_tokenizer
+    tok = load_tokenizer(ckpt)
+    prompt = "The router scores all of them"
+    ids = torch.tensor([tok.encode(prompt)])
+    want = q3lab.load(ckpt).generate(ids, 12, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    common = [str(ckpt), "--prompt", prompt, "--max-new-tokens", "12", "--greedy"]
+    assert main(["generate", *common, "--expert-cache", "3", "--policy", "lfu"]) == 0
+    out, err = capsys.readouterr()
+    assert out == tok.decode(want) + "\n"
+    assert "expert cache: lfu, capacity 3 experts" in err and "hit rate" in err
+    assert main(["generate", *common]) == 0
+    out2, err2 = capsys.readouterr()
+    assert out2 == out and "expert cache" not in err2
+    assert main(["generate", *common, "--expert-cache", "1"]) == 2
+    assert "top-k" in capsys.readouterr().err
