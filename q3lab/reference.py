@@ -69,3 +69,32 @@ def load_reference(source, dtype: torch.dtype = torch.float32) -> ReferenceThink
     lm_head.weight.data.copy_(source.get("lm_head.weight") if not cfg.tie_word_embeddings
                               else source.get("model.embed_tokens.weight"))
     return ReferenceThinker(text.eval(), lm_head.eval())
+
+
+def load_reference_generator(source, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """transformers' `Qwen3OmniMoeThinkerForConditionalGeneration` (tiny unused audio/vision towers) holding
+    the same text weights, so that its own `.generate` can be timed and compared with ours."""
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+    if not hasattr(source, "expert"):
+        from .weights import open_weights
+        source = open_weights(source)
+    cfg = source.config
+    text = hf_text_config(cfg).to_dict()
+    D, V = cfg.hidden_size, cfg.vocab_size
+    audio = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                 output_dim=D, downsample_hidden_size=8, n_window=5, n_window_infer=10,
+                 max_source_positions=100, conv_chunksize=50)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=D, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    thinker_cfg = Qwen3OmniMoeThinkerConfig(text_config=text, audio_config=audio, vision_config=vision,
+                                            audio_token_id=V - 10, image_token_id=V - 9, video_token_id=V - 8,
+                                            audio_start_token_id=V - 7, vision_start_token_id=V - 6,
+                                            user_token_id=V - 5)
+    with torch.device("meta"):
+        model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_cfg)
+    model = model.to_empty(device=device).to(dtype)
+    ref = load_reference(source, dtype=dtype)
+    model.model.language_model.load_state_dict(ref.text_model.state_dict(), strict=False)
+    model.model.language_model.rotary_emb.inv_freq = ref.text_model.rotary_emb.inv_freq.to(device)
+    model.lm_head.weight.data.copy_(ref.lm_head.weight)
+    return model.eval()
