@@ -107,8 +107,9 @@ class LabServer:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def url(self, notebook: str) -> str:
-        return f"{self.base}/lab/tree/{notebook}?token={self.token}"
+    def url(self, notebook: str, workspace: str) -> str:
+        """Open `notebook` in an empty workspace of its own (`reset`): no tab restored from another page."""
+        return f"{self.base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={self.token}"
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
@@ -242,10 +243,11 @@ def _wait_state(page, panel, condition: str, what: str, timeout: float) -> dict:
 
 def open_notebook(page, server: LabServer, name: str, timeout: float = 60):
     """Open notebook `name` in JupyterLab and wait until its kernel is idle; returns the panel's locator."""
-    page.goto(server.url(name))
-    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").filter(
-        has=page.locator(".jp-Notebook")).first
+    page.goto(server.url(name, workspace=f"e2e-{secrets.token_hex(4)}"))
+    panel = page.locator(".jp-NotebookPanel")
     panel.wait_for(state="visible", timeout=timeout * 1000)
+    if panel.count() != 1:  # menu commands act on the current notebook: there must be only this one
+        raise LabError(f"{name}: expected one notebook open in a fresh workspace, found {panel.count()}")
     _wait_state(page, panel, _KERNEL_READY, f"{name}: kernel started and idle", timeout)
     return panel
 
@@ -253,6 +255,7 @@ def open_notebook(page, server: LabServer, name: str, timeout: float = 60):
 def run_all(page, panel, name: str, timeout: float = 180) -> RunResult:
     """Run > Run All Cells from the menu bar; wait until the kernel is idle and every code cell has run
     (or an error output appeared, which stops Run All)."""
+    panel.locator(".jp-Cell .jp-InputPrompt").first.click()  # the notebook becomes the current widget
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
     t0 = time.monotonic()
