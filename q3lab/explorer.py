@@ -5,7 +5,7 @@ so papermill and nbval runs stay deterministic.
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import numpy as np
 import pandas as pd
 
@@ -25,7 +25,8 @@ def routing_figure(frame: pd.DataFrame, prompt, layer: int, token: int | None = 
                    num_experts: int | None = None):
     """Heatmap of one prompt's routing in one layer (tokens x experts), one token's row highlighted."""
     m = routing_matrix(frame, prompt, layer, num_experts)
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.22 * len(m)))
+    fig = Figure(figsize=(8, 0.9 + 0.22 * len(m)))
+    ax = fig.add_subplot()
     ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=max(m.max(), 1e-9))
     f = frame[(frame["prompt"] == prompt) & (frame["layer"] == layer)].drop_duplicates("token_index")
     f = f.sort_values("token_index")
@@ -58,9 +59,7 @@ def explorer(frame: pd.DataFrame, tokenizer=None, *, interactive: bool = False, 
     token = w.IntSlider(value=0, min=0, max=int(frame["token_index"].max()), description="token")
 
     def show(prompt, layer, token):
-        fig = routing_figure(frame, prompt, layer, token, tokenizer, num_experts)
-        plt.show(fig)
-        plt.close(fig)
+        display(routing_figure(frame, prompt, layer, token, tokenizer, num_experts))
 
     out = w.interactive_output(show, {"prompt": prompt, "layer": layer, "token": token})
     panel = w.VBox([w.HBox([prompt, layer, token]), out])

@@ -56,12 +56,14 @@ def compare_with_reference(config: ThinkerConfig, batch: int = 2, tokens: int = 
 
 @contextmanager
 def wrong_rotary(model: Thinker, kind: str) -> Iterator[None]:
-    """Run the model with a wrong rotary convention: 'theta_1e4' (Llama's base instead of the config's),
+    """Run the model with a wrong rotary convention: 'wrong_theta' (base 10,000, Llama's, instead of the
+    config's; 1,000,000 if the config already uses 10,000),
     'no_rope' (positions ignored), or 'chunked' (Qwen2-VL's non-interleaved layout; same as right for text)."""
     saved_inv, saved_inter = model.inv_freq.clone(), model.config.mrope_interleaved
     try:
-        if kind == "theta_1e4":
-            model.inv_freq.copy_(rope_inv_freq(model.config.head_dim, 1e4))
+        if kind == "wrong_theta":
+            wrong = 1e4 if model.config.rope_theta != 1e4 else 1e6
+            model.inv_freq.copy_(rope_inv_freq(model.config.head_dim, wrong))
         elif kind == "no_rope":
             model.inv_freq.zero_()
         elif kind == "chunked":

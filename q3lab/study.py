@@ -57,7 +57,8 @@ def rotary_damage(model: Thinker, tokenizer, items: list[dict]) -> pd.DataFrame:
     """The chunked layout (harmless on text), Llama's rotary base, and no rotary at all."""
     return compare_conditions(model, tokenizer, items, {
         "chunked layout (text)": partial(wrong_rotary, model, "chunked"),
-        "rope_theta 10,000": partial(wrong_rotary, model, "theta_1e4"),
+        f"rope_theta {1e4 if model.config.rope_theta != 1e4 else 1e6:,.0f} "
+        f"(config: {model.config.rope_theta:,.0f})": partial(wrong_rotary, model, "wrong_theta"),
         "no rotary": partial(wrong_rotary, model, "no_rope"),
     })
 
@@ -109,4 +110,7 @@ def trace_prompts(model: Thinker, tokenizer, items: list[dict], max_new_tokens: 
             else:
                 with torch.no_grad():
                     model(ids)
-    return rec.to_frame()
+    frame = rec.to_frame()
+    if "domain" not in frame.columns:   # no prompt had a label: keep the column, empty
+        frame["domain"] = pd.Series([None] * len(frame), dtype=object)
+    return frame

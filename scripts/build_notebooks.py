@@ -23,7 +23,7 @@ SETUP = '''from pathlib import Path
 import torch
 import pandas as pd
 import q3lab
-from q3lab import notebooks as nbk, plots
+from q3lab import notebooks as nbk, plots, plots_model
 from IPython.display import display
 
 torch.manual_seed(0)
@@ -51,11 +51,11 @@ NOTEBOOKS = {
                "headers; it is the first cell of every notebook, so a wrong folder stops here."),
         ("code", "table = inventory.tensor_table(src)\ncomponents = inventory.bytes_by_component(table)\n"
                  "display(components)\nfig = plots_model.component_bytes(components)\n"
-                 "plots.save_figure(fig, figures / '01_component_bytes.png')"),
+                 "plots.save_figure(fig, figures / '01_component_bytes.png')\nfig"),
         ("md", "The thinker's text model is the bulk of the checkpoint; the stub audio, vision, talker and "
                "code2wav parts are what extraction must leave behind."),
         ("code", "layers = inventory.thinker_layers(table)\ndisplay(layers.head(8))\n"
-                 "fig = plots_model.layer_shards(layers)\nplots.save_figure(fig, figures / '01_layer_shards.png')"),
+                 "fig = plots_model.layer_shards(layers)\nplots.save_figure(fig, figures / '01_layer_shards.png')\nfig"),
         ("md", "Layers in red are split across shard files: a reader that opens one shard per layer would "
                "miss tensors. q3lab finds every tensor through `model.safetensors.index.json`."),
         ("code", "store_dir = out / 'store'\nstore_path = q3lab.extract(src.path, store_dir, progress=False)\n"
@@ -76,7 +76,7 @@ NOTEBOOKS = {
         ("code", "from q3lab import inventory, plots_model\nnorms = inventory.norm_table(src)\n"
                  "print(len(norms), 'norms found;', int(norms['all_ones'].sum()), 'are all ones')\n"
                  "display(norms.groupby('kind')[['mean', 'std', 'min', 'max']].mean())\n"
-                 "fig = plots_model.norm_stats(norms)\nplots.save_figure(fig, figures / '02_norm_stats.png')"),
+                 "fig = plots_model.norm_stats(norms)\nplots.save_figure(fig, figures / '02_norm_stats.png')\nfig"),
         ("md", "Every norm is found through the index, and none equals the all-ones default: a loader that "
                "fell back to ones would be visibly wrong here."),
         ("code", LOAD_MODEL),
@@ -85,7 +85,7 @@ NOTEBOOKS = {
                  "damage = norm_damage(model, tok, items, layers)\n"
                  "display(damage.groupby('condition', sort=False)[['kl', 'rank']].median())"),
         ("code", "fig = plots_model.damage(damage, title='Norms reset to ones vs the intact model')\n"
-                 "plots.save_figure(fig, figures / '02_norm_damage.png')"),
+                 "plots.save_figure(fig, figures / '02_norm_damage.png')\nfig"),
         ("md", "Resetting the norms of every fourth layer moves the next-token distribution far from the intact "
                "model's (KL in nats) and pushes the expected token down the ranking: the symptom that took "
                "days to trace. Never load a model with a missing norm; q3lab refuses to."),
@@ -111,7 +111,7 @@ NOTEBOOKS = {
                  "print(f'multimodal: interleaved and chunked layouts differ at {int(differ.sum())} of {differ.numel()} frequencies')"),
         ("code", "maps = {'interleaved (Qwen3-Omni)': rope_check.axis_map(cfg.mrope_section, True),\n"
                  "        'chunked (Qwen2-VL)': rope_check.axis_map(cfg.mrope_section, False)}\n"
-                 "fig = plots_model.axis_map(maps)\nplots.save_figure(fig, figures / '03_axis_map.png')"),
+                 "fig = plots_model.axis_map(maps)\nplots.save_figure(fig, figures / '03_axis_map.png')\nfig"),
         ("md", "Interleaved mRoPE spreads temporal, height and width over the whole frequency range (THW "
                "repeated, then T); the chunked layout gives height and width only low frequencies. With equal "
                "positions on all axes (text) both reduce to 1-D RoPE, so text alone cannot tell them apart."),
@@ -119,9 +119,9 @@ NOTEBOOKS = {
         ("code", "from q3lab.study import rotary_damage\nrot = rotary_damage(model, tok, items)\n"
                  "display(rot.groupby('condition', sort=False)[['kl', 'rank']].median())\n"
                  "fig = plots_model.damage(rot, title='Wrong rotary conventions vs the right one (text prompts)')\n"
-                 "plots.save_figure(fig, figures / '03_wrong_rotary.png')"),
+                 "plots.save_figure(fig, figures / '03_wrong_rotary.png')\nfig"),
         ("md", "On text, the chunked layout changes nothing (KL 0), as the equal-axes proof says; a wrong base "
-               "(Llama's 10,000) or no rotary at all moves the distribution and the expected token's rank."),
+               "(Llama's 10,000 where the config says 1,000,000) or no rotary at all moves the distribution and the expected token's rank."),
     ],
     "04_logit_ranking": [
         ("md", "# 04 Logit ranking\n\nDoes the model rank the expected continuation first, does it agree with "
@@ -141,17 +141,79 @@ NOTEBOOKS = {
         ("md", "transformers' own Qwen3-Omni thinker, filled with the same tensors, gives the same logits (max "
                "absolute difference in float32) and the same top token."),
         ("code", "from q3lab.study import lens_ranks\nlens = lens_ranks(model, tok, items[:8])\n"
-                 "fig = plots.logit_lens_ranks(lens)\nplots.save_figure(fig, figures / '04_logit_lens.png')"),
+                 "fig = plots.logit_lens_ranks(lens)\nplots.save_figure(fig, figures / '04_logit_lens.png')\nfig"),
         ("md", "The logit lens (final norm and lm_head applied after every layer) shows at which depth the "
                "expected token rises to the top; the last layer's lens is the model's own output."),
         ("code", "from q3lab.study import ablation_damage\nabl = ablation_damage(model, tok, items)\n"
                  "display(abl.groupby('condition', sort=False)[['kl', 'rank']].median())\n"
                  "fig = plots_model.damage(abl, title='Known reconstruction bugs vs the intact model')\n"
-                 "plots.save_figure(fig, figures / '04_ablations.png')"),
+                 "plots.save_figure(fig, figures / '04_ablations.png')\nfig"),
         ("md", "Each bug the earlier attempt made, reproduced on purpose: per-sequence routing, an expert "
                "output cut to a scalar, a router masked to the first experts, missing norms, and a second "
                "softmax in place of `norm_topk_prob`. Each costs the expected token rank; the intact model is "
                "the only one that ranks it first."),
+    ],
+    "05_expert_diversity": [
+        ("md", "# 05 Expert diversity\n\nHow does the thinker route, layer by layer: how many experts does it "
+               "use, how evenly, how much does it reuse them from one token to the next, do expert ids mean "
+               "anything across layers, do domains have their own experts, and what does that mean for an "
+               "expert cache?"),
+        ("params", PARAMS.replace('"../data/prompts/facts.jsonl"      # JSONL: prompt, expected (, domain)',
+                                  '"../data/prompts/domains.jsonl"    # JSONL: prompt, domain')
+                   + "\nmax_new_tokens = 8                           # greedy tokens generated after each prompt"
+                   + "\ncapacity_fractions = [0.02, 0.05, 0.1, 0.2, 0.32, 0.5, 0.75]"),
+        ("code", SETUP),
+        ("code", LOAD_MODEL),
+        ("code", "from q3lab import metrics, cachesim, explorer, plots_model\nfrom q3lab.study import trace_prompts\n"
+                 "from q3lab.record import save_trace\nE = model.config.num_experts\n"
+                 "trace = trace_prompts(model, tok, items, max_new_tokens)\nsave_trace(trace, out / '05_trace.parquet')\n"
+                 "print(f\"{trace['prompt'].nunique()} prompts, {len(trace.drop_duplicates(['prompt', 'token_index']))} "
+                 "tokens, {len(trace)} routing rows; domains: {sorted(trace['domain'].dropna().unique())}\")\n"
+                 "display(metrics.layer_summary(trace, E).describe().loc[['mean', 'min', 'max']])"),
+        ("code", "fig = plots.selection_heatmap(metrics.selection_counts(trace, E), share=True)\n"
+                 "plots.save_figure(fig, figures / '05_selection_heatmap.png')\nfig"),
+        ("md", "Each row is a layer, each column an expert; colour is the share of that layer's selections. "
+               "Load is spread over many experts in every layer, with a few favourites per layer."),
+        ("code", "fig = plots.unique_experts_per_layer(metrics.unique_experts(trace, E))\n"
+                 "plots.save_figure(fig, figures / '05_unique_experts.png')\nfig"),
+        ("code", "fig = plots.entropy_per_layer(metrics.load_entropy(trace, E))\n"
+                 "plots.save_figure(fig, figures / '05_entropy.png')\nfig"),
+        ("md", "Unique experts and the normalised entropy of the load (1 = perfectly even) per layer: no layer "
+               "leaves most experts idle, so a static hot set of a few experts cannot serve the model."),
+        ("code", "reuse = metrics.reuse(trace, E)\nfig = plots.reuse_per_layer(reuse)\n"
+                 "plots.save_figure(fig, figures / '05_reuse.png')\nfig"),
+        ("md", "Consecutive tokens share more experts than chance (dashed line, k/E): reuse over time is what "
+               "an expert cache can exploit."),
+        ("code", "cross = metrics.cross_layer_association(trace, E)\n"
+                 "print(f\"layer pairs where the same id is reused beyond shuffles (p < 0.05): "
+                 "{int((cross['p_value'] < 0.05).sum())} of {len(cross)}\")\n"
+                 "fig = plots_model.layer_lines(cross, {'observed': 'P(e in layer l+1 | e in layer l)', "
+                 "'shuffle_mean': 'shuffled tokens', 'chance': 'chance k/E'}, dashed=('shuffle_mean', 'chance'), "
+                 "title='Does expert id e mean the same in the next layer?', ylabel='probability')\n"
+                 "plots.save_figure(fig, figures / '05_cross_layer.png')\nfig"),
+        ("md", "Expert ids are not a shared vocabulary across layers: where the observed line stays on the "
+               "shuffled baseline, expert e in one layer says nothing about expert e in the next. \"Expert 23 "
+               "means poetry in every layer\" has to be tested, not assumed."),
+        ("code", "dom = metrics.domain_specificity(trace, 'domain', E)\n"
+                 "fig = plots_model.layer_lines(dom, {'mi_bits': 'I(domain; expert)', 'shuffle_mean': "
+                 "'shuffled domain labels', 'h_label_bits': 'H(domain), the upper bound'}, "
+                 "dashed=('shuffle_mean', 'h_label_bits'), title='Domain specificity of routing', ylabel='bits')\n"
+                 "plots.save_figure(fig, figures / '05_domain_specificity.png')\nfig"),
+        ("md", "Mutual information between a prompt's domain and the experts its tokens choose, per layer, "
+               "against the same statistic with shuffled labels (the finite-sample bias): the gap is how "
+               "much routing specialises by domain."),
+        ("code", "total = model.config.num_hidden_layers * E\n"
+                 "caps = sorted({max(model.config.num_experts_per_tok, int(f * total)) for f in capacity_fractions})\n"
+                 "sim = cachesim.simulate(trace, caps)\n"
+                 "display(sim.pivot(index='capacity', columns='policy', values='hit_rate'))\n"
+                 "fig = plots.cache_hit_rates(sim)\nplots.save_figure(fig, figures / '05_cache_hit_rate.png')\nfig"),
+        ("md", "Replaying the trace through an expert cache shared by all layers: hit rate against capacity "
+               "for LRU, LFU, the router-weight score policy and Belady's offline optimum, the bound no "
+               "policy can beat on this trace."),
+        ("code", "view = explorer.explorer(trace, tok, interactive=interactive, num_experts=E)\n"
+                 "if not interactive:\n    plots.save_figure(view, figures / '05_explorer_static.png')\n    display(view)"),
+        ("md", "The explorer: pick a prompt, a layer and a token to see the routing weights of every token of "
+               "that prompt in that layer (the chosen token outlined). Headless runs show its first view."),
     ],
 }
 
