@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import Q3LabError
 
@@ -84,8 +85,9 @@ def _cmd_synth(args) -> int:
 def _add_notebooks(sub) -> None:
     p = sub.add_parser("notebooks", help="run every numbered notebook headless (papermill) on a checkpoint")
     p.add_argument("--checkpoint", help="checkpoint folder or extracted store (default: the embedded data/mini)")
-    p.add_argument("--out", default="out/notebooks", help="folder for the executed notebooks (default %(default)s)")
-    p.add_argument("--figures", help="folder for the figures (default OUT/figures)")
+    p.add_argument("--out", help="folder for the executed notebooks and their outputs (default out/notebooks)")
+    p.add_argument("--figures", help="folder for the figures (default: figures/ for the embedded checkpoint, "
+                                     "OUT/figures when --checkpoint is given)")
     p.add_argument("--only", nargs="*", help="run only notebooks whose names start with these (e.g. 01 05)")
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="override a notebook parameter (value parsed as JSON when possible)")
@@ -103,7 +105,10 @@ def _cmd_notebooks(args) -> int:
             params[name] = _json.loads(value)
         except ValueError:
             params[name] = value
-    table = run_notebooks(args.checkpoint, args.out, figures_dir=args.figures, names=args.only,
+    figures = args.figures
+    if figures is None and args.checkpoint is not None:   # keep the committed figures for the embedded default
+        figures = str(Path(args.out or "out/notebooks") / "figures")
+    table = run_notebooks(args.checkpoint, args.out, figures_dir=figures, names=args.only,
                           parameters=params, in_place=args.in_place)
     print(table.to_string(index=False))
     return 0

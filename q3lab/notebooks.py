@@ -1,7 +1,6 @@
 """Run the numbered notebooks headless with papermill, on any checkpoint."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -28,32 +27,36 @@ def notebook_paths(notebooks_dir: Path = NOTEBOOKS_DIR, names: list[str] | None 
     return paths
 
 
-def run_notebooks(checkpoint: str | Path | None = None, out: str | Path = "out/notebooks", *,
+def run_notebooks(checkpoint: str | Path | None = None, out: str | Path | None = None, *,
                   figures_dir: str | Path | None = None, names: list[str] | None = None,
                   notebooks_dir: str | Path = NOTEBOOKS_DIR, parameters: dict | None = None,
                   kernel: str = "python3", progress: bool = True, in_place: bool = False) -> pd.DataFrame:
     """Execute every numbered notebook with papermill; returns one row per notebook with its time.
 
-    checkpoint: the folder every notebook's `checkpoint` parameter gets (default: the embedded data/mini).
-    out: where the executed notebooks and per-notebook outputs go. figures_dir: where figures are saved
-    (default: out/figures). in_place: also copy each executed notebook back over its source (what
-    `make demo` does to refresh the committed outputs).
+    Only what is given overrides a notebook's own defaults (the embedded data/mini, figures/ and
+    out/notebooks, relative to notebooks/): checkpoint -> `checkpoint`, figures_dir -> `figures_dir`,
+    out -> `out_dir` (also where the executed notebooks go; default out/notebooks). in_place: copy each
+    executed notebook over its source, without papermill's timing metadata (refreshes the committed
+    outputs; only with default parameters, so no machine-specific paths get committed).
     """
     import papermill as pm
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    figures = Path(figures_dir).resolve() if figures_dir else out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
     params = dict(parameters or {})
     if checkpoint is not None:
         params["checkpoint"] = str(Path(checkpoint).resolve())
-    params.setdefault("figures_dir", str(figures))
-    params.setdefault("out_dir", str(out))
+    if figures_dir is not None:
+        params["figures_dir"] = str(Path(figures_dir).resolve())
+    if out is not None:
+        params["out_dir"] = str(Path(out).resolve())
+    if in_place and params:
+        raise InputError(f"in-place refreshes the committed notebooks with their default parameters only; "
+                         f"got {sorted(params)}")
+    dest_dir = Path(out).resolve() if out is not None else REPO / "out" / "notebooks"
+    dest_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for nb in notebook_paths(Path(notebooks_dir), names):
         t0 = time.perf_counter()
-        dest = out / nb.name
+        dest = dest_dir / nb.name
         try:
             pm.execute_notebook(str(nb), str(dest), parameters=params, kernel_name=kernel,
                                 cwd=str(nb.parent), progress_bar=progress)
@@ -62,8 +65,19 @@ def run_notebooks(checkpoint: str | Path | None = None, out: str | Path = "out/n
                                 f"(executed notebook: {dest})") from None
         rows.append(dict(notebook=nb.name, seconds=round(time.perf_counter() - t0, 1), output=str(dest)))
         if in_place:
-            shutil.copyfile(dest, nb)
+            write_clean(dest, nb)
     return pd.DataFrame(rows)
+
+
+def write_clean(executed: Path, target: Path) -> None:
+    """Copy an executed notebook without papermill's per-run metadata (times, durations, paths)."""
+    import nbformat
+    nb = nbformat.read(str(executed), as_version=4)
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    nbformat.write(nb, str(target))
 
 
 def open_checked(checkpoint: str | Path):
