@@ -43,10 +43,14 @@ def lab_root(tmp_path_factory) -> Path:
     from q3lab.synth import synth
     root = tmp_path_factory.mktemp("lab")
     synth(root / "ckpt", "tiny", seed=0, progress=False)
-    # Prompts in the embedded set's format; the synthetic tokenizer encodes any text.
-    prompts = [{"prompt": "The capital of France is", "expected": " Paris"},
-               {"prompt": "12 + 30 =", "expected": " 42"},
-               {"prompt": "def main(", "expected": ")"}]
+    # Prompts in the embedded sets' format (facts: expected; domains: domain), two per domain so that 05's
+    # per-domain statistics have more than one prompt each; the synthetic tokenizer encodes any text.
+    prompts = [{"prompt": "The capital of France is", "expected": " Paris", "domain": "facts"},
+               {"prompt": "The capital of Italy is", "expected": " Rome", "domain": "facts"},
+               {"prompt": "12 + 30 =", "expected": " 42", "domain": "math"},
+               {"prompt": "7 * 6 =", "expected": " 42", "domain": "math"},
+               {"prompt": "def main(", "expected": ")", "domain": "code"},
+               {"prompt": "import os\nprint(", "expected": "os", "domain": "code"}]
     (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     (root / "notebooks").mkdir()
     return root

@@ -68,7 +68,7 @@ def set_parameters(src: Path, dest: Path, values: dict[str, object]) -> Path:
 def notebook_parameters(root: Path, **extra) -> dict:
     """Parameter values pointing a notebook copy at the synthetic checkpoint and prompts in `root`."""
     return dict(checkpoint=str(root / "ckpt"), prompts=str(root / "prompts.jsonl"),
-                figures_dir=str(root / "figures"), out_dir=str(root / "out"), max_prompts=3, **extra)
+                figures_dir=str(root / "figures"), out_dir=str(root / "out"), max_prompts=6, **extra)
 
 
 # ------------------------------------------------------------------------------------------------- server
@@ -146,7 +146,7 @@ class LabServer:
                 continue
 
 
-def start_lab(root: Path, state: Path, log: Path, timeout: float = 90) -> LabServer:
+def start_lab(root: Path, state: Path, log: Path, timeout: float = 120) -> LabServer:
     """Start `jupyter lab` on 127.0.0.1 serving `root`; returns once /api/status answers (bounded by timeout).
 
     `state` holds a fresh Jupyter config/data/runtime and JupyterLab settings/workspaces, so the user's own
@@ -241,7 +241,7 @@ def _wait_state(page, panel, condition: str, what: str, timeout: float) -> dict:
     return state
 
 
-def open_notebook(page, server: LabServer, name: str, timeout: float = 60):
+def open_notebook(page, server: LabServer, name: str, timeout: float = 120):
     """Open notebook `name` in JupyterLab and wait until its kernel is idle; returns the panel's locator."""
     page.goto(server.url(name, workspace=f"e2e-{secrets.token_hex(4)}"))
     panel = page.locator(".jp-NotebookPanel")
