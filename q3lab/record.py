@@ -111,7 +111,7 @@ class Recorder:
             if call is None:
                 raise InputError(f"record: layer {layer} routed tokens outside a forward call of the recorded "
                                  f"Thinker (call the model itself, not its layers)")
-            getattr(call, what)[layer] = out.detach()
+            getattr(call, what)[layer] = out.detach() if out.requires_grad else out
         return hook
 
     def _on_call(self, module, args, kwargs) -> None:
