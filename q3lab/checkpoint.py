@@ -73,7 +73,7 @@ class Checkpoint:
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise CheckpointError(f"{idx}: no weight_map of tensor name -> shard file")
             for shard in sorted(set(wm.values())):
-                if "/" in shard or shard.startswith("."):
+                if not shard or "/" in shard or shard.startswith("."):
                     raise CheckpointError(f"{idx}: shard name {shard!r} is not a plain file name")
             return dict(wm)
         single = self.path / SINGLE

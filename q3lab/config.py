@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,9 @@ from typing import Any
 from .errors import CheckpointError
 
 COMPONENTS = ("thinker_text", "audio_tower", "visual", "talker", "code2wav", "other")
+# The real thinker text model has 18,531 tensors. A config implying more than this is corrupt, and listing its
+# tensors (the audit does) would exhaust memory instead of failing.
+MAX_TENSORS = 1 << 20
 
 
 @dataclass
@@ -32,6 +36,18 @@ class ThinkerConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings")
+        bad = [f"{k} {getattr(self, k)}" for k in sizes if getattr(self, k) < 1]
+        bad += [f"{k} {getattr(self, k)}" for k in ("rms_norm_eps", "rope_theta") if not 0 < getattr(self, k) < math.inf]
+        if len(self.mrope_section) != 3 or min(self.mrope_section) < 0:
+            bad.append(f"mrope_section {self.mrope_section} (expected 3 sizes >= 0)")
+        if bad:  # checked first: a zero head count would divide by zero below
+            raise CheckpointError("invalid thinker text config: not positive: " + ", ".join(bad))
+        count = 3 + self.num_hidden_layers * (9 + 3 * self.num_experts)
+        if count > MAX_TENSORS:
+            raise CheckpointError(f"invalid thinker text config: {self.num_hidden_layers} layers of {self.num_experts} "
+                                  f"experts imply {count:,} tensors, more than the {MAX_TENSORS:,} q3lab accepts")
         problems = []
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -64,12 +80,16 @@ class ThinkerConfig:
         missing = [k for k in required if k not in text]
         if missing:
             raise CheckpointError(f"{where}: thinker text config lacks {', '.join(missing)}")
-        rope = dict(text.get("rope_scaling") or {})
-        rope.update(text.get("rope_parameters") or {})
-        theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
-        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-        section = list(rope.get("mrope_section") or [head_dim // 2, 0, 0])
-        interleaved = bool(rope.get("mrope_interleaved", rope.get("interleaved", True)))
+        try:
+            rope = dict(text.get("rope_scaling") or {})
+            rope.update(text.get("rope_parameters") or {})
+            theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
+            head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+            section = list(rope.get("mrope_section") or [head_dim // 2, 0, 0])
+            interleaved = bool(rope.get("mrope_interleaved", rope.get("interleaved", True)))
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{where}: malformed rope_scaling or head_dim in the thinker text config: "
+                                  f"{type(e).__name__}: {e}") from None
         if text.get("mlp_only_layers") or text.get("decoder_sparse_step", 1) != 1:
             raise CheckpointError(f"{where}: dense (mlp_only) layers are not supported: "
                                   f"mlp_only_layers={text.get('mlp_only_layers')}, "
@@ -92,7 +112,7 @@ class ThinkerConfig:
                 max_position_embeddings=int(text.get("max_position_embeddings", 65536)),
                 tie_word_embeddings=bool(tie), hidden_act=text.get("hidden_act", "silu"),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise CheckpointError(f"{where}: malformed thinker text config: {e}") from None
 
     @classmethod

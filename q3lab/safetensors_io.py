@@ -60,6 +60,8 @@ class SafetensorsFile:
         self.path = Path(path)
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: shard file not found")
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: not a regular file (expected a .safetensors shard)")
         self.size = self.path.stat().st_size
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict = {}
@@ -89,11 +91,15 @@ class SafetensorsFile:
         spans = []
         for name, info in header.items():
             try:
-                dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-                b, e = int(b), int(e)
-            except (KeyError, TypeError, ValueError):
+                dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            except (KeyError, TypeError):
+                dtype, shape, offsets = None, None, None
+            # JSON integers only: int() would silently turn 6.4 or true into a size
+            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                    and all(type(x) is int for x in [*shape, *offsets])):
                 self._fail(f"corrupt header: malformed entry for tensor {name!r}: {str(info)[:120]}")
-            if dtype not in DTYPES:
+            shape, (b, e) = tuple(shape), offsets
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
             if any(s < 0 for s in shape) or b < 0 or e < b:
                 self._fail(f"corrupt header: tensor {name!r} has invalid shape {shape} or offsets [{b}, {e}]")
@@ -112,6 +118,16 @@ class SafetensorsFile:
         for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 self._fail(f"corrupt header: tensors {n0!r} and {n1!r} overlap")
+        # The format indexes the whole data area without holes (the safetensors library refuses anything else).
+        # Bytes no tensor claims mean a wrong header length, offset or file size: every read would be shifted.
+        pos = 0
+        for b, e, name in spans:
+            if b != pos:
+                self._fail(f"corrupt header: bytes [{pos}, {b}) of the data before tensor {name!r} belong to no tensor")
+            pos = e
+        if pos != data_len:
+            self._fail(f"corrupt header: the tensors cover {pos} bytes of data, but the file has {data_len} after "
+                       f"the header (header length, offsets or file size wrong)")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
