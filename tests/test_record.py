@@ -261,3 +261,13 @@ def test_cli_trace_writes_a_trace_equal_to_recording_directly(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt key"}\n')
     assert main(["trace", str(ckpt), "--prompts", str(bad), "--out", str(out), "--no-progress"]) == 2
+
+
+def test_q3lab_record_is_callable_even_after_importing_the_submodule(pair):
+    import importlib
+    _, ours = pair
+    mod = importlib.import_module("q3lab.record")        # what `from q3lab.record import ...` leaves behind
+    for rec_fn in (mod, q3lab.record):
+        with rec_fn(ours, prompt="x") as rec:
+            ours(_ids((1, 2)))
+        assert rec.to_frame()["prompt"].unique().tolist() == ["x"]
