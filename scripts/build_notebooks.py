@@ -19,7 +19,8 @@ out_dir = "../out/notebooks"
 max_prompts = 24
 interactive = False                          # True in JupyterLab for the widgets'''
 
-SETUP = '''from pathlib import Path
+SETUP = '''%matplotlib inline
+from pathlib import Path
 import torch
 import pandas as pd
 import q3lab
