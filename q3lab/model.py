@@ -341,6 +341,12 @@ class Thinker(nn.Module):
         mask = attention_mask.to(self.device).bool() if attention_mask is not None else None
         next_pos = None
         if mask is not None:
+            if mask.shape != (B, T):
+                raise InputError(f"attention_mask must be [batch, tokens] = [{B}, {T}], got {list(mask.shape)}")
+            if not bool(mask[:, -1].all()):  # the next token would be predicted from a pad: garbage, silently
+                rows = (~mask[:, -1]).nonzero().flatten().tolist()
+                raise InputError(f"attention_mask: row(s) {rows} end in padding; generate needs left padding "
+                                 f"(pad before the prompt, real tokens last)")
             next_pos = mask.long().sum(-1)                                           # [B]
             full = torch.ones(B, total, dtype=torch.bool, device=self.device)
             full[:, :T] = mask
