@@ -34,3 +34,9 @@ def __dir__():
 
 
 __all__ = list(_EXPORTS)
+
+# These functions share their module's name. Importing the submodule (`import q3lab.extract`) sets the
+# package attribute to the module, and __getattr__ is then never asked: bind the functions eagerly instead.
+from .extract import extract  # noqa: E402
+from .record import record  # noqa: E402
+from .synth import synth  # noqa: E402

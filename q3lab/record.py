@@ -13,8 +13,6 @@ whose cache already holds tokens continues the prompts of the call that filled t
 from __future__ import annotations
 
 import json
-import sys
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,14 +424,3 @@ def trace_prompts(model, tokenizer, items: list[dict[str, Any]], *, max_new_toke
         bar.close()
     return rec
 
-
-class _CallableModule(types.ModuleType):
-    """`q3lab.record(model)` must work even when `q3lab.record` is this module: importing the submodule
-    (`import q3lab.record`, `from q3lab.record import ...`) sets the package attribute to the module, which would
-    shadow the lazily exported function of the same name."""
-
-    def __call__(self, model, **kwargs):
-        return record(model, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

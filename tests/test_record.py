@@ -263,11 +263,12 @@ def test_cli_trace_writes_a_trace_equal_to_recording_directly(tmp_path):
     assert main(["trace", str(ckpt), "--prompts", str(bad), "--out", str(out), "--no-progress"]) == 2
 
 
-def test_q3lab_record_is_callable_even_after_importing_the_submodule(pair):
+def test_package_functions_survive_importing_their_submodules(pair):
     import importlib
+    for name in ("record", "extract", "synth"):
+        mod = importlib.import_module(f"q3lab.{name}")      # what `from q3lab.record import ...` does
+        assert getattr(q3lab, name) is getattr(mod, name)     # the function, not its module
     _, ours = pair
-    mod = importlib.import_module("q3lab.record")        # what `from q3lab.record import ...` leaves behind
-    for rec_fn in (mod, q3lab.record):
-        with rec_fn(ours, prompt="x") as rec:
-            ours(_ids((1, 2)))
-        assert rec.to_frame()["prompt"].unique().tolist() == ["x"]
+    with q3lab.record(ours, prompt="x") as rec:
+        ours(_ids((1, 2)))
+    assert rec.to_frame()["prompt"].unique().tolist() == ["x"]
