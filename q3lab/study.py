@@ -98,18 +98,11 @@ def lens_ranks(model: Thinker, tokenizer, items: list[dict]) -> pd.DataFrame:
 
 
 def trace_prompts(model: Thinker, tokenizer, items: list[dict], max_new_tokens: int = 0) -> pd.DataFrame:
-    """Record routing of every prompt (prompt id = its index, `domain` label when given), generating
+    """The routing trace of every prompt (prompt id = its index, `domain` label when given), generating
     `max_new_tokens` greedily after each so that decode steps are in the trace too."""
-    from .record import record
-    with record(model) as rec:
-        for n, item in enumerate(items):
-            rec.set_prompt(n, domain=item.get("domain"))
-            ids = torch.tensor([tokenizer.encode(item["prompt"])], device=model.device)
-            if max_new_tokens:
-                model.generate(ids, max_new_tokens)
-            else:
-                with torch.no_grad():
-                    model(ids)
+    from .record import trace_prompts as record_prompts
+    rec = record_prompts(model, tokenizer, [{**item, "id": n} for n, item in enumerate(items)],
+                         max_new_tokens=max_new_tokens, progress=False)
     frame = rec.to_frame()
     if "domain" not in frame.columns:   # no prompt had a label: keep the column, empty
         frame["domain"] = pd.Series([None] * len(frame), dtype=object)
