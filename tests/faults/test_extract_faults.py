@@ -322,7 +322,7 @@ def test_flipped_byte_in_checkpoint_data_is_invisible_to_the_audit(tiny_ckpt, tm
     (dict(layers=2), "holds a store of a different model"),
     (dict(seed=1), "differs from it"),
     (None, "holds a bf16 store, you asked for fp32"),
-])
+], ids=["other_architecture", "same_architecture_other_weights", "other_dtype"])
 def test_extraction_into_another_models_store_is_refused(other, why, tiny_ckpt, tiny_store, make_ckpt, tmp_path,
                                                         capsys):
     out = copy_ckpt(tiny_store, tmp_path / "out")

@@ -103,7 +103,7 @@ def test_padding_that_generate_cannot_honour_is_refused(model):
     (dict(capacity="40KB"), "40,000 bytes in all = 1 experts of 24,576 bytes (float32) cannot hold"),
     (dict(capacity=3, pinned=[(0, 0), (1, 1)]), f"minus 2 pinned cannot hold one layer's top-k: the router picks "
                                                 f"{TOP_K} experts per token, so at least {TOP_K + 2} are needed"),
-])
+], ids=["count", "count_per_layer", "bytes", "pinned"])
 def test_cache_smaller_than_top_k_is_refused(store, kwargs, says):
     with pytest.raises(InputError) as e:
         q3lab.load(store, experts=ExpertCache(**kwargs))
@@ -172,7 +172,7 @@ def _other_config(out, m):
 
 
 @pytest.mark.parametrize("edit", [_drop_tensor, _wrong_size, _wrong_shape, _missing_file, _swapped_files,
-                                  _other_config])
+                                  _other_config], ids=lambda f: f.__name__.strip("_"))
 def test_store_whose_manifest_and_files_disagree(store, tmp_path, capsys, edit):
     out = copy_ckpt(store, tmp_path / "store")
     m = json.loads((out / MANIFEST).read_text())
@@ -197,7 +197,7 @@ def test_store_whose_manifest_and_files_disagree(store, tmp_path, capsys, edit):
     (["--prompt", "route", "--expert-cache", "1"], f"so at least {TOP_K} are needed"),
     (["--prompt", "route", "--expert-cache", "lots"], "cannot read 'lots' as a size in bytes"),
     (["--prompt", "route", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
-])
+], ids=["empty_prompt", "too_long", "cache_below_top_k", "unreadable_size", "negative_new_tokens"])
 def test_cli_generate_bad_requests_exit_2_with_one_line(store, capsys, argv, says):
     rc, out, err = cli(capsys, "generate", store, *argv)
     assert rc == 2 and out == "" and says in err and err.count("\n") == 1, err
