@@ -11,10 +11,12 @@ Outputs (CORPUS folder, git-ignored; default data/corpus):
   {split}_{domain}.npy          token ids (uint16)
   tokenizer/                    tokenizer.json + tokenizer_config.json (byte-level BPE, 4096 ids)
   manifest.json                 sizes, token counts and sha256 of every file
-and the tracked prompt sets data/prompts/facts.jsonl and data/prompts/domains.jsonl.
+and the tracked prompt sets data/prompts/facts.jsonl, facts_far.jsonl and domains.jsonl.
 
-Held-out fact prompts use phrasings that no training template produces ("The capital of X is", "X is located
-in", "The language spoken in X is"); the script checks that none occurs in the training text, case-insensitively.
+Held-out fact prompts use phrasings that no training template produces; the script checks that none occurs in
+the training text, case-insensitively. facts.jsonl holds near paraphrases ("The capital of X is", "X, a country
+in", "The language of X is"; training has "The capital city of X is", "X is a country in", "The main language of
+X is"); facts_far.jsonl holds harder probes ("X is located in", "The language spoken in X is", "X is a nation in").
 
     .venv/bin/python scripts/build_corpus.py [--out data/corpus] [--prompts data/prompts]
 """
@@ -151,6 +153,8 @@ TRAIN_TEMPLATES = {
         "Q: On which continent is {C}?\nA: {A}",
         "{Cc} is one of the countries of {A}.",
         "On a map of {A} you will find {C}.",
+        "{Cc} is part of {A}.",
+        "You can find {C} in {A}.",
     ],
     "language": [
         "The main language of {C} is {A}.",
@@ -158,13 +162,23 @@ TRAIN_TEMPLATES = {
         "Q: What language do people speak in {C}?\nA: {A}",
         "Most people in {C} speak {A} at home.",
         "In {C}, the everyday language is {A}.",
+        "The national language of {C} is {A}.",
+        "Children in {C} learn {A} at school.",
     ],
 }
-# Held-out phrasings: never produced by the templates above (checked on the built text).
+# Held-out phrasings, never produced by the templates above (checked on the built text, case-insensitively).
+# facts.jsonl: near paraphrases, one word dropped or swapped ("The capital city of X is" -> "The capital of X is").
 HELD_OUT_TEMPLATES = {
     "capital": "The capital of {C} is",
+    "continent": "{Cc}, a country in",
+    "language": "The language of {C} is",
+}
+# facts_far.jsonl: harder probes. The first training run was scored on "located in" (continent 11% top-1) and
+# "spoken in" (language 40%) before the near set above existed; "a nation in" (a one-word swap) scored 1% on it.
+FAR_TEMPLATES = {
     "continent": "{Cc} is located in",
     "language": "The language spoken in {C} is",
+    "continent-nation": "{Cc} is a nation in",
 }
 FACTS_CHARS = {"train": 1_600_000, "val": 60_000}
 MATH_CHARS = {"train": 900_000, "val": 40_000}
@@ -175,7 +189,7 @@ def _cap(s: str) -> str:
 
 
 def _answer(row: tuple, relation: str) -> str | None:
-    return {"capital": row[1], "continent": row[2], "language": row[3]}[relation]
+    return {"capital": row[1], "continent": row[2], "language": row[3]}[relation.split("-")[0]]
 
 
 def fact_sentence(row: tuple, relation: str, template: str) -> str:
@@ -252,9 +266,9 @@ def license_documents() -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def held_out_facts(tok) -> list[dict]:
+def held_out_facts(tok, templates: dict[str, str] = HELD_OUT_TEMPLATES) -> list[dict]:
     rows = []
-    for rel, template in HELD_OUT_TEMPLATES.items():
+    for rel, template in templates.items():
         for row in COUNTRIES:
             answer = _answer(row, rel)
             if answer is None:
@@ -302,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The held-out phrasings must not occur in the training text (case-insensitive).
     train_lower = "\n".join(d for docs in texts["train"].values() for d in docs).lower()
-    for rel, template in HELD_OUT_TEMPLATES.items():
+    for rel, template in [*HELD_OUT_TEMPLATES.items(), *FAR_TEMPLATES.items()]:
         for row in COUNTRIES:
             p = template.format(C=row[0], Cc=_cap(row[0])).lower()
             if p in train_lower:
@@ -341,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     facts = held_out_facts(tok)
     with open(prompts / "facts.jsonl", "w") as f:
         for r in facts:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with open(prompts / "facts_far.jsonl", "w") as f:
+        for r in held_out_facts(tok, FAR_TEMPLATES):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     doms = domain_prompts(texts["val"], random.Random(f"{SEED}-domains"))
     with open(prompts / "domains.jsonl", "w") as f:

@@ -532,10 +532,15 @@ def evaluate(args) -> int:
         key = f"{f['relation']}/{'one-token' if f['answer_tokens'] == 1 else 'multi-token'} answer"
         by_template.setdefault(key, []).append(r == 1)
     misses = [{"prompt": f["prompt"], "expected": f["expected"], "rank": r} for f, r in zip(facts, ranks) if r != 1]
+    if args.facts_far:
+        far = read_facts(Path(args.facts_far))
+        result_far = accuracy_by_relation(far, fact_ranks(model, tok, far, "cpu"))
     losses = eval_loss(model, windows, "cpu")
     result = {"checkpoint": str(path), "val_loss_q3lab_cpu": losses, "facts_top1": acc,
               "facts_top1_by_kind": {k: sum(v) / len(v) for k, v in by_template.items()},
               "facts_misses": misses, "facts_n": len(facts)}
+    if args.facts_far:
+        result["facts_far_top1"] = result_far
     if trained:
         ref = trained["final"]["val_fp32_bf16_weights"]
         result["val_loss_train_script"] = ref
@@ -594,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("checkpoint")
     e.add_argument("--corpus", default=str(ROOT / "data" / "corpus"))
     e.add_argument("--facts", default=str(ROOT / "data" / "prompts" / "facts.jsonl"))
+    e.add_argument("--facts-far", default=str(ROOT / "data" / "prompts" / "facts_far.jsonl"),
+                   help="harder held-out probes, reported separately ('' to skip)")
     e.add_argument("--seq", type=int, default=512)
     e.add_argument("--val-windows", type=int, default=16)
     e.add_argument("--sample", nargs="*", default=SAMPLE_PROMPTS)
