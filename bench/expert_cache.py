@@ -3,8 +3,8 @@
     .venv/bin/python bench/expert_cache.py [--preset medium --layers 2] [--capacities 8,16,32,64] [--repeats 3]
         [--per-layer] [--dtype bf16|fp32] [--checkpoint DIR] [--no-write]
 
-Defaults took 1 minute on 2 CPU cores (3 minutes while other jobs ran) (the synthetic checkpoint, 427 MB, is written once to
-out/bench/ and reused).
+Defaults took 1 minute on 2 CPU cores (3 minutes while other jobs ran); the synthetic checkpoint
+(427 MB) is written once to out/bench/ and reused.
 
 Part 1, speed and memory: every configuration (all experts resident, then a cache of each capacity) runs in a
 fresh subprocess, repeats interleaved (A B C A B C ...) so that load from other processes hits all of them
@@ -198,7 +198,8 @@ def table(rows: list[dict]) -> str:
 
 def write_results(path: Path, text: str) -> None:
     """Append a section: runs on other machines or with other options keep their own."""
-    head = "" if path.exists() else "# Benchmark results\n\nEach section: what ran, where, when. Newest sections are appended.\n"
+    head = "" if path.exists() else ("# Benchmark results\n\nEach section: what ran, where, when. Newest sections "
+                                     "are appended.\n")
     with open(path, "a") as f:
         f.write(head + "\n" + text.rstrip() + "\n")
 
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                  "belady": f"{h['belady']:.3f}",
                  **{f"{pol}/belady": f"{h[pol] / h['belady']:.2f}" if h["belady"] else "-" for pol in args.policies}}
                 for h in hits]
+    source = f"`{args.checkpoint}`" if args.checkpoint else f"synth preset {args.preset}, {args.layers} layers, seed 0"
     text = "\n".join([
         "## Expert cache (`bench/expert_cache.py`)",
         "",
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"    {command.strip()}",
         "",
-        f"Checkpoint: {'`' + str(args.checkpoint) + '`' if args.checkpoint else f'synth preset {args.preset}, {args.layers} layers, seed 0'}"
+        f"Checkpoint: {source}"
         f": {cfg.num_hidden_layers} layers x {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}), "
         f"model dtype {args.dtype}: {mib(eb)} MiB per expert, {mib(eb * total)} MiB of experts, {mib(dense)} MiB "
         f"of other weights. Greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; "

@@ -110,8 +110,10 @@ class ExpertCache(ExpertProvider):
     log_accesses: keep every access (t, layer, expert, router weight, hit) for `access_log()` / `trace()`.
 
     The model sees exactly the weights `ResidentExperts` would give it (the source tensors `copy_`-converted
-    to the model's device and dtype), so outputs are identical to the all-resident model for every capacity and policy. An access is one
-    (layer, expert) request per forward call: for each layer in order, its used experts in ascending order.
+    to the model's device and dtype), so outputs are identical to the all-resident model for every capacity
+    and policy. Resident experts live in one preallocated slab of `capacity` slots, so memory stays within
+    capacity x expert bytes plus a small fixed overhead. An access is one (layer, expert) request per forward
+    call: for each layer in order, its used experts in ascending order.
     When a layer's used set is larger than the cache (a long prefill with per-layer capacity), experts are
     served one at a time and may evict experts of the same set that are still to come (they then miss again).
     """
@@ -130,7 +132,8 @@ class ExpertCache(ExpertProvider):
         self._byte_cap = parse_bytes(capacity_bytes if capacity_bytes is not None else capacity) \
             if self._count_cap is None else None
         if (self._count_cap if self._count_cap is not None else self._byte_cap) <= 0:
-            raise InputError(f"ExpertCache capacity must be positive, got {capacity if capacity is not None else capacity_bytes!r}")
+            raise InputError("ExpertCache capacity must be positive, got "
+                             f"{capacity if capacity is not None else capacity_bytes!r}")
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, trace)
         self.per_layer = bool(per_layer)
         self.pinned = {(int(k[0]), int(k[1])) for k in (pinned or [])}
