@@ -4,9 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.q3lab-installed
 NBVAL_ARGS ?=
-DEMO := out/demo
 
-.PHONY: venv test demo clean e2e chromium lab
+.PHONY: venv test demo notebooks clean e2e chromium lab
 
 venv: $(STAMP)
 
@@ -18,15 +17,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev,reference]'
 	touch $(STAMP)
 
+# The unit tests, and nbval re-running every committed notebook and comparing its outputs.
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 test: venv
-	$(PY) -m pytest -q tests $(NBVAL_ARGS)
+	$(PY) -m pytest -q tests notebooks $(NBVAL) $(NBVAL_ARGS)
 
+# The main job: every notebook headless (papermill) on the embedded data/mini; executed notebooks go to
+# out/notebooks, figures to figures/. `q3lab notebooks --checkpoint PATH --out DIR` does it for any checkpoint.
 demo: venv
-	rm -rf $(DEMO)
-	$(VENV)/bin/q3lab synth $(DEMO)/ckpt --preset tiny
-	$(VENV)/bin/q3lab audit $(DEMO)/ckpt
-	$(VENV)/bin/q3lab extract $(DEMO)/ckpt $(DEMO)/store --no-progress
-	$(VENV)/bin/q3lab extract --verify $(DEMO)/store --no-progress
+	$(VENV)/bin/q3lab notebooks
+
+# Refresh the committed notebooks' outputs (after editing scripts/build_notebooks.py or the package).
+notebooks: venv
+	$(PY) scripts/build_notebooks.py
+	$(VENV)/bin/q3lab notebooks --in-place
 
 # JupyterLab in headless Chromium (tests/e2e): notebooks run, figures and widgets render. Screenshots: out/e2e/.
 CHROMIUM ?= /usr/bin/chromium

@@ -44,6 +44,19 @@ def missing_norms(model: Thinker, layers: list[int] | None = None,
 
 
 @contextmanager
+def missing_final_norm(model: Thinker) -> Iterator[str]:
+    """Replace the final norm (before lm_head) with ones; yields its name."""
+    w = model.model.norm.weight.detach().clone()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1.0)
+    try:
+        yield "model.norm.weight"
+    finally:
+        with torch.no_grad():
+            model.model.norm.weight.copy_(w)
+
+
+@contextmanager
 def _hooks(handles: list) -> Iterator[None]:
     try:
         yield

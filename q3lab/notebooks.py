@@ -117,3 +117,18 @@ def read_prompts(path: str | Path) -> list[dict]:
         else:
             items.append({"prompt": line})
     return items
+
+
+def balanced(items: list[dict], n: int, key: str = "domain") -> list[dict]:
+    """Up to n items taking turns across the values of `key` (file order within each), so that a prefix of a
+    prompt file sorted by domain still covers every domain."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(item.get(key), []).append(item)
+    out: list[dict] = []
+    queues = [list(g) for g in groups.values()]
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out

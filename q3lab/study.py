@@ -11,7 +11,7 @@ from typing import Callable, ContextManager
 import pandas as pd
 import torch
 
-from .ablations import ABLATIONS, ablate, missing_norms
+from .ablations import ABLATIONS, ablate, missing_final_norm, missing_norms
 from .model import Thinker
 from .ranking import expected_token_id, kl_divergence, rank_of
 from .rope_check import wrong_rotary
@@ -50,6 +50,7 @@ def norm_damage(model: Thinker, tokenizer, items: list[dict], layers: list[int])
                                                              ("post_attention_layernorm",)),
         "q_norm and k_norm, every layer": partial(missing_norms, model, every, ("q_norm", "k_norm")),
         "both norms, every layer": partial(missing_norms, model, every),
+        "final norm": partial(missing_final_norm, model),
     })
 
 

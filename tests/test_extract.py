@@ -71,7 +71,8 @@ def tmp_files(path: Path) -> list[Path]:
 @pytest.fixture
 def written(monkeypatch) -> list[str]:
     """The store files an extraction (re)writes, in order (those it skips are absent)."""
-    import q3lab.extract as x
+    import importlib
+    x = importlib.import_module("q3lab.extract")   # the module: `q3lab.extract` is the function
     log: list[str] = []
     real = x._write_file
 
