@@ -518,11 +518,11 @@ def test_peak_memory_is_bounded_well_below_the_checkpoint(tmp_path):
     # reset the high-water mark (Linux: clear_refs 5) after the imports, then read VmHWM.
     code = (
         "import re, sys\n"
-        "import torch, pandas, tqdm, q3lab.extract as x\n"
+        "import torch, pandas, tqdm, q3lab\n"
         "kb = lambda k: int(re.search(k + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "base = kb('VmRSS')\n"
-        "x.extract(sys.argv[1], sys.argv[2], dtype='fp16', progress=False)\n"
+        "q3lab.extract(sys.argv[1], sys.argv[2], dtype='fp16', progress=False)\n"
         "print(base, kb('VmHWM'))\n")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck"), str(tmp_path / "st")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
