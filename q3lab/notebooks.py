@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import InputError, Q3LabError
+from .record import read_prompts  # noqa: F401  (notebooks read prompt files through here)
 
 
 class NotebookError(Q3LabError):
@@ -97,26 +98,6 @@ def open_checked(checkpoint: str | Path):
     if not report.ok:
         raise CheckpointError(f"audit of {path} failed:\n{report.summary()}")
     return ckpt
-
-
-def read_prompts(path: str | Path) -> list[dict]:
-    """A prompt file: JSONL with at least `prompt` (and `expected`, `domain` where used), or one prompt a line."""
-    import json
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"prompt file {path} not found")
-    items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                items.append(json.loads(line))
-            except ValueError as e:
-                raise InputError(f"{path}:{n}: invalid JSON: {e}") from None
-        else:
-            items.append({"prompt": line})
-    return items
 
 
 def balanced(items: list[dict], n: int, key: str = "domain") -> list[dict]:

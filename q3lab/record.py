@@ -371,7 +371,8 @@ def _check_trace(frame: pd.DataFrame, where: str) -> None:
 
 # -- tracing a file of prompts (the `q3lab trace` command) ----------------------------------------------
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Prompts from a file: `.jsonl` (objects with `prompt`, optional `domain` and `id`), else one per line.
+    """Prompts from a file: `.jsonl` (objects with `prompt`, optional `domain`, `id`, `expected` and any other
+    fields, kept), else one per line.
 
     Blank lines are skipped; each prompt's id is `id` when given, else its 0-based index among the prompts.
     """
@@ -390,8 +391,7 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
                 raise InputError(f"{path}:{n}: not a JSON object: {e}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise InputError(f"{path}:{n}: expected an object with a string 'prompt', got {line[:80]!r}")
-            items.append({"id": obj.get("id", len(items)), "prompt": obj["prompt"], "domain": obj.get("domain"),
-                          "line": n})
+            items.append({**obj, "id": obj.get("id", len(items)), "domain": obj.get("domain"), "line": n})
         else:
             items.append({"id": len(items), "prompt": line, "domain": None, "line": n})
     if not items:

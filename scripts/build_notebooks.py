@@ -42,7 +42,7 @@ LOAD_MODEL = '''model = q3lab.load(src, dtype=getattr(torch, dtype),
                    experts=q3lab.ExpertCache(expert_cache) if expert_cache else None)
 tok = q3lab.load_tokenizer(src.path)
 items = nbk.read_prompts(prompts)[:max_prompts]
-print(len(items), "prompts; e.g.", items[0])'''
+print(len(items), "prompts; e.g.", repr(items[0]["prompt"]))'''
 
 NOTEBOOKS = {
     "01_extraction": [
