@@ -141,6 +141,8 @@ class Experts(nn.Module):
     def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """h [N, D]; idx, w [N, A] -> [N, D]: each token's weighted sum of its experts' outputs."""
         N, A = idx.shape
+        if N == 1:
+            return self._one_token(h, idx, w)
         flat = idx.reshape(-1)                                         # [N*A]
         order = torch.argsort(flat, stable=True)                       # slots grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
@@ -159,6 +161,17 @@ class Experts(nn.Module):
             x = h[tok]                                                 # [c, D]
             y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)  # [c, D]
             out.index_add_(0, tok, y * w_flat[slots, None])
+        return out
+
+    def _one_token(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Decode step (one token): the same sums in the same order (ascending expert id), without the
+        sort/count/gather machinery that only pays off when experts serve several tokens."""
+        order = sorted(zip(idx[0].tolist(), range(idx.shape[1])))       # (expert, rank), ascending expert
+        self.provider.prepare(self.layer_idx, [e for e, _ in order])
+        out = torch.zeros_like(h)
+        for e, r in order:
+            gate, up, down = self.provider.weights(self.layer_idx, e)
+            out += F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down) * w[0, r]
         return out
 
 
