@@ -71,14 +71,10 @@ def load_reference(source, dtype: torch.dtype = torch.float32) -> ReferenceThink
     return ReferenceThinker(text.eval(), lm_head.eval())
 
 
-def load_reference_generator(source, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """transformers' `Qwen3OmniMoeThinkerForConditionalGeneration` (tiny unused audio/vision towers) holding
-    the same text weights, so that its own `.generate` can be timed and compared with ours."""
+def build_reference_generator(cfg: ThinkerConfig, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """transformers' `Qwen3OmniMoeThinkerForConditionalGeneration` for a text config, with tiny unused
+    audio/vision towers and UNINITIALISED weights on `device` (the rotary buffer is set): fill it yourself."""
     from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
-    if not hasattr(source, "expert"):
-        from .weights import open_weights
-        source = open_weights(source)
-    cfg = source.config
     text = hf_text_config(cfg).to_dict()
     D, V = cfg.hidden_size, cfg.vocab_size
     audio = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
@@ -93,8 +89,60 @@ def load_reference_generator(source, dtype: torch.dtype = torch.float32, device:
     with torch.device("meta"):
         model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_cfg)
     model = model.to_empty(device=device).to(dtype)
+    model.model.language_model.rotary_emb.inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device) / cfg.head_dim))
+    return model.eval()
+
+
+def load_reference_generator(source, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """transformers' `Qwen3OmniMoeThinkerForConditionalGeneration` (tiny unused audio/vision towers) holding
+    the same text weights, so that its own `.generate` can be timed and compared with ours."""
+    if not hasattr(source, "expert"):
+        from .weights import open_weights
+        source = open_weights(source)
+    model = build_reference_generator(source.config, dtype=dtype, device=device)
     ref = load_reference(source, dtype=dtype)
     model.model.language_model.load_state_dict(ref.text_model.state_dict(), strict=False)
     model.model.language_model.rotary_emb.inv_freq = ref.text_model.rotary_emb.inv_freq.to(device)
     model.lm_head.weight.data.copy_(ref.lm_head.weight)
+    return model.eval()
+
+
+class _ViewExperts:
+    """An expert provider over transformers' fused per-layer tensors (gate_up_proj [E, 2I, D], down_proj
+    [E, D, I]): gate/up/down are per-layer views, nothing is copied."""
+
+    def __init__(self, layers, I: int):
+        self.gate = [ly.mlp.experts.gate_up_proj[:, :I] for ly in layers]     # [E, I, D] each
+        self.up = [ly.mlp.experts.gate_up_proj[:, I:] for ly in layers]
+        self.down = [ly.mlp.experts.down_proj for ly in layers]                # [E, D, I] each
+
+    def attach(self, model) -> None:
+        pass
+
+    def prepare(self, layer: int, experts: list[int]) -> None:
+        pass
+
+    def weights(self, layer: int, e: int):
+        return self.gate[layer][e], self.up[layer][e], self.down[layer][e]
+
+
+def thinker_sharing_weights(hf_model, cfg: ThinkerConfig):
+    """A q3lab `Thinker` whose parameters ARE the tensors of a transformers thinker (no copy): both models then
+    run on identical weights in one device's memory, e.g. the full 30B dimensions on one GPU for a benchmark."""
+    from .model import Thinker, rope_inv_freq
+    lm = hf_model.model.language_model
+    dev = hf_model.lm_head.weight.device
+    with torch.device("meta"):
+        model = Thinker(cfg)
+    theirs = dict(lm.named_parameters())
+    for name, _ in list(model.named_parameters()):
+        if name == "lm_head.weight":
+            t = hf_model.lm_head.weight
+        else:
+            t = theirs[name[len("model."):]]
+        mod_name, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(mod_name), attr, torch.nn.Parameter(t, requires_grad=False))
+    model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(dev)
+    model.set_experts(_ViewExperts(lm.layers, cfg.moe_intermediate_size))
     return model.eval()

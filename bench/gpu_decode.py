@@ -1,0 +1,326 @@
+"""q3lab vs transformers' Qwen3-Omni thinker on one GPU at the real dimensions: decode tokens/s, the floor, and
+experts offloaded to pinned host memory with a GPU expert cache.
+
+    python bench/gpu_decode.py [--layers 48] [--prompt 32] [--new-tokens 64] [--cache-fraction 0.32]
+
+Weights: random bf16 (std 0.02, norms 1) made on the GPU at the full thinker dimensions (hidden 2048, 48 layers,
+128 experts x 768, 32/4 heads of 128, vocab 152,064: about 61 GB), held ONCE by transformers'
+`Qwen3OmniMoeThinkerForConditionalGeneration`; q3lab's Thinker shares those very tensors
+(`q3lab.reference.thinker_sharing_weights`), so both run on identical weights, dtype and device.
+
+Rows (all measured in this run, on this card):
+- floor: bytes one decode token must read (attention + router + norms of every layer, the top-k experts, the
+  lm_head) over the device-to-device bandwidth measured here (read + write bytes / time of a large copy);
+- transformers `generate` (its default experts implementation, printed) and q3lab's eager `Thinker.generate`;
+- q3lab `StaticDecoder`: the decode step with routing on the device, captured in a CUDA graph;
+- q3lab `OffloadedDecoder`: experts in pinned host memory, a `DeviceExpertCache` holding --cache-fraction of
+  them on the GPU (LRU); its tokens and KV cache are checked bit-equal to the StaticDecoder's.
+Decode time per token = (time of generate(N) - time of generate(1)) / (N - 1), medians over --repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from q3lab.fastdecode import DeviceExpertCache, OffloadedDecoder, StaticDecoder  # noqa: E402
+from q3lab.reference import build_reference_generator, thinker_sharing_weights  # noqa: E402
+from q3lab.synth import preset_config  # noqa: E402
+
+GB = 1e9
+DEV = "cuda"
+PIN = True
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def sync_time(fn) -> float:
+    _sync()
+    t = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t
+
+
+def copy_bandwidth(nbytes: int = 4 * 2**30, repeats: int = 10) -> float:
+    """Device-to-device copy, bytes read + written per second (the read bandwidth a GEMV can hope for)."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEV).normal_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    ts = [sync_time(lambda: b.copy_(a)) for _ in range(repeats)]
+    del a, b
+    return 2 * nbytes / statistics.median(ts)
+
+
+def h2d_bandwidth(chunk: int, total: int = 2 * 2**30) -> float:
+    """Pinned host -> device copies of `chunk` bytes each, back to back on one stream."""
+    n = total // chunk
+    host = torch.empty(n, chunk // 2, dtype=torch.bfloat16, pin_memory=PIN).normal_()
+    dev = torch.empty(n, chunk // 2, dtype=torch.bfloat16, device=DEV)
+    for i in range(n):
+        dev[i].copy_(host[i], non_blocking=True)
+
+    def run():
+        for i in range(n):
+            dev[i].copy_(host[i], non_blocking=True)
+    t = statistics.median(sync_time(run) for _ in range(5))
+    del host, dev
+    return n * chunk / t
+
+
+def kernel_check(cfg, layers: int = 8) -> dict:
+    """The fused one-token MoE against its torch arithmetic (fresh random inputs), and its read bandwidth over
+    `layers` different weight sets (so the 50 MB L2 cannot serve repeats)."""
+    from q3lab.moe_kernels import moe_one_token_torch, moe_one_token_triton
+    E, I, D, A = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size, cfg.num_experts_per_tok
+    g = torch.Generator(device=DEV).manual_seed(1)
+    gu = [torch.randn(E, 2 * I, D, device=DEV, generator=g).mul_(0.02).bfloat16() for _ in range(layers)]
+    dn = [torch.randn(E, D, I, device=DEV, generator=g).mul_(0.02).bfloat16() for _ in range(layers)]
+    errs = []
+    for i in range(layers):
+        x = torch.randn(D, device=DEV, generator=g).bfloat16()
+        ids = torch.randperm(E, device=DEV, generator=g)[:A]
+        w = torch.softmax(torch.randn(A, device=DEV, generator=g), 0)
+        a = moe_one_token_triton(x, ids, w, gu[i][:, :I], gu[i][:, I:], dn[i])
+        b = moe_one_token_torch(x, ids, w, gu[i][:, :I], gu[i][:, I:], dn[i])
+        errs.append(((a.float() - b.float()).norm() / b.float().norm()).item())
+    ids = torch.randperm(E, device=DEV, generator=g)[:A]
+    x = torch.randn(D, device=DEV, generator=g).bfloat16()
+
+    def run():
+        for i in range(layers):
+            moe_one_token_triton(x, ids, w, gu[i][:, :I], gu[i][:, I:], dn[i])
+    run()
+    t = statistics.median(sync_time(run) for _ in range(20)) / layers
+    nbytes = A * 3 * I * D * 2
+    del gu, dn
+    return {"rel_err_vs_torch_max": max(errs), "us_per_layer": t * 1e6, "GBps": nbytes / t / GB}
+
+
+def decode_bytes(cfg, dtype_bytes: int = 2) -> dict:
+    D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    L, E, A, I, V = cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, \
+        cfg.vocab_size
+    attn = L * (D * H * hd + 2 * D * K * hd + H * hd * D + 2 * hd + 2 * D + E * D) * dtype_bytes
+    experts = L * A * 3 * I * D * dtype_bytes
+    head = V * D * dtype_bytes + D * dtype_bytes
+    return {"attention+router+norms": attn, "experts": experts, "lm_head": head, "total": attn + experts + head}
+
+
+def fill_random(model, seed: int) -> None:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def median_decode(gen, n_new: int, repeats: int) -> tuple[float, float]:
+    """(seconds per decoded token, seconds of generate(1) i.e. prefill) from generate(N) - generate(1)."""
+    gen(1), gen(n_new)  # warm-up
+    t1 = statistics.median(sync_time(lambda: gen(1)) for _ in range(repeats))
+    tn = statistics.median(sync_time(lambda: gen(n_new)) for _ in range(repeats))
+    return (tn - t1) / (n_new - 1), t1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--offload-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache-fraction", type=float, default=0.32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--skip-offload", action="store_true")
+    ap.add_argument("--preset", default="full", help="q3lab synth preset whose dimensions to use")
+    ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
+    ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_decode.json")
+    args = ap.parse_args()
+    global DEV, PIN
+    DEV, PIN = args.device, args.device == "cuda"
+    if DEV == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/gpu_decode.py needs a CUDA GPU (or --device cpu for a smoke test)")
+    res: dict = {"args": vars(args) | {"json": str(args.json)},
+                 "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+                 "torch": torch.__version__}
+    import transformers
+    res["transformers"] = transformers.__version__
+    rows: list[dict] = []
+
+    def save():
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res | {"rows": rows}, indent=1, default=str))
+
+    log(f"# {res['gpu']}, torch {torch.__version__}, transformers {transformers.__version__}")
+    small = DEV != "cuda"
+    bw = copy_bandwidth(2**26 if small else 4 * 2**30)
+    h2d = {c: h2d_bandwidth(c, total=2**27 if small else 2 * 2**30) for c in (3 * 2**20, 64 * 2**20)}
+    res["d2d_GBps"], res["h2d_GBps"] = bw / GB, {str(k): v / GB for k, v in h2d.items()}
+    log(f"device copy {bw / GB:.0f} GB/s (read+write); pinned H2D 3 MiB chunks {h2d[3 * 2**20] / GB:.1f} GB/s, "
+        f"64 MiB {h2d[64 * 2**20] / GB:.1f} GB/s")
+
+    cfg = preset_config(args.preset, layers=args.layers)
+    if DEV == "cuda":
+        kc = kernel_check(cfg)
+        res["moe_kernel"] = kc
+        log(f"fused MoE kernel: rel. error vs torch arithmetic {kc['rel_err_vs_torch_max']:.1e}; "
+            f"{kc['us_per_layer']:.1f} us per layer = {kc['GBps']:.0f} GB/s of expert reads")
+    need = decode_bytes(cfg)
+    res["decode_bytes"] = need
+    floor = need["total"] / bw
+    log(f"one decode token reads {need['total'] / GB:.2f} GB -> floor {floor * 1e3:.2f} ms/token "
+        f"({1 / floor:.0f} tok/s)")
+    rows.append(dict(system="floor (bytes / measured copy bandwidth)", ms_per_token=floor * 1e3, tok_s=1 / floor))
+
+    t = time.perf_counter()
+    hf = build_reference_generator(cfg, dtype=torch.bfloat16, device=DEV)
+    fill_random(hf, args.seed)
+    ours = thinker_sharing_weights(hf, cfg)
+    _sync()
+    log(f"built both models on shared weights in {time.perf_counter() - t:.0f} s; "
+        f"GPU memory {_mem():.1f} GB; "
+        f"transformers experts implementation: {hf.config.text_config._experts_implementation}")
+    res["experts_implementation"] = hf.config.text_config._experts_implementation
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, cfg.vocab_size - 16, (1, args.prompt), generator=g).to(DEV)
+    n = args.new_tokens
+    max_len = args.prompt + max(n, args.offload_tokens) + 1
+
+    # -- correctness on the shared weights ------------------------------------------------------
+    with torch.inference_mode():
+        ref_logits = hf(input_ids=prompt, attention_mask=torch.ones_like(prompt)).logits.float()[0]
+        our_logits = ours(prompt)[0]
+    rel = ((our_logits - ref_logits).norm() / ref_logits.norm()).item()
+    top1 = (our_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    res["prefill_logits_rel_diff"], res["prefill_top1_agreement"] = rel, top1
+    log(f"prefill logits: relative difference {rel:.2e}, top-1 agreement {top1:.3f} over {args.prompt} positions")
+
+    def hf_gen(k):
+        return hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k,
+                           do_sample=False, pad_token_id=0)
+
+    dec = StaticDecoder(ours, max_len)
+    with torch.inference_mode():
+        want_eager = ours.generate(prompt, n)
+        want_static = dec.generate(prompt, n)
+        want_hf = hf_gen(n) if not args.skip_reference else None
+    agree = lambda a, b: int((a[0, args.prompt:] == b[0, args.prompt:]).cumprod(0).sum())  # noqa: E731
+    res["static_vs_eager_tokens_equal"] = agree(want_static, want_eager)
+    log(f"greedy tokens equal before the first difference: static vs eager {agree(want_static, want_eager)}/{n}"
+        + (f", eager vs transformers {agree(want_eager, want_hf)}/{n}" if want_hf is not None else ""))
+    if want_hf is not None:
+        res["eager_vs_hf_tokens_equal"] = agree(want_eager, want_hf)
+    save()
+
+    # -- timing, everything resident -------------------------------------------------------------
+    with torch.inference_mode():
+        if not args.skip_reference:
+            per, pre = median_decode(hf_gen, n, args.repeats)
+            rows.append(dict(system=f"transformers generate ({res['experts_implementation']})",
+                             ms_per_token=per * 1e3, tok_s=1 / per, prefill_ms=pre * 1e3))
+            log(rows[-1]); save()
+        per, pre = median_decode(lambda k: ours.generate(prompt, k), n, args.repeats)
+        rows.append(dict(system="q3lab Thinker.generate (eager)", ms_per_token=per * 1e3, tok_s=1 / per,
+                         prefill_ms=pre * 1e3))
+        log(rows[-1]); save()
+        per, pre = median_decode(lambda k: dec.generate(prompt, k), n, args.repeats)
+        dec.prefill(prompt)
+        steps = _step_times(dec, n - 1)
+        rows.append(dict(system="q3lab StaticDecoder (CUDA graph)", ms_per_token=per * 1e3, tok_s=1 / per,
+                         prefill_ms=pre * 1e3, step_median_ms=statistics.median(steps) * 1e3,
+                         of_floor=per / floor))
+        log(rows[-1]); save()
+        dec.generate(prompt, args.offload_tokens)
+        resident_out = dec.out[:args.offload_tokens].clone()
+        kv_slots = args.prompt + args.offload_tokens - 1        # the last new token is never fed back
+        resident_k = dec.cache.k[:, :, :, :kv_slots].clone()
+
+    if args.skip_offload:
+        save()
+        _table(rows)
+        return
+    # -- experts to pinned host memory, a GPU cache of a fraction of them -------------------------
+    L, E, I, D = cfg.num_hidden_layers, cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    t = time.perf_counter()
+    host_gu = torch.empty(L, E, 2 * I, D, dtype=torch.bfloat16, pin_memory=PIN)
+    host_dn = torch.empty(L, E, D, I, dtype=torch.bfloat16, pin_memory=PIN)
+    for layer, ly in enumerate(hf.model.language_model.layers):
+        host_gu[layer].copy_(ly.mlp.experts.gate_up_proj)
+        host_dn[layer].copy_(ly.mlp.experts.down_proj)
+        ly.mlp.experts.gate_up_proj.data = torch.empty(0, device=DEV, dtype=torch.bfloat16)
+        ly.mlp.experts.down_proj.data = torch.empty(0, device=DEV, dtype=torch.bfloat16)
+    # drop every view of the GPU experts (the provider's, the decoder's) so their memory is freed
+    ours.experts_provider = None
+    for ly in ours.model.layers:
+        ly.mlp.experts.provider = None
+    del dec, hf_gen
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    log(f"experts moved to pinned host memory ({(host_gu.nbytes + host_dn.nbytes) / GB:.1f} GB) in "
+        f"{time.perf_counter() - t:.0f} s; GPU memory now {_mem():.1f} GB")
+    capacity = int(round(args.cache_fraction * L * E))
+    cache = DeviceExpertCache(host_gu[:, :, :I], host_gu[:, :, I:], host_dn, capacity, device=DEV)
+    off = OffloadedDecoder(ours, max_len, cache)
+    log(f"GPU expert cache: {capacity} experts ({capacity * cache.expert_bytes / GB:.1f} GB); GPU memory "
+        f"{_mem():.1f} GB")
+    with torch.inference_mode():
+        t = sync_time(lambda: off.generate(prompt, args.offload_tokens))
+        equal_tokens = torch.equal(off.out[:args.offload_tokens], resident_out)
+        equal_k = torch.equal(off.cache.k[:, :, :, :kv_slots], resident_k)
+        res["offload_bit_equal_tokens"], res["offload_bit_equal_kv"] = equal_tokens, equal_k
+        log(f"offloaded vs resident StaticDecoder: tokens bit-equal {equal_tokens}, KV cache bit-equal {equal_k} "
+            f"({args.offload_tokens} tokens, first run {t:.1f} s, cold cache)")
+        # steady state: continue from the warm cache, time decode steps
+        off.prefill(prompt)
+        cache.reset_stats()
+        steps = _step_times(off, args.offload_tokens - 1)
+    st = cache.stats()
+    per = statistics.median(steps)
+    moved = st["bytes_copied"] / len(steps)
+    implied = moved / h2d[3 * 2**20]
+    rows.append(dict(system=f"q3lab OffloadedDecoder, cache {args.cache_fraction:.0%} of experts",
+                     ms_per_token=per * 1e3, tok_s=1 / per, hit_rate=st["hit_rate"],
+                     GB_copied_per_token=moved / GB, achieved_h2d_GBps=moved / per / GB,
+                     floor_ms_from_hit_rate=implied * 1e3))
+    res["offload_stats"] = st
+    log(rows[-1])
+    save()
+    _table(rows)
+
+
+def _mem() -> float:
+    return torch.cuda.memory_allocated() / GB if DEV == "cuda" else float("nan")
+
+
+def _step_times(dec, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        out.append(sync_time(dec.step))
+    return out
+
+
+def _table(rows: list[dict]) -> None:
+    import pandas as pd
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+
+
+if __name__ == "__main__":
+    main()

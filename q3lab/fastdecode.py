@@ -1,0 +1,328 @@
+"""Greedy batch-1 decoding with fixed shapes and routing kept on the device: a step a CUDA graph can replay.
+
+`Thinker.generate` is the readable reference: it asks the host which experts each layer chose (a sync per
+layer) and launches every small kernel from Python, so on a GPU it is bound by launches, not by bytes. Here
+one decode step is written so that nothing in it needs the host:
+
+- positions, the rotary angles and the attention mask come from device tensors (a table and a counter);
+- keys/values go into a preallocated cache at the device-side position; attention runs over the whole cache
+  with masked slots (fixed shape);
+- the router's top-k ids feed `q3lab.moe_kernels.moe_one_token`, which reads the chosen experts in place;
+- the next token is the argmax on the device, written back into the step's input.
+
+So a step can be captured once (`torch.cuda.CUDAGraph`) and replayed per token. The arithmetic is the eager
+model's except for the expert sum (float32 over the top-k, rounded once) and attention (explicit
+matmul-softmax-matmul over the masked cache): logits agree to bf16 rounding, not bit for bit; tests compare
+both with the eager model and transformers.
+
+`OffloadedDecoder` is the same step with the experts in (pinned) host memory and a `DeviceExpertCache` on
+the GPU: each layer's chosen ids go to the host once (the only sync), misses are copied in, and the same
+kernels read cache slots instead of expert ids, so its outputs are bit-equal to `StaticDecoder`'s.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .experts import ExpertProvider
+from .model import KVCache, Thinker, apply_rotary, mrope_freqs
+from .moe_kernels import moe_one_token
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm, as a function."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _refuse_hooks(model: Thinker) -> None:
+    hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:
+        raise InputError(f"the static decoder does not call hook points, and {len(hooked)} module(s) have hooks "
+                         f"({', '.join(hooked[:3])}...): record with Thinker.generate instead")
+
+
+class StaticDecoder:
+    """Greedy decoding of one sequence; experts from `ResidentExperts`-style stacked tensors.
+
+    max_len: the longest prompt + new tokens this decoder serves (its KV cache is preallocated to it).
+    cuda_graph: capture the step in a CUDA graph (default: when the model is on CUDA).
+    layer_experts: callable(layer) -> (gate [E, I, D], up [E, I, D], down [E, D, I]); default: the model's
+        resident provider's stacked tensors.
+    """
+
+    def __init__(self, model: Thinker, max_len: int, *, cuda_graph: bool | None = None, layer_experts=None):
+        _refuse_hooks(model)
+        c = model.config
+        self.model, self.config, self.max_len = model, c, int(max_len)
+        if self.max_len > c.max_position_embeddings:
+            raise InputError(f"max_len {max_len} exceeds max_position_embeddings {c.max_position_embeddings}")
+        dev, dt = model.device, model.dtype
+        self.device, self.dtype = dev, dt
+        if layer_experts is None:
+            p = model.experts_provider
+            if not all(hasattr(p, a) for a in ("gate", "up", "down")):
+                raise InputError(f"StaticDecoder needs stacked resident experts (ResidentExperts), got "
+                                 f"{type(p).__name__}; pass layer_experts= or use OffloadedDecoder")
+            layer_experts = lambda layer: (p.gate[layer], p.up[layer], p.down[layer])  # noqa: E731
+        self.layer_experts = layer_experts
+        self.cache = KVCache(c, 1, self.max_len, device=dev, dtype=dt)
+        pos = torch.arange(self.max_len, device=dev)[None, None].expand(3, 1, self.max_len)
+        emb = torch.cat([mrope_freqs(pos, model.inv_freq, c.mrope_section, c.mrope_interleaved)] * 2, -1)[0]
+        self.cos_table, self.sin_table = emb.cos().to(dt), emb.sin().to(dt)          # [max_len, hd]
+        self.slots = torch.arange(self.max_len, device=dev)
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)                       # the step's input token
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)                       # its position
+        self.n = torch.zeros(1, dtype=torch.long, device=dev)                         # tokens emitted so far
+        self.out = torch.zeros(self.max_len, dtype=torch.long, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+        if use_graph:
+            self._capture()
+
+    # -- one step --------------------------------------------------------------------------------
+    def _attention(self, layer: int, x: torch.Tensor, cos, sin, bias) -> torch.Tensor:
+        c, lay = self.config, self.model.model.layers[layer]
+        at = lay.self_attn
+        H, K, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        h = _rms(x, lay.input_layernorm.weight, c.rms_norm_eps)                       # [1, 1, D]
+        q = _rms(F.linear(h, at.q_proj.weight).view(1, 1, H, hd), at.q_norm.weight, c.rms_norm_eps)
+        k = _rms(F.linear(h, at.k_proj.weight).view(1, 1, K, hd), at.k_norm.weight, c.rms_norm_eps)
+        v = F.linear(h, at.v_proj.weight).view(1, 1, K, hd).transpose(1, 2)          # [1, K, 1, hd]
+        q = apply_rotary(q.transpose(1, 2), cos, sin)                                 # [1, H, 1, hd]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)                                 # [1, K, 1, hd]
+        kc, vc = self.cache.k[layer], self.cache.v[layer]                             # [1, K, S, hd]
+        kc.index_copy_(2, self.pos, k)
+        vc.index_copy_(2, self.pos, v)
+        qg = q.view(1, K, H // K, hd)                     # query head h reads kv head h // (H/K), as SDPA's gqa
+        s = (qg @ kc.transpose(-1, -2)).float() * hd ** -0.5 + bias                   # [1, K, H/K, S]
+        y = torch.softmax(s, dim=-1).to(x.dtype) @ vc                                 # [1, K, H/K, hd]
+        return x + F.linear(y.reshape(1, 1, H * hd), at.o_proj.weight)
+
+    def _route(self, layer: int, x: torch.Tensor):
+        c, lay = self.config, self.model.model.layers[layer]
+        h = _rms(x, lay.post_attention_layernorm.weight, c.rms_norm_eps).view(-1)      # [D]
+        probs = torch.softmax(F.linear(h, lay.mlp.gate.weight), dim=-1, dtype=torch.float32)  # [E]
+        w, idx = torch.topk(probs, c.num_experts_per_tok)                              # [A]
+        if c.norm_topk_prob:
+            w = w / w.sum()
+        return h, idx, w.to(x.dtype)
+
+    def _embed(self):
+        x = F.embedding(self.tok.view(1, 1), self.model.model.embed_tokens.weight)    # [1, 1, D]
+        cos = self.cos_table.index_select(0, self.pos)[None]                           # [1, 1, hd]
+        sin = self.sin_table.index_select(0, self.pos)[None]
+        bias = torch.where(self.slots <= self.pos, 0.0, float("-inf"))                  # [S]
+        return x, cos, sin, bias
+
+    def _finish(self, x: torch.Tensor) -> None:
+        c = self.config
+        x = _rms(x, self.model.model.norm.weight, c.rms_norm_eps)
+        nxt = F.linear(x, self.model.lm_head.weight).float().view(-1).argmax().view(1)
+        self.out.index_copy_(0, self.n, nxt)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+        self.n.add_(1)
+
+    def _step(self) -> None:
+        x, cos, sin, bias = self._embed()
+        for layer in range(self.config.num_hidden_layers):
+            x = self._attention(layer, x, cos, sin, bias)
+            h, idx, w = self._route(layer, x)
+            x = x + moe_one_token(h, idx, w, *self.layer_experts(layer)).view(1, 1, -1)
+        self._finish(x)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up (Triton compiles, cuBLAS handles) before capture; writes slot 0 only
+                self.pos.zero_(), self.n.zero_()
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.pos.zero_(), self.n.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def step(self) -> None:
+        """Decode one token from the state on the device (replays the graph when there is one)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> None:
+        """Run the prompt [1, T] through the eager model into this decoder's cache; the first new token
+        (its argmax) becomes the next step's input."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.shape[0] != 1:
+            raise InputError(f"the static decoder serves one sequence, got batch {input_ids.shape[0]}")
+        input_ids = input_ids.to(self.device)
+        T = input_ids.shape[1]
+        if T >= self.max_len:
+            raise InputError(f"prompt of {T} tokens leaves no room in max_len={self.max_len}")
+        self.cache.length = 0
+        logits = self.model(input_ids, cache=self.cache, last_only=True)[0, -1]
+        nxt = logits.argmax().view(1)
+        self.out[0] = nxt[0]
+        self.tok.copy_(nxt)
+        self.pos.fill_(T)
+        self.n.fill_(1)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation [1, T + max_new_tokens], equal to `Thinker.generate` up to rounding."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        T = input_ids.shape[-1]
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if T + max_new_tokens > self.max_len:
+            raise InputError(f"{T} + {max_new_tokens} tokens exceed this decoder's max_len={self.max_len}")
+        self.prefill(input_ids)
+        for _ in range(max_new_tokens - 1):
+            self.step()
+        return torch.cat([input_ids.to(self.device), self.out[:max_new_tokens][None]], dim=1)
+
+
+# -- experts in host memory, a cache of them on the device ---------------------------------------
+class DeviceExpertCache(ExpertProvider):
+    """Up to `capacity` experts on the device in one slab, copied on demand from host tensors, LRU evicted.
+
+    host_gate/host_up [L, E, I, D] and host_down [L, E, D, I]: the experts, ideally in pinned memory (then the
+    copies are asynchronous DMA at the link's speed). Copies run on a separate stream; the compute stream
+    waits for them only where a miss is used. Counts hits, misses and bytes copied.
+    """
+
+    def __init__(self, host_gate: torch.Tensor, host_up: torch.Tensor, host_down: torch.Tensor, capacity: int,
+                 device: torch.device | str = "cuda"):
+        L, E, I, D = host_gate.shape
+        if capacity < 1:
+            raise InputError(f"DeviceExpertCache capacity must be >= 1 expert, got {capacity}")
+        self.host = (host_gate, host_up, host_down)
+        self.capacity, self.device = int(capacity), torch.device(device)
+        dt = host_gate.dtype
+        self.gate = torch.empty(capacity, I, D, dtype=dt, device=self.device)
+        self.up = torch.empty(capacity, I, D, dtype=dt, device=self.device)
+        self.down = torch.empty(capacity, D, I, dtype=dt, device=self.device)
+        self.expert_bytes = 3 * I * D * host_gate.element_size()
+        self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()    # (layer, expert) -> slot, oldest first
+        self.free = list(range(capacity - 1, -1, -1))
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.hits = self.misses = 0
+        self._served: dict[int, int] = {}
+        self._served_layer = -1
+
+    def slots(self, layer: int, experts: list[int]) -> list[int]:
+        """Slots holding `experts` of `layer` (in the same order), copying in the ones that are missing."""
+        if len(set(experts)) > self.capacity:
+            raise InputError(f"a layer needs {len(set(experts))} experts at once but the cache holds "
+                             f"{self.capacity}")
+        out, missing = [], []
+        for e in experts:
+            key = (layer, e)
+            if key in self.lru:
+                self.lru.move_to_end(key)
+                self.hits += 1
+            else:
+                missing.append(key)
+        need = set((layer, e) for e in experts)
+        for key in missing:
+            if key in self.lru:        # the same expert twice in one request
+                continue
+            if self.free:
+                slot = self.free.pop()
+            else:
+                victim = next(k for k in self.lru if k not in need)
+                slot = self.lru.pop(victim)
+            self.lru[key] = slot
+            self.misses += 1
+            self._copy_in(key, slot)
+        if missing and self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for e in experts:
+            out.append(self.lru[(layer, e)])
+        return out
+
+    def _copy_in(self, key: tuple[int, int], slot: int) -> None:
+        layer, e = key
+        hg, hu, hd = self.host
+        if self.copy_stream is None:
+            self.gate[slot].copy_(hg[layer, e]), self.up[slot].copy_(hu[layer, e]), self.down[slot].copy_(hd[layer, e])
+            return
+        # the slot may still be read by kernels queued on the compute stream: copy after them
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self.gate[slot].copy_(hg[layer, e], non_blocking=True)
+            self.up[slot].copy_(hu[layer, e], non_blocking=True)
+            self.down[slot].copy_(hd[layer, e], non_blocking=True)
+
+    # the provider protocol, so that the eager model (prefill) reads the same slots
+    def prepare(self, layer: int, experts: list[int]) -> None:
+        # a long prefill can need more experts than fit: those are then served one at a time in weights()
+        fits = len(experts) <= self.capacity
+        self._served = dict(zip(experts, self.slots(layer, experts))) if fits else {}
+        self._served_layer = layer
+
+    def weights(self, layer: int, e: int):
+        if layer == self._served_layer and e in self._served:
+            s = self._served[e]
+        else:
+            s = self.slots(layer, [e])[0]
+        return self.gate[s], self.up[s], self.down[s]
+
+    def stats(self) -> dict:
+        n = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / n if n else float("nan"),
+                "bytes_copied": self.misses * self.expert_bytes, "capacity": self.capacity}
+
+    def reset_stats(self) -> None:
+        self.hits = self.misses = 0
+
+
+class OffloadedDecoder(StaticDecoder):
+    """`StaticDecoder` with experts served by a `DeviceExpertCache`: the step runs eagerly, layer by layer,
+    and syncs once per layer to learn which experts to copy in. The cache becomes the model's expert provider,
+    so the (eager) prefill reads the same slots."""
+
+    def __init__(self, model: Thinker, max_len: int, cache: DeviceExpertCache):
+        self.expert_cache = cache
+        model.set_experts(cache)
+        super().__init__(model, max_len, cuda_graph=False, layer_experts=lambda layer: None)
+
+    def _moe(self, layer: int, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ids = idx.tolist()                                                            # the one sync per layer
+        slots = self.expert_cache.slots(layer, ids)
+        slot_ids = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        c = self.expert_cache
+        return moe_one_token(h, slot_ids, w, c.gate, c.up, c.down)
+
+    def _step(self) -> None:
+        x, cos, sin, bias = self._embed()
+        for layer in range(self.config.num_hidden_layers):
+            x = self._attention(layer, x, cos, sin, bias)
+            h, idx, w = self._route(layer, x)
+            x = x + self._moe(layer, h, idx, w).view(1, 1, -1)
+        self._finish(x)
+
+
+def time_steps(dec: StaticDecoder, n: int) -> list[float]:
+    """Wall time of each of n decode steps (synchronised), for benchmarks."""
+    times = []
+    sync = torch.cuda.synchronize if dec.device.type == "cuda" else (lambda: None)
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        dec.step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times

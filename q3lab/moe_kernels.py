@@ -1,0 +1,120 @@
+"""One token's mixture of experts as two fused kernels, with the expert ids read on the device.
+
+`moe_one_token(x, ids, w, gate, up, down)` computes sum_a w[a] * down[ids[a]] @ (silu(gate[ids[a]] @ x) * up[ids[a]] @ x)
+for one token without asking the host which experts were chosen: `ids` stays on the device, so a decode step
+can be captured in a CUDA graph. On CUDA (with Triton) the experts' rows are read in place from the stacked
+weights (no gathered copy: the bytes moved are the chosen experts' bytes, the floor); elsewhere a torch version
+with the same arithmetic runs (gathers, then the same fp32 sums).
+
+Rounding follows the eager model: gate and up projections are rounded to the weight dtype before silu * up, and
+each expert's output is rounded before it is weighted; the weighted outputs are summed in float32 in rank order
+and rounded once (the eager model rounds after every add, so the two agree to a few units in the last place,
+not bit for bit). `ids` may index experts (resident weights) or cache slots (an expert cache's slab): the
+kernels do not care, which is what makes the cached model bit-equal to the resident one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is present where CUDA PyTorch is; the CPU wheel has none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when the fused kernels can run for tensors on `device`."""
+    return triton is not None and torch.device(device).type == "cuda"
+
+
+def moe_one_token_torch(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor,
+                        up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Reference arithmetic. x [D]; ids [A] (int); w [A]; gate/up [E, I, D]; down [E, D, I] -> [D] (x.dtype)."""
+    dt = gate.dtype
+    g = gate.index_select(0, ids).float()                                        # [A, I, D]
+    u = up.index_select(0, ids).float()
+    d = down.index_select(0, ids).float()                                        # [A, D, I]
+    xf = x.to(dt).float()
+    gx = (g @ xf).to(dt).float()                                                 # [A, I]
+    ux = (u @ xf).to(dt).float()
+    h = (F.silu(gx).to(dt).float() * ux).to(dt).float()                          # [A, I]
+    y = (d @ h[:, :, None])[:, :, 0].to(dt).float()                              # [A, D]
+    return (y * w.to(dt).float()[:, None]).sum(0).to(x.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _gate_up_kernel(x_ptr, ids_ptr, g_ptr, u_ptr, h_ptr, I,
+                        s_ge, s_gi, s_ue, s_ui,
+                        D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+        a = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        rmask = rows < I
+        e = tl.load(ids_ptr + a).to(tl.int64)
+        g_rows = g_ptr + e * s_ge + rows[:, None].to(tl.int64) * s_gi
+        u_rows = u_ptr + e * s_ue + rows[:, None].to(tl.int64) * s_ui
+        acc_g = tl.zeros([BLOCK_I], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_I], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            cols = k0 + tl.arange(0, BLOCK_D)
+            xk = tl.load(x_ptr + cols).to(tl.float32)
+            g = tl.load(g_rows + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            u = tl.load(u_rows + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            acc_g += tl.sum(g * xk[None, :], axis=1)
+            acc_u += tl.sum(u * xk[None, :], axis=1)
+        dt = h_ptr.dtype.element_ty
+        gb = acc_g.to(dt).to(tl.float32)
+        ub = acc_u.to(dt).to(tl.float32)
+        act = (gb * tl.sigmoid(gb)).to(dt).to(tl.float32)
+        tl.store(h_ptr + a * I + rows, (act * ub).to(dt), mask=rmask)
+
+    @triton.jit
+    def _down_kernel(h_ptr, ids_ptr, w_ptr, d_ptr, y_ptr, D,
+                     s_de, s_dd,
+                     I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+        a = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        rmask = rows < D
+        e = tl.load(ids_ptr + a).to(tl.int64)
+        d_rows = d_ptr + e * s_de + rows[:, None].to(tl.int64) * s_dd
+        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            kmask = cols < I
+            hk = tl.load(h_ptr + a * I + cols, mask=kmask, other=0.0).to(tl.float32)
+            dw = tl.load(d_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(dw * hk[None, :], axis=1)
+        dt = d_ptr.dtype.element_ty
+        wa = tl.load(w_ptr + a).to(dt).to(tl.float32)
+        tl.store(y_ptr + a * D + rows, acc.to(dt).to(tl.float32) * wa, mask=rmask)
+
+
+def moe_one_token_triton(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor,
+                         up: torch.Tensor, down: torch.Tensor, *, block_i: int = 16, block_d: int = 256,
+                         block_o: int = 16, block_k: int = 256) -> torch.Tensor:
+    """The fused version of `moe_one_token_torch` (same arguments); rows of each expert must be contiguous."""
+    A = ids.shape[0]
+    E, I, D = gate.shape
+    if D % block_d:
+        raise ValueError(f"hidden size {D} must be a multiple of block_d={block_d}")
+    for t, name in ((gate, "gate"), (up, "up"), (down, "down")):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} weights need contiguous rows (stride 1 in the last dim), got {t.stride()}")
+    h = torch.empty(A, I, device=x.device, dtype=gate.dtype)
+    y = torch.empty(A, D, device=x.device, dtype=torch.float32)
+    xd = x.to(gate.dtype).contiguous()
+    _gate_up_kernel[(A, triton.cdiv(I, block_i))](xd, ids, gate, up, h, I, gate.stride(0), gate.stride(1),
+                                                  up.stride(0), up.stride(1), D=D, BLOCK_I=block_i, BLOCK_D=block_d)
+    _down_kernel[(A, triton.cdiv(D, block_o))](h, ids, w, down, y, D, down.stride(0), down.stride(1),
+                                               I=I, BLOCK_O=block_o, BLOCK_K=block_k)
+    return y.sum(0).to(x.dtype)
+
+
+def moe_one_token(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                  down: torch.Tensor) -> torch.Tensor:
+    """One token's weighted expert sum [D]: fused kernels on CUDA, the torch version elsewhere."""
+    if triton_available(x.device) and x.shape[-1] % 256 == 0:
+        return moe_one_token_triton(x, ids, w, gate, up, down)
+    return moe_one_token_torch(x, ids, w, gate, up, down)
