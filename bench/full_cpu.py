@@ -163,12 +163,13 @@ def worker_q3lab(a) -> dict:
                 break
     fsum, fio = cache.summary(), proc_read_bytes() - fio0
     nf = len(fsteps)
+    uni = uniform_decode(model, cache, ids, forced[:a.uniform_tokens], a) if a.uniform_tokens else None
     if a.logits_out:
         torch.save({"greedy": torch.stack(logits[:a.keep_logits]), "forced": torch.stack(flog)}, a.logits_out)
     st = proc_status()
     cfg = model.config
     return {
-        "forced_steps": fsteps, "forced_tok_s": 1 / statistics.median(fsteps), "forced_hit_rate": fsum["hit_rate"],
+        "uniform": uni, "forced_steps": fsteps, "forced_tok_s": 1 / statistics.median(fsteps), "forced_hit_rate": fsum["hit_rate"],
         "forced_bytes_per_tok": fsum["bytes_loaded"] / nf, "forced_disk_bytes_per_tok": fio / nf,
         "forced_misses_per_tok": fsum["misses"] / nf, "forced_load_seconds_per_tok": fsum["load_seconds"] / nf,
         "system": "q3lab", "layers": cfg.num_hidden_layers, "load_s": load_s, "load_disk_bytes": io_load,
@@ -184,6 +185,39 @@ def worker_q3lab(a) -> dict:
         "vmhwm": st["VmHWM"], "rss_anon": st["RssAnon"], "rss_after_load": after_load["VmRSS"],
         "rss_base": base["VmRSS"],
     }
+
+
+def uniform_decode(model, cache, ids, forced, a) -> dict:
+    """Forced decode with each layer's router choice replaced by 8 experts drawn uniformly (a forward pre-hook
+    on every `mlp.experts`): the outputs mean nothing, the cost is that of routing with no locality at all, the
+    worst case for any cache. Random weights route with far more locality than that (see the hit rates)."""
+    import torch
+    g = torch.Generator().manual_seed(a.seed + 2)
+    E, k = model.config.num_experts, model.config.num_experts_per_tok
+
+    def draw(mod, args):
+        h, idx, w = args
+        rnd = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(idx.shape[0])]).to(idx)
+        return h, rnd, w
+
+    with torch.inference_mode():
+        kv = model.new_cache(1, ids.shape[1] + len(forced))
+        model(ids, cache=kv, last_only=True)
+        hooks = [layer.mlp.experts.register_forward_pre_hook(draw) for layer in model.model.layers]
+        cache.reset_stats()
+        io0, steps = proc_read_bytes(), []
+        try:
+            for tok in forced:
+                t = time.perf_counter()
+                model(tok.view(1, 1), cache=kv, last_only=True)
+                steps.append(time.perf_counter() - t)
+        finally:
+            for hk in hooks:
+                hk.remove()
+    s, n = cache.summary(), len(steps)
+    return {"steps": steps, "tok_s": 1 / statistics.median(steps), "hit_rate": s["hit_rate"],
+            "bytes_per_tok": s["bytes_loaded"] / n, "disk_bytes_per_tok": (proc_read_bytes() - io0) / n,
+            "misses_per_tok": s["misses"] / n, "load_seconds_per_tok": s["load_seconds"] / n}
 
 
 def worker_reference(a) -> dict:
@@ -328,7 +362,8 @@ def run_worker(kind: str, args, **extra) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     cmd = [sys.executable, __file__, "--worker", kind, "--worker-out", str(out), "--threads", str(args.threads),
-           "--prompt-tokens", str(args.prompt_tokens), "--forced-tokens", str(args.forced_tokens), "--seed", str(args.seed), "--max-seconds", str(args.max_seconds)]
+           "--prompt-tokens", str(args.prompt_tokens), "--forced-tokens", str(args.forced_tokens),
+           "--uniform-tokens", str(args.uniform_tokens), "--seed", str(args.seed), "--max-seconds", str(args.max_seconds)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)] if not isinstance(v, bool) else ([f"--{k.replace('_', '-')}"] if v else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -359,6 +394,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ref-new-tokens", type=int, default=4, help="transformers greedy tokens (slow: keep small)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--forced-tokens", type=int, default=16, help="decode steps fed random tokens (varied routing)")
+    ap.add_argument("--uniform-tokens", type=int, default=8, help="q3lab decode steps with uniformly drawn experts "
+                    "(no routing locality: a cache's worst case); 0 to skip")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=300.0, help="wall-clock cap per generation")
@@ -465,7 +502,11 @@ def report(a, cfg, disk, full, small_q, ref, dmap48, elapsed: float) -> None:
                 {"system": label, "layers": r["layers"], "decode": "forced", "source": "measured",
                  "prefill_tok_s": nan, "decode_tok_s": r["forced_tok_s"], "peak_rss_gb": r["vmhwm"] / GB,
                  "hit_rate": r["forced_hit_rate"], "loaded_gb_tok": r["forced_bytes_per_tok"] / GB,
-                 "disk_gb_tok": r["forced_disk_bytes_per_tok"] / GB}]
+                 "disk_gb_tok": r["forced_disk_bytes_per_tok"] / GB}] + ([
+                {"system": label, "layers": r["layers"], "decode": "uniform", "source": "measured",
+                 "prefill_tok_s": nan, "decode_tok_s": r["uniform"]["tok_s"], "peak_rss_gb": r["vmhwm"] / GB,
+                 "hit_rate": r["uniform"]["hit_rate"], "loaded_gb_tok": r["uniform"]["bytes_per_tok"] / GB,
+                 "disk_gb_tok": r["uniform"]["disk_bytes_per_tok"] / GB}] if r.get("uniform") else [])
 
     rows = q_rows(full)
     ref48 = None
@@ -494,7 +535,8 @@ def report(a, cfg, disk, full, small_q, ref, dmap48, elapsed: float) -> None:
     if ref is not None:
         # baseline: transformers with the same layer count and decode (cold page cache for its offloaded layers)
         base = {(k, "greedy"): ref["runs"]["cold"]["decode_tok_s"], (k, "forced"): ref["runs"]["forced"]["decode_tok_s"],
-                (L, "greedy"): 1 / ref48["t"], (L, "forced"): 1 / ref48["t"]}
+                (L, "greedy"): 1 / ref48["t"], (L, "forced"): 1 / ref48["t"], (L, "uniform"): 1 / ref48["t"],
+                (k, "uniform"): ref["runs"]["forced"]["decode_tok_s"]}
         df["x_transformers"] = [r.decode_tok_s / base.get((r.layers, r.decode.split(",")[0]), nan)
                                 for r in df.itertuples()]
     text = df.to_string(index=False, float_format=lambda v: f"{v:.3g}")
@@ -531,7 +573,13 @@ def report(a, cfg, disk, full, small_q, ref, dmap48, elapsed: float) -> None:
         f"GB from disk: floor at the measured disk speed {fl['forced_disk_bytes_per_tok'] / dspeed:.2f} s per step "
         f"({fl['forced_bytes_per_tok'] / dspeed:.2f} s had every load come from the disk). Greedy decode median step "
         f"{statistics.median(fl['decode_steps']):.2f} s with {fl['misses_per_tok']:.0f} misses: the compute floor of "
-        f"this machine (dense weights and 8 experts per layer read from memory). Peak {fmt_gb(fl['vmhwm'])} GB, "
+        f"this machine (dense weights and 8 experts per layer read from memory)."
+        + (f" Uniform routing (each layer's 8 experts drawn at random; outputs meaningless, the cost of routing "
+           f"without locality): {fl['uniform']['misses_per_tok']:.0f} misses per step, "
+           f"{fl['uniform']['bytes_per_tok'] / GB:.2f} GB loaded, {fl['uniform']['disk_bytes_per_tok'] / GB:.2f} GB "
+           f"from disk, median step {statistics.median(fl['uniform']['steps']):.2f} s (disk floor "
+           f"{fl['uniform']['disk_bytes_per_tok'] / dspeed:.2f} s)." if fl.get("uniform") else "")
+        + f" Peak {fmt_gb(fl['vmhwm'])} GB, "
         f"{'under' if fl['vmhwm'] < a.limit_gb * GB else 'OVER'} the {a.limit_gb:g} GB goal.\n",
     ]
     if ref is not None:
