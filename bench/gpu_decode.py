@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from q3lab.fastdecode import DeviceExpertCache, OffloadedDecoder, StaticDecoder  # noqa: E402
-from q3lab.reference import build_reference_generator, thinker_sharing_weights  # noqa: E402
+from q3lab.reference import build_reference_generator, text_model, thinker_sharing_weights  # noqa: E402
 from q3lab.synth import preset_config  # noqa: E402
 
 GB = 1e9
@@ -82,7 +82,7 @@ def h2d_bandwidth(chunk: int, total: int = 2 * 2**30) -> float:
     return n * chunk / t
 
 
-def kernel_check(cfg, layers: int = 8) -> dict:
+def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
     """The fused one-token MoE against its torch arithmetic (fresh random inputs), and its read bandwidth over
     `layers` different weight sets (so the 50 MB L2 cannot serve repeats)."""
     from q3lab.moe_kernels import moe_one_token_torch, moe_one_token_triton
@@ -100,15 +100,37 @@ def kernel_check(cfg, layers: int = 8) -> dict:
         errs.append(((a.float() - b.float()).norm() / b.float().norm()).item())
     ids = torch.randperm(E, device=DEV, generator=g)[:A]
     x = torch.randn(D, device=DEV, generator=g).bfloat16()
-
-    def run():
-        for i in range(layers):
-            moe_one_token_triton(x, ids, w, gu[i][:, :I], gu[i][:, I:], dn[i])
-    run()
-    t = statistics.median(sync_time(run) for _ in range(20)) / layers
     nbytes = A * 3 * I * D * 2
+    sweep = []
+    configs = [dict(block_i=bi, block_d=bd, warps_up=wu, block_o=bo, block_k=bk, warps_down=wd)
+               for bi, bd, wu in ((16, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (16, 512, 8), (32, 256, 8),
+                                  (4, 1024, 8), (2, 1024, 4))
+               for bo, bk, wd in ((16, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (32, 256, 8))]
+    import q3lab.moe_kernels as mk
+    if not sweep_configs:
+        configs = [dict(mk.TRITON_CONFIG)]
+    for kw in configs:
+        def run(kw=kw):
+            for i in range(layers):
+                moe_one_token_triton(x, ids, w, gu[i][:, :I], gu[i][:, I:], dn[i], **kw)
+        try:
+            run()
+            graph = torch.cuda.CUDAGraph()     # time the GPU work, not Python's Triton launch overhead
+            with torch.cuda.graph(graph):
+                run()
+            graph.replay()
+            t = statistics.median(sync_time(graph.replay) for _ in range(20)) / layers
+        except Exception as e:  # a config the compiler refuses is reported, not fatal
+            log(f"  config {kw} failed: {type(e).__name__}: {e}")
+            continue
+        sweep.append(kw | {"us_per_layer": t * 1e6, "GBps": nbytes / t / GB})
     del gu, dn
-    return {"rel_err_vs_torch_max": max(errs), "us_per_layer": t * 1e6, "GBps": nbytes / t / GB}
+    sweep.sort(key=lambda r: r["us_per_layer"])
+    import pandas as pd
+    log(pd.DataFrame(sweep[:8]).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    best = sweep[0]
+    return {"rel_err_vs_torch_max": max(errs), "us_per_layer": best["us_per_layer"], "GBps": best["GBps"],
+            "best": best, "sweep": sweep}
 
 
 def decode_bytes(cfg, dtype_bytes: int = 2) -> dict:
@@ -152,6 +174,7 @@ def main() -> None:
     ap.add_argument("--skip-offload", action="store_true")
     ap.add_argument("--preset", default="full", help="q3lab synth preset whose dimensions to use")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
+    ap.add_argument("--sweep", action="store_true", help="time 40 block/warp configs of the MoE kernels first")
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_decode.json")
     args = ap.parse_args()
     global DEV, PIN
@@ -179,8 +202,11 @@ def main() -> None:
 
     cfg = preset_config(args.preset, layers=args.layers)
     if DEV == "cuda":
-        kc = kernel_check(cfg)
+        kc = kernel_check(cfg, sweep_configs=args.sweep)
         res["moe_kernel"] = kc
+        import q3lab.moe_kernels as mk
+        mk.TRITON_CONFIG.update({k: kc["best"][k] for k in mk.TRITON_CONFIG})
+        log(f"using the fastest kernel config: {mk.TRITON_CONFIG}")
         log(f"fused MoE kernel: rel. error vs torch arithmetic {kc['rel_err_vs_torch_max']:.1e}; "
             f"{kc['us_per_layer']:.1f} us per layer = {kc['GBps']:.0f} GB/s of expert reads")
     need = decode_bytes(cfg)
@@ -262,7 +288,7 @@ def main() -> None:
     t = time.perf_counter()
     host_gu = torch.empty(L, E, 2 * I, D, dtype=torch.bfloat16, pin_memory=PIN)
     host_dn = torch.empty(L, E, D, I, dtype=torch.bfloat16, pin_memory=PIN)
-    for layer, ly in enumerate(hf.model.language_model.layers):
+    for layer, ly in enumerate(text_model(hf).layers):
         host_gu[layer].copy_(ly.mlp.experts.gate_up_proj)
         host_dn[layer].copy_(ly.mlp.experts.down_proj)
         ly.mlp.experts.gate_up_proj.data = torch.empty(0, device=DEV, dtype=torch.bfloat16)

@@ -71,6 +71,13 @@ def load_reference(source, dtype: torch.dtype = torch.float32) -> ReferenceThink
     return ReferenceThinker(text.eval(), lm_head.eval())
 
 
+def text_model(generator):
+    """The text decoder inside transformers' thinker (`.model.language_model` in recent versions; `.model`
+    itself in earlier 5.x releases)."""
+    inner = generator.model
+    return getattr(inner, "language_model", inner)
+
+
 def build_reference_generator(cfg: ThinkerConfig, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """transformers' `Qwen3OmniMoeThinkerForConditionalGeneration` for a text config, with tiny unused
     audio/vision towers and UNINITIALISED weights on `device` (the rotary buffer is set): fill it yourself."""
@@ -88,8 +95,8 @@ def build_reference_generator(cfg: ThinkerConfig, dtype: torch.dtype = torch.flo
                                             user_token_id=V - 5)
     with torch.device("meta"):
         model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_cfg)
-    model = model.to_empty(device=device).to(dtype)
-    model.model.language_model.rotary_emb.inv_freq = 1.0 / (
+    model = model.to(dtype).to_empty(device=device)   # cast on meta: never hold a float32 copy of 30B weights
+    text_model(model).rotary_emb.inv_freq = 1.0 / (
         cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device) / cfg.head_dim))
     return model.eval()
 
@@ -102,8 +109,8 @@ def load_reference_generator(source, dtype: torch.dtype = torch.float32, device:
         source = open_weights(source)
     model = build_reference_generator(source.config, dtype=dtype, device=device)
     ref = load_reference(source, dtype=dtype)
-    model.model.language_model.load_state_dict(ref.text_model.state_dict(), strict=False)
-    model.model.language_model.rotary_emb.inv_freq = ref.text_model.rotary_emb.inv_freq.to(device)
+    text_model(model).load_state_dict(ref.text_model.state_dict(), strict=False)
+    text_model(model).rotary_emb.inv_freq = ref.text_model.rotary_emb.inv_freq.to(device)
     model.lm_head.weight.data.copy_(ref.lm_head.weight)
     return model.eval()
 
@@ -131,7 +138,7 @@ def thinker_sharing_weights(hf_model, cfg: ThinkerConfig):
     """A q3lab `Thinker` whose parameters ARE the tensors of a transformers thinker (no copy): both models then
     run on identical weights in one device's memory, e.g. the full 30B dimensions on one GPU for a benchmark."""
     from .model import Thinker, rope_inv_freq
-    lm = hf_model.model.language_model
+    lm = text_model(hf_model)
     dev = hf_model.lm_head.weight.device
     with torch.device("meta"):
         model = Thinker(cfg)
