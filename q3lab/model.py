@@ -16,10 +16,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _mm
 
 from .config import ThinkerConfig
 from .errors import CheckpointError, InputError
 from .experts import ExpertProvider, ResidentExperts
+
+
+_GLOBAL_HOOKS = (_mm._global_forward_pre_hooks, _mm._global_forward_hooks, _mm._global_backward_pre_hooks,
+                 _mm._global_backward_hooks)
+
+
+def _call(m: nn.Module, *args):
+    """`m(*args)`, skipping nn.Module.__call__'s bookkeeping (about 1 us) when no hook would run.
+
+    The decode step makes about 15 module calls per layer, so this is 5-10% of a small model's step. The
+    condition is the one `Module._call_impl` uses for its own shortcut, so hooks still run when present."""
+    if (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+            or any(_GLOBAL_HOOKS)):
+        return m(*args)
+    return m.forward(*args)
 
 
 class HookPoint(nn.Module):
@@ -41,9 +57,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) in the same order as the reference's explicit
+        # formula (bit-equal, checked in tests/test_decode_fast.py) in fewer dispatched ops.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 # -- rotary ------------------------------------------------------------------------------------
@@ -79,6 +97,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def rope_cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin [..., hd] from angles [..., hd/2], for `_rotate`.
+
+    sin comes with its first half negated: `x*cos + cat(x2, x1)*sin` then equals `apply_rotary`'s
+    `x*cos + cat(-x2, x1)*sin` bit for bit (a sign flip is exact) with one op fewer per call."""
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    h = sin.shape[-1] // 2
+    return cos.to(dtype), torch.cat((-sin[..., :h], sin[..., h:]), dim=-1).to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """Rotary on x [B, T, heads, hd] with cos / folded sin [B, T, 1, hd] (see `rope_cos_sin`)."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_folded
+
+
 # -- KV cache ----------------------------------------------------------------------------------
 class KVCache(nn.Module):
     """Preallocated keys and values for every layer: [L, B, K, max_len, hd] each."""
@@ -92,13 +127,15 @@ class KVCache(nn.Module):
         self.length = 0                     # tokens already stored
         self.mask: torch.Tensor | None = None  # [B, max_len] key validity, when padding is used
         self.next_pos: torch.Tensor | None = None  # [B] next text position per row
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # text-position cos/sin [1, max_len, 1, hd]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, K, T, hd] at the current length; return all keys/values so far [B, K, S, hd]."""
         s, t = self.length, k.shape[2]
-        self.k[layer, :, :, s:s + t] = k
-        self.v[layer, :, :, s:s + t] = v
-        return self.k[layer, :, :, :s + t], self.v[layer, :, :, :s + t]
+        kl, vl = self.k[layer], self.v[layer]          # narrow + copy_: a third of the cost of slice assignment
+        kl.narrow(2, s, t).copy_(k)
+        vl.narrow(2, s, t).copy_(v)
+        return kl.narrow(2, 0, s + t), vl.narrow(2, 0, s + t)
 
 
 # -- attention ---------------------------------------------------------------------------------
@@ -116,17 +153,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
+        """x [B, T, D]; cos / folded sin [B or 1, T, 1, hd] (`rope_cos_sin`); mask [B, 1, T, S] or None."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)     # [B, K, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # [B, K, T, hd]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, K, hd = self.n_heads, self.n_kv, self.head_dim
+        q = _rotate(_call(self.q_norm, _call(self.q_proj, x).view(B, T, H, hd)), cos, sin).transpose(1, 2)
+        k = _rotate(_call(self.k_norm, _call(self.k_proj, x).view(B, T, K, hd)), cos, sin).transpose(1, 2)
+        v = _call(self.v_proj, x).view(B, T, K, hd).transpose(1, 2)                    # q [B, H, T, hd], k/v K
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)                                           # [B, K, S, hd]
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           scale=self.head_dim ** -0.5, enable_gqa=True)          # [B, H, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            k, v = cache.update(self.layer_idx, k, v)                                  # [B, K, S, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=hd ** -0.5, enable_gqa=True)            # [B, H, T, hd]
+        return _call(self.o_proj, y.transpose(1, 2).reshape(B, T, H * hd))
 
 
 # -- mixture of experts ------------------------------------------------------------------------
@@ -135,7 +172,7 @@ class Experts(nn.Module):
 
     def __init__(self, config: ThinkerConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.num_experts = layer_idx, config.num_experts
+        self.layer_idx, self.num_experts, self.expert_numel = layer_idx, config.num_experts, config.expert_numel
         self.provider: ExpertProvider | None = None
 
     def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -163,16 +200,43 @@ class Experts(nn.Module):
             out.index_add_(0, tok, y * w_flat[slots, None])
         return out
 
+    # Experts this small (3*I*D*A elements, 192 KiB in fp32) are gathered into one block and computed with
+    # three matrix-vector products: copying them costs less than the ~30 dispatched ops of the loop.
+    STACK_MAX_ELEMENTS = 48 * 1024
+
     def _one_token(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Decode step (one token): the same sums in the same order (ascending expert id), without the
-        sort/count/gather machinery that only pays off when experts serve several tokens."""
-        order = sorted(zip(idx[0].tolist(), range(idx.shape[1])))       # (expert, rank), ascending expert
-        self.provider.prepare(self.layer_idx, [e for e, _ in order])
-        out = torch.zeros_like(h)
-        for e, r in order:
-            gate, up, down = self.provider.weights(self.layer_idx, e)
-            out += F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down) * w[0, r]
+        """Decode step (one token, h [1, D]), experts served in ascending id as `forward` does."""
+        ids, ws = idx[0].tolist(), w[0].tolist()
+        order = sorted(range(len(ids)), key=ids.__getitem__)             # ranks, by ascending expert
+        experts, ws = [ids[r] for r in order], [ws[r] for r in order]
+        p, layer = self.provider, self.layer_idx
+        p.prepare(layer, experts)
+        if self.expert_numel * len(experts) <= self.STACK_MAX_ELEMENTS:
+            return self._one_token_stacked(h, experts, ws)
+        # The same sums in the same order as the N > 1 path: bit-identical to it.
+        out = None
+        for e, we in zip(experts, ws):
+            gate, up, down = p.weights(layer, e)
+            y = F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down) * we
+            out = y if out is None else out.add_(y)
         return out
+
+    def _one_token_stacked(self, h: torch.Tensor, experts: list[int], ws: list[float]) -> torch.Tensor:
+        """sum_a w_a * down_a @ (silu(gate_a @ h) * up_a @ h) as gate/up [A, I, D] @ h, then one [D, A*I]
+        down block @ the weighted activations. Resident experts are index_select-ed, others stacked from the
+        provider's views: equal blocks, so both providers give bit-equal outputs."""
+        p, layer, A = self.provider, self.layer_idx, len(experts)
+        x = h[0]                                                              # [D]
+        if isinstance(p, ResidentExperts):
+            sel = torch.tensor(experts, device=h.device)
+            gate, up = p.gate[layer].index_select(0, sel), p.up[layer].index_select(0, sel)   # [A, I, D]
+            down = p.down[layer].transpose(0, 1).index_select(1, sel)                          # [D, A, I]
+        else:
+            g, u, d = zip(*(p.weights(layer, e) for e in experts))
+            gate, up, down = torch.stack(g), torch.stack(u), torch.stack(d, dim=1)             # [D, A, I]
+        act = F.silu(gate @ x) * (up @ x)                                    # [A, I]
+        act = act * torch.tensor(ws, dtype=act.dtype, device=act.device)[:, None]
+        return (down.view(down.shape[0], -1) @ act.view(-1)).view(1, -1)      # [1, D]
 
 
 class SparseMoeBlock(nn.Module):
@@ -188,14 +252,14 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         h = x.reshape(-1, D)                                                         # [N, D]
-        logits = self.hook_router_logits(self.gate(h))                               # [N, E]
+        logits = self.hook_router_logits(_call(self.gate, h))                        # [N, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)                   # per token, float32
         w, idx = torch.topk(probs, self.top_k, dim=-1)                               # [N, A]
         if self.norm_topk_prob:
             w = w / w.sum(dim=-1, keepdim=True)
         idx = self.hook_topk_ids(idx)
         w = self.hook_topk_weights(w.to(h.dtype))
-        return self.experts(h, idx, w).view(B, T, D)
+        return _call(self.experts, h, idx, w).view(B, T, D)
 
 
 class DecoderLayer(nn.Module):
@@ -210,8 +274,8 @@ class DecoderLayer(nn.Module):
         self.hook_resid_post = HookPoint()
 
     def forward(self, x, cos, sin, mask, cache):
-        x = x + self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
-        x = x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.hook_attn_out(_call(self.self_attn, _call(self.input_layernorm, x), cos, sin, mask, cache))
+        x = x + self.hook_mlp_out(_call(self.mlp, _call(self.post_attention_layernorm, x)))
         return self.hook_resid_post(x)
 
 
@@ -278,6 +342,11 @@ class Thinker(nn.Module):
         attention_mask: [B, S] 1 for real tokens, 0 for (left) padding, covering cached + new tokens.
         """
         self._check_ids(input_ids)
+        return self._forward(input_ids, position_ids, cache, attention_mask, last_only)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache | None,
+                 attention_mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:
+        """`forward` after the token-id check (generate's decode steps feed ids it picked itself)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
@@ -300,27 +369,40 @@ class Thinker(nn.Module):
         elif T > 1 and past > 0:
             q_pos = torch.arange(past, past + T, device=dev)
             mask = (torch.arange(past + T, device=dev)[None, :] <= q_pos[:, None])[None, None]
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
-        if position_ids.dim() == 2:
-            position_ids = position_ids[None].expand(3, B, T)
-        if position_ids.shape != (3, B, T):
-            raise InputError(f"position_ids must be [B, T] or [3, B, T] = [3, {B}, {T}], "
-                             f"got {list(position_ids.shape)}")
-        freqs = mrope_freqs(position_ids.to(dev), self.inv_freq, self.config.mrope_section,
-                            self.config.mrope_interleaved)                          # [B, T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        x = self.model.hook_embed(self.model.embed_tokens(input_ids))                # [B, T, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+        model = self.model
+        x = model.hook_embed(_call(model.embed_tokens, input_ids))                   # [B, T, D]
+        if position_ids is None and attention_mask is None and cache is not None:
+            cos, sin = self._rope_table(cache, x.dtype)                               # text positions 0..max_len
+            cos, sin = cos.narrow(1, past, T), sin.narrow(1, past, T)
+        else:
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                else:
+                    position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
+            if position_ids.dim() == 2:
+                position_ids = position_ids[None].expand(3, B, T)
+            if position_ids.shape != (3, B, T):
+                raise InputError(f"position_ids must be [B, T] or [3, B, T] = [3, {B}, {T}], "
+                                 f"got {list(position_ids.shape)}")
+            freqs = mrope_freqs(position_ids.to(dev), self.inv_freq, self.config.mrope_section,
+                                self.config.mrope_interleaved)                      # [B, T, hd/2]
+            cos, sin = (t[:, :, None] for t in rope_cos_sin(freqs, x.dtype))        # [B, T, 1, hd]
+        for layer in model.layers:
+            x = _call(layer, x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
-        x = self.model.hook_final_norm(self.model.norm(x if not last_only else x[:, -1:]))
-        return self.lm_head(x).float()
+        x = model.hook_final_norm(_call(model.norm, x if not last_only else x[:, -1:]))
+        return _call(self.lm_head, x).float()
+
+    def _rope_table(self, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / folded sin [1, max_len, 1, hd] of text positions 0..max_len-1, made once per cache: a decode
+        step then slices its row instead of recomputing angles (equal axes: the same as 1-D RoPE)."""
+        if cache.rope is None or cache.rope[0].dtype != dtype:
+            pos = torch.arange(cache.max_len, device=self.device)[None, None].expand(3, 1, cache.max_len)
+            freqs = mrope_freqs(pos, self.inv_freq, self.config.mrope_section, self.config.mrope_interleaved)
+            cache.rope = tuple(t[:, :, None] for t in rope_cos_sin(freqs, dtype))
+        return cache.rope
 
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -379,13 +461,18 @@ class Thinker(nn.Module):
                 streamer(nxt)
             if step == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
                 break
+            # ids from argmax/multinomial over the vocabulary need no range check; hooks on the Thinker
+            # (q3lab.record) still see every call.
+            hooked = self._forward_pre_hooks or self._forward_hooks or any(_GLOBAL_HOOKS)
             if mask is not None:
                 pos = next_pos[:, None]
                 next_pos = next_pos + 1
-                logits = self(nxt[:, None], pos, cache=cache, attention_mask=full[:, :cache.length + 1],
-                              last_only=True)[:, -1]
+                m = full[:, :cache.length + 1]
+                logits = (self(nxt[:, None], pos, cache=cache, attention_mask=m, last_only=True) if hooked
+                          else self._forward(nxt[:, None], pos, cache, m, True))[:, -1]
             else:
-                logits = self(nxt[:, None], cache=cache, last_only=True)[:, -1]
+                logits = (self(nxt[:, None], cache=cache, last_only=True) if hooked
+                          else self._forward(nxt[:, None], None, cache, None, True))[:, -1]
         return torch.cat(out, dim=1)
 
     @staticmethod
