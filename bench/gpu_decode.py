@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--skip-offload", action="store_true")
     ap.add_argument("--preset", default="full", help="q3lab synth preset whose dimensions to use")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the torch.compile'd decoder rows")
     ap.add_argument("--sweep", action="store_true", help="time 40 block/warp configs of the MoE kernels first")
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_decode.json")
     args = ap.parse_args()
@@ -274,6 +276,27 @@ def main() -> None:
                          prefill_ms=pre * 1e3, step_median_ms=statistics.median(steps) * 1e3,
                          of_floor=per / floor))
         log(rows[-1]); save()
+        if args.compile:
+            t = time.perf_counter()
+            try:
+                dec_c = StaticDecoder(ours, max_len, compile=True)
+            except Exception as e:  # reported, and the uncompiled decoder carries on
+                log(f"torch.compile failed: {type(e).__name__}: {e}")
+                args.compile = False
+            else:
+                log(f"compiled + captured in {time.perf_counter() - t:.0f} s")
+                with torch.inference_mode():
+                    got = dec_c.generate(prompt, n)
+                res["static_compiled_vs_eager_tokens_equal"] = agree(got, want_eager)
+                log(f"compiled static vs eager greedy tokens equal: {agree(got, want_eager)}/{n}")
+                per, pre = median_decode(lambda k: dec_c.generate(prompt, k), n, args.repeats)
+                dec_c.prefill(prompt)
+                steps = _step_times(dec_c, n - 1)
+                rows.append(dict(system="q3lab StaticDecoder (torch.compile + CUDA graph)", ms_per_token=per * 1e3,
+                                 tok_s=1 / per, prefill_ms=pre * 1e3, step_median_ms=statistics.median(steps) * 1e3,
+                                 of_floor=per / floor))
+                log(rows[-1]); save()
+                dec = dec_c
         dec.generate(prompt, args.offload_tokens)
         resident_out = dec.out[:args.offload_tokens].clone()
         kv_slots = args.prompt + args.offload_tokens - 1        # the last new token is never fed back
@@ -304,7 +327,9 @@ def main() -> None:
         f"{time.perf_counter() - t:.0f} s; GPU memory now {_mem():.1f} GB")
     capacity = int(round(args.cache_fraction * L * E))
     cache = DeviceExpertCache(host_gu[:, :, :I], host_gu[:, :, I:], host_dn, capacity, device=DEV)
-    off = OffloadedDecoder(ours, max_len, cache)
+    t = time.perf_counter()
+    off = OffloadedDecoder(ours, max_len, cache, compile=args.compile)
+    log(f"offloaded decoder built ({len(off._graphs)} segment graphs) in {time.perf_counter() - t:.0f} s")
     log(f"GPU expert cache: {capacity} experts ({capacity * cache.expert_bytes / GB:.1f} GB); GPU memory "
         f"{_mem():.1f} GB")
     with torch.inference_mode():
@@ -312,7 +337,7 @@ def main() -> None:
         equal_tokens = torch.equal(off.out[:args.offload_tokens], resident_out)
         equal_k = torch.equal(off.cache.k[:, :, :, :kv_slots], resident_k)
         res["offload_bit_equal_tokens"], res["offload_bit_equal_kv"] = equal_tokens, equal_k
-        log(f"offloaded vs resident StaticDecoder: tokens bit-equal {equal_tokens}, KV cache bit-equal {equal_k} "
+        log(f"offloaded vs resident StaticDecoder{' (both compiled)' if args.compile else ''}: tokens bit-equal {equal_tokens}, KV cache bit-equal {equal_k} "
             f"({args.offload_tokens} tokens, first run {t:.1f} s, cold cache)")
         # steady state: continue from the warm cache, time decode steps
         off.prefill(prompt)
@@ -327,6 +352,27 @@ def main() -> None:
                      GB_copied_per_token=moved / GB, achieved_h2d_GBps=moved / per / GB,
                      floor_ms_from_hit_rate=implied * 1e3))
     res["offload_stats"] = st
+    log(rows[-1])
+    save()
+    # the synthetic's router sends nearly every token to the same experts; uniform random routing is the
+    # opposite extreme (no reuse at all): the cache's worst case, where the link's bandwidth decides
+    gen = torch.Generator().manual_seed(7)
+    off.route_override = lambda layer, ids: torch.randperm(E, generator=gen)[:len(ids)].tolist()
+    with torch.inference_mode():
+        off.prefill(prompt)
+        _step_times(off, 8)                     # let the cache fill with the uniform pattern first
+        cache.reset_stats()
+        steps = _step_times(off, args.offload_tokens - 10)
+    off.route_override = None
+    st = cache.stats()
+    per = statistics.median(steps)
+    moved = st["bytes_copied"] / len(steps)
+    implied = moved / h2d[3 * 2**20]
+    rows.append(dict(system=f"q3lab OffloadedDecoder, cache {args.cache_fraction:.0%}, UNIFORM random routing",
+                     ms_per_token=per * 1e3, tok_s=1 / per, hit_rate=st["hit_rate"],
+                     GB_copied_per_token=moved / GB, achieved_h2d_GBps=moved / per / GB,
+                     floor_ms_from_hit_rate=implied * 1e3))
+    res["offload_uniform_stats"] = st
     log(rows[-1])
     save()
     _table(rows)

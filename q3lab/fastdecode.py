@@ -21,6 +21,7 @@ kernels read cache slots instead of expert ids, so its outputs are bit-equal to 
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 
@@ -40,6 +41,31 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def attention_and_route(x, cos, sin, bias, pos, kc, vc, w_in, wq, wk, wv, wo, wqn, wkn, w_post, w_router, *,
+                        H: int, K: int, hd: int, A: int, eps: float, norm_topk: bool):
+    """One decoder layer of one token up to its experts, as a pure function of tensors (one compiled graph
+    serves every layer). x [1, 1, D]; cos/sin [1, 1, hd]; bias [S] (0 or -inf); pos [1]; kc/vc [1, K, S, hd]
+    (written at pos). Returns x + attention [1, 1, D], the experts' input [D], top-k ids [A] and weights [A]."""
+    h = _rms(x, w_in, eps)                                                            # [1, 1, D]
+    q = _rms(F.linear(h, wq).view(1, 1, H, hd), wqn, eps)
+    k = _rms(F.linear(h, wk).view(1, 1, K, hd), wkn, eps)
+    v = F.linear(h, wv).view(1, 1, K, hd).transpose(1, 2)                             # [1, K, 1, hd]
+    q = apply_rotary(q.transpose(1, 2), cos, sin)                                     # [1, H, 1, hd]
+    k = apply_rotary(k.transpose(1, 2), cos, sin)                                     # [1, K, 1, hd]
+    kc.index_copy_(2, pos, k)
+    vc.index_copy_(2, pos, v)
+    qg = q.view(1, K, H // K, hd)                         # query head h reads kv head h // (H/K), as SDPA's gqa
+    s = (qg @ kc.transpose(-1, -2)).float() * hd ** -0.5 + bias                       # [1, K, H/K, S]
+    y = torch.softmax(s, dim=-1).to(x.dtype) @ vc                                     # [1, K, H/K, hd]
+    x = x + F.linear(y.reshape(1, 1, H * hd), wo)
+    hm = _rms(x, w_post, eps).view(-1)                                                # [D]
+    probs = torch.softmax(F.linear(hm, w_router), dim=-1, dtype=torch.float32)        # [E]
+    w, idx = torch.topk(probs, A)                                                     # [A]
+    if norm_topk:
+        w = w / w.sum()
+    return x, hm, idx, w.to(x.dtype)
+
+
 def _refuse_hooks(model: Thinker) -> None:
     hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     if hooked:
@@ -52,11 +78,13 @@ class StaticDecoder:
 
     max_len: the longest prompt + new tokens this decoder serves (its KV cache is preallocated to it).
     cuda_graph: capture the step in a CUDA graph (default: when the model is on CUDA).
+    compile: `torch.compile` the per-layer attention + router function (one compilation serves all layers).
     layer_experts: callable(layer) -> (gate [E, I, D], up [E, I, D], down [E, D, I]); default: the model's
         resident provider's stacked tensors.
     """
 
-    def __init__(self, model: Thinker, max_len: int, *, cuda_graph: bool | None = None, layer_experts=None):
+    def __init__(self, model: Thinker, max_len: int, *, cuda_graph: bool | None = None, layer_experts=None,
+                 compile: bool = False):
         _refuse_hooks(model)
         c = model.config
         self.model, self.config, self.max_len = model, c, int(max_len)
@@ -71,6 +99,18 @@ class StaticDecoder:
                                  f"{type(p).__name__}; pass layer_experts= or use OffloadedDecoder")
             layer_experts = lambda layer: (p.gate[layer], p.up[layer], p.down[layer])  # noqa: E731
         self.layer_experts = layer_experts
+        self._layer_weights = []
+        for lay in model.model.layers:
+            at = lay.self_attn
+            self._layer_weights.append((lay.input_layernorm.weight, at.q_proj.weight, at.k_proj.weight,
+                                        at.v_proj.weight, at.o_proj.weight, at.q_norm.weight, at.k_norm.weight,
+                                        lay.post_attention_layernorm.weight, lay.mlp.gate.weight))
+        fn = functools.partial(attention_and_route, H=c.num_attention_heads, K=c.num_key_value_heads,
+                               hd=c.head_dim, A=c.num_experts_per_tok, eps=c.rms_norm_eps,
+                               norm_topk=c.norm_topk_prob)
+        # compiling fuses the norms, rotary, softmax and top-k into a few kernels: on a GPU the step is bound
+        # by kernel count, not bytes, without it
+        self._pre_fn = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
         self.cache = KVCache(c, 1, self.max_len, device=dev, dtype=dt)
         pos = torch.arange(self.max_len, device=dev)[None, None].expand(3, 1, self.max_len)
         emb = torch.cat([mrope_freqs(pos, model.inv_freq, c.mrope_section, c.mrope_interleaved)] * 2, -1)[0]
@@ -86,32 +126,11 @@ class StaticDecoder:
             self._capture()
 
     # -- one step --------------------------------------------------------------------------------
-    def _attention(self, layer: int, x: torch.Tensor, cos, sin, bias) -> torch.Tensor:
-        c, lay = self.config, self.model.model.layers[layer]
-        at = lay.self_attn
-        H, K, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        h = _rms(x, lay.input_layernorm.weight, c.rms_norm_eps)                       # [1, 1, D]
-        q = _rms(F.linear(h, at.q_proj.weight).view(1, 1, H, hd), at.q_norm.weight, c.rms_norm_eps)
-        k = _rms(F.linear(h, at.k_proj.weight).view(1, 1, K, hd), at.k_norm.weight, c.rms_norm_eps)
-        v = F.linear(h, at.v_proj.weight).view(1, 1, K, hd).transpose(1, 2)          # [1, K, 1, hd]
-        q = apply_rotary(q.transpose(1, 2), cos, sin)                                 # [1, H, 1, hd]
-        k = apply_rotary(k.transpose(1, 2), cos, sin)                                 # [1, K, 1, hd]
+    def _pre(self, layer: int, x: torch.Tensor, cos, sin, bias):
+        """Layer `layer` up to its experts: (x after attention [1, 1, D], the experts' input h [D], ids [A],
+        weights [A])."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]                             # [1, K, S, hd]
-        kc.index_copy_(2, self.pos, k)
-        vc.index_copy_(2, self.pos, v)
-        qg = q.view(1, K, H // K, hd)                     # query head h reads kv head h // (H/K), as SDPA's gqa
-        s = (qg @ kc.transpose(-1, -2)).float() * hd ** -0.5 + bias                   # [1, K, H/K, S]
-        y = torch.softmax(s, dim=-1).to(x.dtype) @ vc                                 # [1, K, H/K, hd]
-        return x + F.linear(y.reshape(1, 1, H * hd), at.o_proj.weight)
-
-    def _route(self, layer: int, x: torch.Tensor):
-        c, lay = self.config, self.model.model.layers[layer]
-        h = _rms(x, lay.post_attention_layernorm.weight, c.rms_norm_eps).view(-1)      # [D]
-        probs = torch.softmax(F.linear(h, lay.mlp.gate.weight), dim=-1, dtype=torch.float32)  # [E]
-        w, idx = torch.topk(probs, c.num_experts_per_tok)                              # [A]
-        if c.norm_topk_prob:
-            w = w / w.sum()
-        return h, idx, w.to(x.dtype)
+        return self._pre_fn(x, cos, sin, bias, self.pos, kc, vc, *self._layer_weights[layer])
 
     def _embed(self):
         x = F.embedding(self.tok.view(1, 1), self.model.model.embed_tokens.weight)    # [1, 1, D]
@@ -132,8 +151,7 @@ class StaticDecoder:
     def _step(self) -> None:
         x, cos, sin, bias = self._embed()
         for layer in range(self.config.num_hidden_layers):
-            x = self._attention(layer, x, cos, sin, bias)
-            h, idx, w = self._route(layer, x)
+            x, h, idx, w = self._pre(layer, x, cos, sin, bias)
             x = x + moe_one_token(h, idx, w, *self.layer_experts(layer)).view(1, 1, -1)
         self._finish(x)
 
@@ -290,29 +308,95 @@ class DeviceExpertCache(ExpertProvider):
 
 
 class OffloadedDecoder(StaticDecoder):
-    """`StaticDecoder` with experts served by a `DeviceExpertCache`: the step runs eagerly, layer by layer,
-    and syncs once per layer to learn which experts to copy in. The cache becomes the model's expert provider,
-    so the (eager) prefill reads the same slots."""
+    """`StaticDecoder` with experts served by a `DeviceExpertCache`. Each layer is two segments: attention +
+    router (whose top-k ids are copied to pinned host memory), then the experts; between them the host waits
+    for the ids (the one sync per layer), copies in the missing experts and writes the slot ids. On CUDA each
+    segment is a captured graph, so a layer costs two graph launches and one sync, not dozens of launches.
+    The cache becomes the model's expert provider, so the (eager) prefill reads the same slots."""
 
-    def __init__(self, model: Thinker, max_len: int, cache: DeviceExpertCache):
+    def __init__(self, model: Thinker, max_len: int, cache: DeviceExpertCache, *, compile: bool = False,
+                 cuda_graph: bool | None = None):
         self.expert_cache = cache
         model.set_experts(cache)
-        super().__init__(model, max_len, cuda_graph=False, layer_experts=lambda layer: None)
+        super().__init__(model, max_len, cuda_graph=False, layer_experts=lambda layer: None, compile=compile)
+        c, dev, dt = self.config, self.device, self.dtype
+        A, D = c.num_experts_per_tok, c.hidden_size
+        pin = dev.type == "cuda"
+        self.x_buf = torch.zeros(1, 1, D, device=dev, dtype=dt)
+        self.h_buf = torch.zeros(D, device=dev, dtype=dt)
+        self.w_buf = torch.zeros(A, device=dev, dtype=dt)
+        self.idx_buf = torch.zeros(A, device=dev, dtype=torch.long)
+        self.slot_buf = torch.zeros(A, device=dev, dtype=torch.long)
+        self.idx_host = torch.zeros(A, dtype=torch.long, pin_memory=pin)
+        self.slot_host = torch.zeros(A, dtype=torch.long, pin_memory=pin)
+        hd = c.head_dim
+        self.rope_buf = torch.zeros(2, 1, 1, hd, device=dev, dtype=dt)
+        self.bias_buf = torch.zeros(self.max_len, device=dev, dtype=torch.float32)
+        L = c.num_hidden_layers
+        self._segments = {"embed": self._seg_embed, "finish": self._seg_finish}
+        for layer in range(L):
+            self._segments[("pre", layer)] = functools.partial(self._seg_pre, layer)
+            self._segments[("moe", layer)] = functools.partial(self._seg_moe, layer)
+        self._graphs: dict = {}
+        # benchmarks only: callable(layer, router_ids) -> ids actually served (outputs are then meaningless)
+        self.route_override = None
+        if (dev.type == "cuda") if cuda_graph is None else cuda_graph:
+            self._capture_segments()
 
-    def _moe(self, layer: int, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ids = idx.tolist()                                                            # the one sync per layer
-        slots = self.expert_cache.slots(layer, ids)
-        slot_ids = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+    # segments: each reads and writes only the static buffers, so each can be a graph
+    def _seg_embed(self) -> None:
+        x, cos, sin, bias = self._embed()
+        self.x_buf.copy_(x), self.rope_buf[0].copy_(cos), self.rope_buf[1].copy_(sin), self.bias_buf.copy_(bias)
+
+    def _seg_pre(self, layer: int) -> None:
+        x, h, idx, w = self._pre(layer, self.x_buf, self.rope_buf[0], self.rope_buf[1], self.bias_buf)
+        self.x_buf.copy_(x), self.h_buf.copy_(h), self.idx_buf.copy_(idx), self.w_buf.copy_(w)
+        self.idx_host.copy_(self.idx_buf, non_blocking=True)
+
+    def _seg_moe(self, layer: int) -> None:
         c = self.expert_cache
-        return moe_one_token(h, slot_ids, w, c.gate, c.up, c.down)
+        y = moe_one_token(self.h_buf, self.slot_buf, self.w_buf, c.gate, c.up, c.down)
+        self.x_buf.copy_(self.x_buf + y.view(1, 1, -1))
+
+    def _seg_finish(self) -> None:
+        self._finish(self.x_buf)
+
+    def _run(self, key) -> None:
+        g = self._graphs.get(key)
+        g.replay() if g is not None else self._segments[key]()
+
+    def _capture_segments(self) -> None:
+        saved = (self.expert_cache.hits, self.expert_cache.misses)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):           # warm-up (compilation, Triton) at slot 0, which prefill rewrites
+            self.pos.zero_(), self.n.zero_()
+            for fn in self._segments.values():
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        for key, fn in self._segments.items():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                fn()
+            self._graphs[key] = g
+        self.pos.zero_(), self.n.zero_()
+        self.expert_cache.hits, self.expert_cache.misses = saved
 
     def _step(self) -> None:
-        x, cos, sin, bias = self._embed()
+        self._run("embed")
         for layer in range(self.config.num_hidden_layers):
-            x = self._attention(layer, x, cos, sin, bias)
-            h, idx, w = self._route(layer, x)
-            x = x + self._moe(layer, h, idx, w).view(1, 1, -1)
-        self._finish(x)
+            self._run(("pre", layer))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()                         # the one sync per layer
+            ids = self.idx_host.tolist()
+            if self.route_override is not None:
+                ids = self.route_override(layer, ids)
+            slots = self.expert_cache.slots(layer, ids)
+            self.slot_host.copy_(torch.tensor(slots, dtype=torch.long))
+            self.slot_buf.copy_(self.slot_host, non_blocking=True)
+            self._run(("moe", layer))
+        self._run("finish")
 
 
 def time_steps(dec: StaticDecoder, n: int) -> list[float]:

@@ -60,8 +60,7 @@ def test_static_decoder_equals_eager_generate(path, small_ckpt):
     eager = model(nxt[None], cache=cache, last_only=True)[0, -1]
     x, cos, sin, bias = dec._embed()
     for layer in range(model.config.num_hidden_layers):
-        x = dec._attention(layer, x, cos, sin, bias)
-        h, idx, w = dec._route(layer, x)
+        x, h, idx, w = dec._pre(layer, x, cos, sin, bias)
         x = x + moe_one_token_torch(h, idx, w, *dec.layer_experts(layer)).view(1, 1, -1)
     x = q3lab.fastdecode._rms(x, model.model.norm.weight, model.config.rms_norm_eps)
     mine = torch.nn.functional.linear(x, model.lm_head.weight).float().view(-1)
