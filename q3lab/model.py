@@ -57,11 +57,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) in the same order as the reference's explicit
-        # formula (bit-equal, checked in tests/test_decode_fast.py) in fewer dispatched ops.
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return _rms(x, self.weight, self.eps)
 
 
 # -- rotary ------------------------------------------------------------------------------------
@@ -108,10 +104,34 @@ def rope_cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     return cos.to(dtype), torch.cat((-sin[..., :h], sin[..., h:]), dim=-1).to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
-    """Rotary on x [B, T, heads, hd] with cos / folded sin [B, T, 1, hd] (see `rope_cos_sin`)."""
+def rope_matrix(cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """R [hd, hd] with x @ R = x*cos + cat(x2, x1)*sin_folded, for one position (cos, folded sin [hd]).
+
+    A one-token step rotates q and k of every layer with one matmul each instead of six elementwise ops;
+    each output sums two products, so it may differ from `_rotate` in the last bit (fused multiply-add)."""
+    h = cos.shape[-1] // 2
+    r = torch.diag_embed(cos)
+    r.diagonal(-h).copy_(sin_folded[:h])     # r[k + h, k]: x2 feeds output k < h
+    r.diagonal(h).copy_(sin_folded[h:])      # r[k - h, k]: x1 feeds output k >= h
+    return r
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor | None) -> torch.Tensor:
+    """Rotary on x [B, T, heads, hd] with cos / folded sin [B, T, 1, hd] (see `rope_cos_sin`), or with a
+    rotation matrix `cos` [hd, hd] and `sin_folded` None (see `rope_matrix`)."""
+    if sin_folded is None:
+        return x @ cos
     h = x.shape[-1] // 2
     return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_folded
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight."""
+    # F.rms_norm runs the reference's explicit formula in the same order (bit-equal, checked in
+    # tests/test_decode_fast.py) in fewer dispatched ops.
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
 
 
 # -- KV cache ----------------------------------------------------------------------------------
@@ -153,7 +173,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
-        """x [B, T, D]; cos / folded sin [B or 1, T, 1, hd] (`rope_cos_sin`); mask [B, 1, T, S] or None."""
+        """x [B, T, D]; cos / folded sin [B or 1, T, 1, hd] (`rope_cos_sin`) or a rotation matrix and None
+        (`rope_matrix`); mask [B, 1, T, S] or None. `Thinker._decode_step` repeats these ops without modules."""
         B, T, _ = x.shape
         H, K, hd = self.n_heads, self.n_kv, self.head_dim
         q = _rotate(_call(self.q_norm, _call(self.q_proj, x).view(B, T, H, hd)), cos, sin).transpose(1, 2)
@@ -206,14 +227,22 @@ class Experts(nn.Module):
 
     def _one_token(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Decode step (one token, h [1, D]), experts served in ascending id as `forward` does."""
-        ids, ws = idx[0].tolist(), w[0].tolist()
-        order = sorted(range(len(ids)), key=ids.__getitem__)             # ranks, by ascending expert
-        experts, ws = [ids[r] for r in order], [ws[r] for r in order]
         p, layer = self.provider, self.layer_idx
+        stacked = self.expert_numel * idx.shape[1] <= self.STACK_MAX_ELEMENTS
+        if stacked and type(p) is ResidentExperts:      # no prepare to call: stays on the tensors
+            sel = idx[0]
+            return self._one_token_stacked(h, w[0], p.gate[layer].index_select(0, sel),
+                                           p.up[layer].index_select(0, sel), p.down[layer].index_select(0, sel))
+        ids = idx[0].tolist()
+        experts = sorted(ids)
         p.prepare(layer, experts)
-        if self.expert_numel * len(experts) <= self.STACK_MAX_ELEMENTS:
-            return self._one_token_stacked(h, experts, ws)
+        if stacked:
+            served = {e: p.weights(layer, e) for e in experts}            # accessed in ascending id
+            g, u, d = zip(*(served[e] for e in ids))                       # blocks in rank order, as above
+            return self._one_token_stacked(h, w[0], torch.stack(g), torch.stack(u), torch.stack(d))
         # The same sums in the same order as the N > 1 path: bit-identical to it.
+        ws = w[0].tolist()
+        ws = [ws[r] for r in sorted(range(len(ids)), key=ids.__getitem__)]
         out = None
         for e, we in zip(experts, ws):
             gate, up, down = p.weights(layer, e)
@@ -221,22 +250,16 @@ class Experts(nn.Module):
             out = y if out is None else out.add_(y)
         return out
 
-    def _one_token_stacked(self, h: torch.Tensor, experts: list[int], ws: list[float]) -> torch.Tensor:
-        """sum_a w_a * down_a @ (silu(gate_a @ h) * up_a @ h) as gate/up [A, I, D] @ h, then one [D, A*I]
-        down block @ the weighted activations. Resident experts are index_select-ed, others stacked from the
-        provider's views: equal blocks, so both providers give bit-equal outputs."""
-        p, layer, A = self.provider, self.layer_idx, len(experts)
+    @staticmethod
+    def _one_token_stacked(h: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                           down: torch.Tensor) -> torch.Tensor:
+        """sum_a w_a * down_a @ (silu(gate_a @ h) * up_a @ h) for h [1, D], w [A] and the chosen experts
+        stacked in rank order, gate/up [A, I, D], down [A, D, I]: three batched products instead of a loop of
+        7 ops per expert. Resident experts (index_select) and the cache (torch.stack of its views) build
+        equal blocks, so they give bit-equal outputs."""
         x = h[0]                                                              # [D]
-        if isinstance(p, ResidentExperts):
-            sel = torch.tensor(experts, device=h.device)
-            gate, up = p.gate[layer].index_select(0, sel), p.up[layer].index_select(0, sel)   # [A, I, D]
-            down = p.down[layer].transpose(0, 1).index_select(1, sel)                          # [D, A, I]
-        else:
-            g, u, d = zip(*(p.weights(layer, e) for e in experts))
-            gate, up, down = torch.stack(g), torch.stack(u), torch.stack(d, dim=1)             # [D, A, I]
-        act = F.silu(gate @ x) * (up @ x)                                    # [A, I]
-        act = act * torch.tensor(ws, dtype=act.dtype, device=act.device)[:, None]
-        return (down.view(down.shape[0], -1) @ act.view(-1)).view(1, -1)      # [1, D]
+        act = F.silu(gate @ x) * (up @ x) * w[:, None]                        # [A, I]
+        return torch.bmm(down, act[:, :, None]).sum(0).view(1, -1)            # [A, D, 1] -> [1, D]
 
 
 class SparseMoeBlock(nn.Module):
@@ -373,7 +396,10 @@ class Thinker(nn.Module):
         x = model.hook_embed(_call(model.embed_tokens, input_ids))                   # [B, T, D]
         if position_ids is None and attention_mask is None and cache is not None:
             cos, sin = self._rope_table(cache, x.dtype)                               # text positions 0..max_len
-            cos, sin = cos.narrow(1, past, T), sin.narrow(1, past, T)
+            if T == 1:   # every row at the same position: one rotation matrix for all layers
+                cos, sin = rope_matrix(cos[0, past, 0], sin[0, past, 0]), None
+            else:
+                cos, sin = cos.narrow(1, past, T), sin.narrow(1, past, T)
         else:
             if position_ids is None:
                 if attention_mask is not None:
@@ -403,6 +429,46 @@ class Thinker(nn.Module):
             freqs = mrope_freqs(pos, self.inv_freq, self.config.mrope_section, self.config.mrope_interleaved)
             cache.rope = tuple(t[:, :, None] for t in rope_cos_sin(freqs, dtype))
         return cache.rope
+
+    def _decode_plan(self) -> tuple[list, list]:
+        """What `_decode_step` reads per layer (weights and the experts module), gathered once per generate
+        call, and every hook dict of the model (any hook anywhere sends a step through the modules)."""
+        plan = []
+        for lay in self.model.layers:
+            at, mlp = lay.self_attn, lay.mlp
+            plan.append((lay.input_layernorm.weight, at.q_proj.weight, at.k_proj.weight, at.v_proj.weight,
+                         at.q_norm.weight, at.k_norm.weight, at.o_proj.weight, lay.post_attention_layernorm.weight,
+                         mlp.gate.weight, mlp.experts))
+        hooks = [d for m in self.modules()
+                 for d in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)]
+        return plan, hooks + list(_GLOBAL_HOOKS)
+
+    def _decode_step(self, plan: list, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] of one new token per row (ids [B, 1], text positions, no padding): the ops of
+        `_forward` in the same order on the same tensors, without modules, hook points or shape plumbing
+        (bit-equal to it, tests/test_decode_fast.py), for generate's loop when no hook is registered."""
+        c = self.config
+        B, eps, H, K, hd, D = ids.shape[0], c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, \
+            c.head_dim, c.hidden_size
+        s, top_k, renorm = cache.length, c.num_experts_per_tok, c.norm_topk_prob
+        x = F.embedding(ids, self.model.embed_tokens.weight)                          # [B, 1, D]
+        cos, sin = self._rope_table(cache, x.dtype)
+        rot = rope_matrix(cos[0, s, 0], sin[0, s, 0])
+        for i, (ln1, qw, kw, vw, qn, kn, ow, ln2, gw, experts) in enumerate(plan):
+            h = _rms(x, ln1, eps)
+            q = (_rms(F.linear(h, qw).view(B, 1, H, hd), qn, eps) @ rot).transpose(1, 2)   # [B, H, 1, hd]
+            k = (_rms(F.linear(h, kw).view(B, 1, K, hd), kn, eps) @ rot).transpose(1, 2)   # [B, K, 1, hd]
+            k, v = cache.update(i, k, F.linear(h, vw).view(B, 1, K, hd).transpose(1, 2))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=hd ** -0.5,
+                                               enable_gqa=True)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * hd), ow)
+            h = _rms(x, ln2, eps).reshape(-1, D)                                       # [B, D]
+            w, idx = torch.topk(torch.softmax(F.linear(h, gw), dim=-1, dtype=torch.float32), top_k, dim=-1)
+            if renorm:
+                w = w / w.sum(dim=-1, keepdim=True)
+            x = x + experts.forward(h, idx, w.to(h.dtype)).view(B, 1, D)
+        cache.length += 1
+        return F.linear(_rms(x, self.model.norm.weight, eps), self.lm_head.weight).float()[:, -1]
 
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -448,6 +514,7 @@ class Thinker(nn.Module):
             logits = self(input_ids, cache=cache, attention_mask=full[:, :T], last_only=True)[:, -1]
         else:
             logits = self(input_ids, cache=cache, last_only=True)[:, -1]
+        plan, hook_dicts = self._decode_plan() if mask is None else (None, None)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         eos_t = torch.tensor(sorted(eos), device=self.device) if eos else None
@@ -463,6 +530,9 @@ class Thinker(nn.Module):
                 break
             # ids from argmax/multinomial over the vocabulary need no range check; hooks on the Thinker
             # (q3lab.record) still see every call.
+            if mask is None and not any(hook_dicts):
+                logits = self._decode_step(plan, nxt[:, None], cache)
+                continue
             hooked = self._forward_pre_hooks or self._forward_hooks or any(_GLOBAL_HOOKS)
             if mask is not None:
                 pos = next_pos[:, None]
