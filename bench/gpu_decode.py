@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile'd decoder rows")
+    ap.add_argument("--profile", action="store_true", help="kernel-time table of 5 compiled decode steps")
     ap.add_argument("--sweep", action="store_true", help="time 40 block/warp configs of the MoE kernels first")
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_decode.json")
     args = ap.parse_args()
@@ -296,6 +297,8 @@ def main() -> None:
                                  tok_s=1 / per, prefill_ms=pre * 1e3, step_median_ms=statistics.median(steps) * 1e3,
                                  of_floor=per / floor))
                 log(rows[-1]); save()
+                if args.profile:
+                    _profile(dec_c, args.json.parent / "profile_static.txt")
                 dec = dec_c
         dec.generate(prompt, args.offload_tokens)
         resident_out = dec.out[:args.offload_tokens].clone()
@@ -321,6 +324,8 @@ def main() -> None:
     for ly in ours.model.layers:
         ly.mlp.experts.provider = None
     del dec, hf_gen
+    if args.compile:
+        del dec_c
     if DEV == "cuda":
         torch.cuda.empty_cache()
     log(f"experts moved to pinned host memory ({(host_gu.nbytes + host_dn.nbytes) / GB:.1f} GB) in "
@@ -376,6 +381,22 @@ def main() -> None:
     log(rows[-1])
     save()
     _table(rows)
+
+
+def _profile(dec, path: Path) -> None:
+    """Kernel times inside 5 replays of the decode graph: how much of a step is kernels vs gaps between them."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            dec.step()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    table = ka.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+    path.write_text(table)
+    total = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / 5
+    count = sum(e.count for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / 5
+    log(f"profile: {count:.0f} kernels per step, {total / 1e3:.2f} ms of kernel time per step")
+    log("\n".join(table.splitlines()[:20]))
 
 
 def _mem() -> float:

@@ -41,11 +41,14 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def attention_and_route(x, cos, sin, bias, pos, kc, vc, w_in, wq, wk, wv, wo, wqn, wkn, w_post, w_router, *,
-                        H: int, K: int, hd: int, A: int, eps: float, norm_topk: bool):
+def attention_and_route(x, y_prev, cos, sin, bias, pos, kc, vc, w_in, wq, wk, wv, wo, wqn, wkn, w_post, w_router,
+                        *, H: int, K: int, hd: int, A: int, eps: float, norm_topk: bool):
     """One decoder layer of one token up to its experts, as a pure function of tensors (one compiled graph
-    serves every layer). x [1, 1, D]; cos/sin [1, 1, hd]; bias [S] (0 or -inf); pos [1]; kc/vc [1, K, S, hd]
-    (written at pos). Returns x + attention [1, 1, D], the experts' input [D], top-k ids [A] and weights [A]."""
+    serves every layer). x [1, 1, D] the residual before the previous layer's experts, y_prev [A', D] float32
+    their weighted outputs (summed here, so the sum and the residual add fuse into this layer's first kernel);
+    cos/sin [1, 1, hd]; bias [S] (0 or -inf); pos [1]; kc/vc [1, K, S, hd] (written at pos).
+    Returns x + attention [1, 1, D], the experts' input [D], top-k ids [A] and weights [A]."""
+    x = x + y_prev.sum(0).to(x.dtype).view(1, 1, -1)
     h = _rms(x, w_in, eps)                                                            # [1, 1, D]
     q = _rms(F.linear(h, wq).view(1, 1, H, hd), wqn, eps)
     k = _rms(F.linear(h, wk).view(1, 1, K, hd), wkn, eps)
@@ -120,17 +123,18 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)                       # its position
         self.n = torch.zeros(1, dtype=torch.long, device=dev)                         # tokens emitted so far
         self.out = torch.zeros(self.max_len, dtype=torch.long, device=dev)
+        self.no_experts = torch.zeros(1, c.hidden_size, dtype=torch.float32, device=dev)   # layer 0's "previous"
         self.graph: torch.cuda.CUDAGraph | None = None
         use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
         if use_graph:
             self._capture()
 
     # -- one step --------------------------------------------------------------------------------
-    def _pre(self, layer: int, x: torch.Tensor, cos, sin, bias):
-        """Layer `layer` up to its experts: (x after attention [1, 1, D], the experts' input h [D], ids [A],
-        weights [A])."""
+    def _pre(self, layer: int, x: torch.Tensor, y_prev: torch.Tensor, cos, sin, bias):
+        """Layer `layer` up to its experts, from the residual x and the previous layer's expert outputs y_prev:
+        (x after attention [1, 1, D], the experts' input h [D], ids [A], weights [A])."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]                             # [1, K, S, hd]
-        return self._pre_fn(x, cos, sin, bias, self.pos, kc, vc, *self._layer_weights[layer])
+        return self._pre_fn(x, y_prev, cos, sin, bias, self.pos, kc, vc, *self._layer_weights[layer])
 
     def _embed(self):
         x = F.embedding(self.tok.view(1, 1), self.model.model.embed_tokens.weight)    # [1, 1, D]
@@ -139,8 +143,9 @@ class StaticDecoder:
         bias = torch.where(self.slots <= self.pos, 0.0, float("-inf"))                  # [S]
         return x, cos, sin, bias
 
-    def _finish(self, x: torch.Tensor) -> None:
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> None:
         c = self.config
+        x = x + y.sum(0).to(x.dtype).view(1, 1, -1)
         x = _rms(x, self.model.model.norm.weight, c.rms_norm_eps)
         nxt = F.linear(x, self.model.lm_head.weight).float().view(-1).argmax().view(1)
         self.out.index_copy_(0, self.n, nxt)
@@ -150,10 +155,11 @@ class StaticDecoder:
 
     def _step(self) -> None:
         x, cos, sin, bias = self._embed()
+        y = self.no_experts
         for layer in range(self.config.num_hidden_layers):
-            x, h, idx, w = self._pre(layer, x, cos, sin, bias)
-            x = x + moe_one_token(h, idx, w, *self.layer_experts(layer)).view(1, 1, -1)
-        self._finish(x)
+            x, h, idx, w = self._pre(layer, x, y, cos, sin, bias)
+            y = moe_one_token(h, idx, w, *self.layer_experts(layer), partials=True)     # [A, D] float32
+        self._finish(x, y)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -323,6 +329,7 @@ class OffloadedDecoder(StaticDecoder):
         A, D = c.num_experts_per_tok, c.hidden_size
         pin = dev.type == "cuda"
         self.x_buf = torch.zeros(1, 1, D, device=dev, dtype=dt)
+        self.y_buf = torch.zeros(A, D, device=dev, dtype=torch.float32)
         self.h_buf = torch.zeros(D, device=dev, dtype=dt)
         self.w_buf = torch.zeros(A, device=dev, dtype=dt)
         self.idx_buf = torch.zeros(A, device=dev, dtype=torch.long)
@@ -347,19 +354,19 @@ class OffloadedDecoder(StaticDecoder):
     def _seg_embed(self) -> None:
         x, cos, sin, bias = self._embed()
         self.x_buf.copy_(x), self.rope_buf[0].copy_(cos), self.rope_buf[1].copy_(sin), self.bias_buf.copy_(bias)
+        self.y_buf.zero_()
 
     def _seg_pre(self, layer: int) -> None:
-        x, h, idx, w = self._pre(layer, self.x_buf, self.rope_buf[0], self.rope_buf[1], self.bias_buf)
+        x, h, idx, w = self._pre(layer, self.x_buf, self.y_buf, self.rope_buf[0], self.rope_buf[1], self.bias_buf)
         self.x_buf.copy_(x), self.h_buf.copy_(h), self.idx_buf.copy_(idx), self.w_buf.copy_(w)
         self.idx_host.copy_(self.idx_buf, non_blocking=True)
 
     def _seg_moe(self, layer: int) -> None:
         c = self.expert_cache
-        y = moe_one_token(self.h_buf, self.slot_buf, self.w_buf, c.gate, c.up, c.down)
-        self.x_buf.copy_(self.x_buf + y.view(1, 1, -1))
+        self.y_buf.copy_(moe_one_token(self.h_buf, self.slot_buf, self.w_buf, c.gate, c.up, c.down, partials=True))
 
     def _seg_finish(self) -> None:
-        self._finish(self.x_buf)
+        self._finish(self.x_buf, self.y_buf)
 
     def _run(self, key) -> None:
         g = self._graphs.get(key)

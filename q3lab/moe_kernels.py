@@ -30,8 +30,9 @@ def triton_available(device: torch.device) -> bool:
 
 
 def moe_one_token_torch(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor,
-                        up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Reference arithmetic. x [D]; ids [A] (int); w [A]; gate/up [E, I, D]; down [E, D, I] -> [D] (x.dtype)."""
+                        up: torch.Tensor, down: torch.Tensor, *, partials: bool = False) -> torch.Tensor:
+    """Reference arithmetic. x [D]; ids [A] (int); w [A]; gate/up [E, I, D]; down [E, D, I] -> [D] (x.dtype),
+    or with partials=True the weighted expert outputs [A, D] in float32 before their sum."""
     dt = gate.dtype
     g = gate.index_select(0, ids).float()                                        # [A, I, D]
     u = up.index_select(0, ids).float()
@@ -41,7 +42,7 @@ def moe_one_token_torch(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gat
     ux = (u @ xf).to(dt).float()
     h = (F.silu(gx).to(dt).float() * ux).to(dt).float()                          # [A, I]
     y = (d @ h[:, :, None])[:, :, 0].to(dt).float()                              # [A, D]
-    return (y * w.to(dt).float()[:, None]).sum(0).to(x.dtype)
+    return (y * w.to(dt).float()[:, None]).sum(0).to(x.dtype) if not partials else y * w.to(dt).float()[:, None]
 
 
 if triton is not None:
@@ -94,7 +95,7 @@ if triton is not None:
 def moe_one_token_triton(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor,
                          up: torch.Tensor, down: torch.Tensor, *, block_i: int = 16, block_d: int = 256,
                          block_o: int = 16, block_k: int = 256, warps_up: int = 4,
-                         warps_down: int = 4) -> torch.Tensor:
+                         warps_down: int = 4, partials: bool = False) -> torch.Tensor:
     """The fused version of `moe_one_token_torch` (same arguments); rows of each expert must be contiguous."""
     A = ids.shape[0]
     E, I, D = gate.shape
@@ -111,7 +112,7 @@ def moe_one_token_triton(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, ga
                                                   num_warps=warps_up)
     _down_kernel[(A, triton.cdiv(D, block_o))](h, ids, w, down, y, D, down.stride(0), down.stride(1),
                                                I=I, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps_down)
-    return y.sum(0).to(x.dtype)
+    return y if partials else y.sum(0).to(x.dtype)
 
 
 # block sizes and warps of the two kernels: the fastest of 40 configs swept by bench/gpu_decode.py --sweep on an
@@ -120,8 +121,9 @@ TRITON_CONFIG: dict[str, int] = dict(block_i=2, block_d=1024, warps_up=4, block_
 
 
 def moe_one_token(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                  down: torch.Tensor) -> torch.Tensor:
-    """One token's weighted expert sum [D]: fused kernels on CUDA, the torch version elsewhere."""
-    if triton_available(x.device) and x.shape[-1] % 256 == 0:
-        return moe_one_token_triton(x, ids, w, gate, up, down, **TRITON_CONFIG)
-    return moe_one_token_torch(x, ids, w, gate, up, down)
+                  down: torch.Tensor, *, partials: bool = False) -> torch.Tensor:
+    """One token's weighted expert sum [D] (or, partials=True, the weighted outputs [A, D] in float32, for a
+    caller that fuses the sum into its next kernel): fused kernels on CUDA, the torch version elsewhere."""
+    if triton_available(x.device) and x.shape[-1] % TRITON_CONFIG["block_d"] == 0:
+        return moe_one_token_triton(x, ids, w, gate, up, down, partials=partials, **TRITON_CONFIG)
+    return moe_one_token_torch(x, ids, w, gate, up, down, partials=partials)
