@@ -129,9 +129,12 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight."""
     # F.rms_norm runs the reference's explicit formula in the same order (bit-equal, checked in
     # tests/test_decode_fast.py) in fewer dispatched ops.
+    # weight [dim] or one row per head [heads, dim] (Thinker._decode_step's q and k together)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+        if weight.dim() == 1:
+            return F.rms_norm(x, weight.shape, weight, eps)
+        return F.rms_norm(x, weight.shape[-1:], eps=eps) * weight
+    return weight * F.rms_norm(x.float(), weight.shape[-1:], eps=eps).to(x.dtype)
 
 
 # -- KV cache ----------------------------------------------------------------------------------
@@ -177,8 +180,14 @@ class Attention(nn.Module):
         (`rope_matrix`); mask [B, 1, T, S] or None. `Thinker._decode_step` repeats these ops without modules."""
         B, T, _ = x.shape
         H, K, hd = self.n_heads, self.n_kv, self.head_dim
-        q = _rotate(_call(self.q_norm, _call(self.q_proj, x).view(B, T, H, hd)), cos, sin).transpose(1, 2)
-        k = _rotate(_call(self.k_norm, _call(self.k_proj, x).view(B, T, K, hd)), cos, sin).transpose(1, 2)
+        q = _call(self.q_norm, _call(self.q_proj, x).view(B, T, H, hd))                # [B, T, H, hd]
+        k = _call(self.k_norm, _call(self.k_proj, x).view(B, T, K, hd))                # [B, T, K, hd]
+        if sin is None:   # one rotation matrix: q and k heads in one matmul, as Thinker._decode_step does
+            qk = torch.cat((q, k), dim=2) @ cos
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = _call(self.v_proj, x).view(B, T, K, hd).transpose(1, 2)                    # q [B, H, T, hd], k/v K
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                  # [B, K, S, hd]
@@ -240,9 +249,21 @@ class Experts(nn.Module):
             served = {e: p.weights(layer, e) for e in experts}            # accessed in ascending id
             g, u, d = zip(*(served[e] for e in ids))                       # blocks in rank order, as above
             return self._one_token_stacked(h, w[0], torch.stack(g), torch.stack(u), torch.stack(d))
-        # The same sums in the same order as the N > 1 path: bit-identical to it.
         ws = w[0].tolist()
         ws = [ws[r] for r in sorted(range(len(ids)), key=ids.__getitem__)]
+        if h.dtype == torch.float32:
+            # down @ act, times the weight, added to the sum: one addmv_ instead of three ops; float32 only,
+            # where its single rounding stays within float rounding of the reference's order.
+            if type(p) is ResidentExperts:   # the same views as p.weights, with a third of the indexing
+                g, u, d = p.gate[layer], p.up[layer], p.down[layer]
+                served = [(g[e], u[e], d[e]) for e in experts]
+            else:
+                served = [p.weights(layer, e) for e in experts]
+            x, out = h[0], torch.zeros_like(h[0])
+            for (gate, up, down), we in zip(served, ws):
+                out.addmv_(down, F.silu(torch.mv(gate, x)) * torch.mv(up, x), alpha=we)
+            return out.view(1, -1)
+        # Half precision: the same sums in the same order as the N > 1 path (bit-identical to it).
         out = None
         for e, we in zip(experts, ws):
             gate, up, down = p.weights(layer, e)
@@ -436,9 +457,11 @@ class Thinker(nn.Module):
         plan = []
         for lay in self.model.layers:
             at, mlp = lay.self_attn, lay.mlp
+            H, K = at.n_heads, at.n_kv
+            qk_norm = torch.cat((at.q_norm.weight.expand(H, -1), at.k_norm.weight.expand(K, -1)))   # [H+K, hd]
             plan.append((lay.input_layernorm.weight, at.q_proj.weight, at.k_proj.weight, at.v_proj.weight,
-                         at.q_norm.weight, at.k_norm.weight, at.o_proj.weight, lay.post_attention_layernorm.weight,
-                         mlp.gate.weight, mlp.experts))
+                         qk_norm, at.o_proj.weight, lay.post_attention_layernorm.weight, mlp.gate.weight,
+                         mlp.experts))
         hooks = [d for m in self.modules()
                  for d in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)]
         return plan, hooks + list(_GLOBAL_HOOKS)
@@ -454,10 +477,13 @@ class Thinker(nn.Module):
         x = F.embedding(ids, self.model.embed_tokens.weight)                          # [B, 1, D]
         cos, sin = self._rope_table(cache, x.dtype)
         rot = rope_matrix(cos[0, s, 0], sin[0, s, 0])
-        for i, (ln1, qw, kw, vw, qn, kn, ow, ln2, gw, experts) in enumerate(plan):
+        for i, (ln1, qw, kw, vw, qk_norm, ow, ln2, gw, experts) in enumerate(plan):
             h = _rms(x, ln1, eps)
-            q = (_rms(F.linear(h, qw).view(B, 1, H, hd), qn, eps) @ rot).transpose(1, 2)   # [B, H, 1, hd]
-            k = (_rms(F.linear(h, kw).view(B, 1, K, hd), kn, eps) @ rot).transpose(1, 2)   # [B, K, 1, hd]
+            # q and k heads normed and rotated together: each head's row sees the ops q_norm / k_norm and the
+            # rotation would apply to it alone (bit-equal, tested)
+            qk = torch.cat((F.linear(h, qw).view(B, 1, H, hd), F.linear(h, kw).view(B, 1, K, hd)), dim=2)
+            qk = _rms(qk, qk_norm, eps) @ rot                                             # [B, 1, H+K, hd]
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)            # [B, H|K, 1, hd]
             k, v = cache.update(i, k, F.linear(h, vw).view(B, 1, K, hd).transpose(1, 2))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=hd ** -0.5,
                                                enable_gqa=True)
