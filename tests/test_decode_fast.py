@@ -142,3 +142,24 @@ def test_cache_decodes_bit_equal_to_resident(ckpt, expert_path):
         tok = torch.tensor([[1]])
         assert torch.equal(resident._decode_step(resident._decode_plan()[0], tok, a),
                            cached._decode_step(cached._decode_plan()[0], tok, b))
+
+
+def test_prefill_experts_equal_a_scatter_per_expert(ckpt):
+    """The N > 1 path (one gather and one sum) against the per-expert index_add_ it replaced: bit-equal."""
+    import torch.nn.functional as F
+    _, path, _ = ckpt
+    model = q3lab.load(Checkpoint(path))
+    experts, p = model.model.layers[2].mlp.experts, model.experts_provider
+    g = torch.Generator().manual_seed(5)
+    N, E, A = 37, model.config.num_experts, model.config.num_experts_per_tok
+    h = torch.randn(N, model.config.hidden_size, generator=g)
+    w, idx = torch.topk(torch.softmax(torch.randn(N, E, generator=g), -1), A)
+    w = w / w.sum(-1, keepdim=True)
+    want = torch.zeros_like(h)
+    for e in range(E):                                   # ascending expert, each token's rows added in turn
+        tok, rank = (idx == e).nonzero(as_tuple=True)
+        if len(tok):
+            gate, up, down = p.weights(2, e)
+            y = F.linear(F.silu(F.linear(h[tok], gate)) * F.linear(h[tok], up), down)
+            want.index_add_(0, tok, y * w[tok, rank, None])
+    assert torch.equal(experts.forward(h, idx, w), want)
