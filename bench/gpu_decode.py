@@ -125,6 +125,22 @@ def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
             continue
         sweep.append(kw | {"us_per_layer": t * 1e6, "GBps": nbytes / t / GB})
     del gu, dn
+    try:  # a failure here is reported; the fused decoder row then fails and is skipped too
+        from q3lab.decode_kernels import (decode_attention_torch, decode_attention_triton, topk_renorm_torch,
+                                          topk_renorm_triton)
+        H, K, hd, S = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 200
+        q = torch.randn(H, hd, device=DEV, generator=g).bfloat16()
+        kc, vc = (torch.randn(K, S, hd, device=DEV, generator=g).bfloat16() for _ in range(2))
+        bias = torch.where(torch.arange(S, device=DEV) <= 150, 0.0, float("-inf"))
+        a, b = decode_attention_triton(q, kc, vc, bias, hd ** -0.5), decode_attention_torch(q, kc, vc, bias, hd ** -0.5)
+        attn_err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        probs = torch.softmax(torch.randn(E, device=DEV, generator=g), 0)
+        (i1, w1), (i2, w2) = topk_renorm_triton(probs, A, True, torch.bfloat16), topk_renorm_torch(probs, A, True,
+                                                                                                 torch.bfloat16)
+        log(f"fused decode attention vs torch: rel. error {attn_err:.1e}; fused top-k ids equal "
+            f"{torch.equal(i1, i2)}, weights max diff {(w1.float() - w2.float()).abs().max().item():.1e}")
+    except Exception as e:
+        log(f"fused decode kernels failed: {type(e).__name__}: {e}")
     sweep.sort(key=lambda r: r["us_per_layer"])
     import pandas as pd
     log(pd.DataFrame(sweep[:8]).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
@@ -176,6 +192,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile'd decoder rows")
+    ap.add_argument("--no-fused", dest="fused", action="store_false",
+                    help="skip the fused-kernel decoder rows (q/k/v as one projection, Triton attention + top-k)")
     ap.add_argument("--profile", action="store_true", help="kernel-time table of 5 compiled decode steps")
     ap.add_argument("--sweep", action="store_true", help="time 40 block/warp configs of the MoE kernels first")
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_decode.json")
@@ -277,29 +295,37 @@ def main() -> None:
                          prefill_ms=pre * 1e3, step_median_ms=statistics.median(steps) * 1e3,
                          of_floor=per / floor))
         log(rows[-1]); save()
+        variants = []
         if args.compile:
+            variants.append(("torch.compile + CUDA graph", dict(compile=True)))
+        if args.fused:
+            variants.append((f"{'torch.compile + ' if args.compile else ''}fused kernels + CUDA graph",
+                             dict(compile=args.compile, fused=True)))
+        best = dict(compile=False, fused=False)
+        for label, kw in variants:
             t = time.perf_counter()
             try:
-                dec_c = StaticDecoder(ours, max_len, compile=True)
-            except Exception as e:  # reported, and the uncompiled decoder carries on
-                log(f"torch.compile failed: {type(e).__name__}: {e}")
-                args.compile = False
-            else:
-                log(f"compiled + captured in {time.perf_counter() - t:.0f} s")
+                dec_v = StaticDecoder(ours, max_len, **kw)
                 with torch.inference_mode():
-                    got = dec_c.generate(prompt, n)
-                res["static_compiled_vs_eager_tokens_equal"] = agree(got, want_eager)
-                log(f"compiled static vs eager greedy tokens equal: {agree(got, want_eager)}/{n}")
-                per, pre = median_decode(lambda k: dec_c.generate(prompt, k), n, args.repeats)
-                dec_c.prefill(prompt)
-                steps = _step_times(dec_c, n - 1)
-                rows.append(dict(system="q3lab StaticDecoder (torch.compile + CUDA graph)", ms_per_token=per * 1e3,
-                                 tok_s=1 / per, prefill_ms=pre * 1e3, step_median_ms=statistics.median(steps) * 1e3,
-                                 of_floor=per / floor))
-                log(rows[-1]); save()
-                if args.profile:
-                    _profile(dec_c, args.json.parent / "profile_static.txt")
-                dec = dec_c
+                    got = dec_v.generate(prompt, n)
+            except Exception as e:  # reported; the decoders that worked carry on
+                log(f"{label} failed: {type(e).__name__}: {e}")
+                continue
+            log(f"{label}: built + captured in {time.perf_counter() - t:.0f} s; greedy tokens equal to eager "
+                f"{agree(got, want_eager)}/{n}")
+            res[f"static[{label}]_vs_eager_tokens_equal"] = agree(got, want_eager)
+            per, pre = median_decode(lambda k: dec_v.generate(prompt, k), n, args.repeats)
+            dec_v.prefill(prompt)
+            steps = _step_times(dec_v, n - 1)
+            rows.append(dict(system=f"q3lab StaticDecoder ({label})", ms_per_token=per * 1e3,
+                             tok_s=1 / per, prefill_ms=pre * 1e3, step_median_ms=statistics.median(steps) * 1e3,
+                             of_floor=per / floor))
+            log(rows[-1]); save()
+            if args.profile:
+                _profile(dec_v, args.json.parent / f"profile_{'fused' if kw.get('fused') else 'compiled'}.txt")
+            dec, best = dec_v, kw
+            del dec_v
+        res["offload_decoder_options"] = best
         dec.generate(prompt, args.offload_tokens)
         resident_out = dec.out[:args.offload_tokens].clone()
         kv_slots = args.prompt + args.offload_tokens - 1        # the last new token is never fed back
@@ -324,8 +350,6 @@ def main() -> None:
     for ly in ours.model.layers:
         ly.mlp.experts.provider = None
     del dec, hf_gen
-    if args.compile:
-        del dec_c
     if DEV == "cuda":
         torch.cuda.empty_cache()
     log(f"experts moved to pinned host memory ({(host_gu.nbytes + host_dn.nbytes) / GB:.1f} GB) in "
@@ -333,7 +357,7 @@ def main() -> None:
     capacity = int(round(args.cache_fraction * L * E))
     cache = DeviceExpertCache(host_gu[:, :, :I], host_gu[:, :, I:], host_dn, capacity, device=DEV)
     t = time.perf_counter()
-    off = OffloadedDecoder(ours, max_len, cache, compile=args.compile)
+    off = OffloadedDecoder(ours, max_len, cache, **best)
     log(f"offloaded decoder built ({len(off._graphs)} segment graphs) in {time.perf_counter() - t:.0f} s")
     log(f"GPU expert cache: {capacity} experts ({capacity * cache.expert_bytes / GB:.1f} GB); GPU memory "
         f"{_mem():.1f} GB")
@@ -342,7 +366,7 @@ def main() -> None:
         equal_tokens = torch.equal(off.out[:args.offload_tokens], resident_out)
         equal_k = torch.equal(off.cache.k[:, :, :, :kv_slots], resident_k)
         res["offload_bit_equal_tokens"], res["offload_bit_equal_kv"] = equal_tokens, equal_k
-        log(f"offloaded vs resident StaticDecoder{' (both compiled)' if args.compile else ''}: tokens bit-equal {equal_tokens}, KV cache bit-equal {equal_k} "
+        log(f"offloaded vs resident StaticDecoder (both {best}): tokens bit-equal {equal_tokens}, KV cache bit-equal {equal_k} "
             f"({args.offload_tokens} tokens, first run {t:.1f} s, cold cache)")
         # steady state: continue from the warm cache, time decode steps
         off.prefill(prompt)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .errors import InputError
 from .experts import ExpertProvider
 from .model import KVCache, Thinker, apply_rotary, mrope_freqs
+from .decode_kernels import decode_attention, topk_renorm
 from .moe_kernels import moe_one_token
 
 
@@ -69,6 +70,29 @@ def attention_and_route(x, y_prev, cos, sin, bias, pos, kc, vc, w_in, wq, wk, wv
     return x, hm, idx, w.to(x.dtype)
 
 
+def qkv_rope(x, y_prev, cos, sin, pos, kc, vc, w_in, wqkv, wqn, wkn, *, H: int, K: int, hd: int, eps: float):
+    """The fused path's first part: previous experts' sum + residual, input norm, ONE q/k/v projection (the
+    three weights concatenated), q/k norms and rotary, the cache write. Returns (x [1, 1, D], q [H, hd])."""
+    x = x + y_prev.sum(0).to(x.dtype).view(1, 1, -1)
+    h = _rms(x, w_in, eps)
+    q, k, v = F.linear(h, wqkv).split([H * hd, K * hd, K * hd], dim=-1)
+    q = _rms(q.view(1, 1, H, hd), wqn, eps)
+    k = _rms(k.view(1, 1, K, hd), wkn, eps)
+    q = apply_rotary(q.transpose(1, 2), cos, sin)                                     # [1, H, 1, hd]
+    k = apply_rotary(k.transpose(1, 2), cos, sin)                                     # [1, K, 1, hd]
+    kc.index_copy_(2, pos, k)
+    vc.index_copy_(2, pos, v.view(1, 1, K, hd).transpose(1, 2))
+    return x, q.reshape(H, hd)
+
+
+def out_route(x, att, wo, w_post, w_router, *, eps: float):
+    """The fused path's second part: output projection + residual, post-attention norm, router softmax.
+    Returns (x [1, 1, D], the experts' input [D], router probabilities [E] float32)."""
+    x = x + F.linear(att.reshape(1, 1, -1), wo)
+    hm = _rms(x, w_post, eps).view(-1)
+    return x, hm, torch.softmax(F.linear(hm, w_router), dim=-1, dtype=torch.float32)
+
+
 def _refuse_hooks(model: Thinker) -> None:
     hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     if hooked:
@@ -82,12 +106,15 @@ class StaticDecoder:
     max_len: the longest prompt + new tokens this decoder serves (its KV cache is preallocated to it).
     cuda_graph: capture the step in a CUDA graph (default: when the model is on CUDA).
     compile: `torch.compile` the per-layer attention + router function (one compilation serves all layers).
+    fused: fewer, larger kernels per layer: q/k/v as one projection (their weights concatenated: one extra
+        copy of them, about 1 GB at the real size), attention over the cache and the router's top-k as one
+        Triton kernel each (`q3lab.decode_kernels`; torch twins off CUDA).
     layer_experts: callable(layer) -> (gate [E, I, D], up [E, I, D], down [E, D, I]); default: the model's
         resident provider's stacked tensors.
     """
 
     def __init__(self, model: Thinker, max_len: int, *, cuda_graph: bool | None = None, layer_experts=None,
-                 compile: bool = False):
+                 compile: bool = False, fused: bool = False):
         _refuse_hooks(model)
         c = model.config
         self.model, self.config, self.max_len = model, c, int(max_len)
@@ -108,12 +135,18 @@ class StaticDecoder:
             self._layer_weights.append((lay.input_layernorm.weight, at.q_proj.weight, at.k_proj.weight,
                                         at.v_proj.weight, at.o_proj.weight, at.q_norm.weight, at.k_norm.weight,
                                         lay.post_attention_layernorm.weight, lay.mlp.gate.weight))
-        fn = functools.partial(attention_and_route, H=c.num_attention_heads, K=c.num_key_value_heads,
-                               hd=c.head_dim, A=c.num_experts_per_tok, eps=c.rms_norm_eps,
+        H, K, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        fn = functools.partial(attention_and_route, H=H, K=K, hd=hd, A=c.num_experts_per_tok, eps=c.rms_norm_eps,
                                norm_topk=c.norm_topk_prob)
         # compiling fuses the norms, rotary, softmax and top-k into a few kernels: on a GPU the step is bound
         # by kernel count, not bytes, without it
-        self._pre_fn = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
+        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile else (lambda f: f)
+        self._pre_fn = wrap(fn)
+        self.fused = fused
+        if fused:
+            self._qkv_fn = wrap(functools.partial(qkv_rope, H=H, K=K, hd=hd, eps=c.rms_norm_eps))
+            self._out_fn = wrap(functools.partial(out_route, eps=c.rms_norm_eps))
+            self._wqkv = [torch.cat([w[1], w[2], w[3]], dim=0) for w in self._layer_weights]
         self.cache = KVCache(c, 1, self.max_len, device=dev, dtype=dt)
         pos = torch.arange(self.max_len, device=dev)[None, None].expand(3, 1, self.max_len)
         emb = torch.cat([mrope_freqs(pos, model.inv_freq, c.mrope_section, c.mrope_interleaved)] * 2, -1)[0]
@@ -134,7 +167,15 @@ class StaticDecoder:
         """Layer `layer` up to its experts, from the residual x and the previous layer's expert outputs y_prev:
         (x after attention [1, 1, D], the experts' input h [D], ids [A], weights [A])."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]                             # [1, K, S, hd]
-        return self._pre_fn(x, y_prev, cos, sin, bias, self.pos, kc, vc, *self._layer_weights[layer])
+        if not self.fused:
+            return self._pre_fn(x, y_prev, cos, sin, bias, self.pos, kc, vc, *self._layer_weights[layer])
+        c = self.config
+        w_in, _, _, _, wo, wqn, wkn, w_post, w_router = self._layer_weights[layer]
+        x, q = self._qkv_fn(x, y_prev, cos, sin, self.pos, kc, vc, w_in, self._wqkv[layer], wqn, wkn)
+        att = decode_attention(q, kc[0], vc[0], bias, c.head_dim ** -0.5)            # [H, hd]
+        x, h, probs = self._out_fn(x, att, wo, w_post, w_router)
+        idx, w = topk_renorm(probs, c.num_experts_per_tok, c.norm_topk_prob, x.dtype)
+        return x, h, idx, w
 
     def _embed(self):
         x = F.embedding(self.tok.view(1, 1), self.model.model.embed_tokens.weight)    # [1, 1, D]
@@ -321,10 +362,11 @@ class OffloadedDecoder(StaticDecoder):
     The cache becomes the model's expert provider, so the (eager) prefill reads the same slots."""
 
     def __init__(self, model: Thinker, max_len: int, cache: DeviceExpertCache, *, compile: bool = False,
-                 cuda_graph: bool | None = None):
+                 fused: bool = False, cuda_graph: bool | None = None):
         self.expert_cache = cache
         model.set_experts(cache)
-        super().__init__(model, max_len, cuda_graph=False, layer_experts=lambda layer: None, compile=compile)
+        super().__init__(model, max_len, cuda_graph=False, layer_experts=lambda layer: None, compile=compile,
+                         fused=fused)
         c, dev, dt = self.config, self.device, self.dtype
         A, D = c.num_experts_per_tok, c.hidden_size
         pin = dev.type == "cuda"

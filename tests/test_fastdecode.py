@@ -43,13 +43,13 @@ def test_moe_one_token_matches_float64_expert_sum():
     assert not torch.allclose(moe_one_token_torch(x, torch.tensor([0, 1, 5]), w, gate, up, down), got)
 
 
-@pytest.mark.parametrize("path", ["mini", "small"])
-def test_static_decoder_equals_eager_generate(path, small_ckpt):
+@pytest.mark.parametrize("path,fused", [("mini", False), ("small", False), ("mini", True), ("small", True)])
+def test_static_decoder_equals_eager_generate(path, fused, small_ckpt):
     src = ROOT / "data" / "mini" if path == "mini" else small_ckpt
     model = q3lab.load(src, dtype=torch.float32)
     ids = _prompt(model.config.vocab_size, 9)
     want = model.generate(ids, 24)
-    dec = StaticDecoder(model, 40)
+    dec = StaticDecoder(model, 40, fused=fused)
     got = dec.generate(ids, 24)
     assert torch.equal(got, want)
     # the step's logits against the eager model's on the same cache contents
@@ -81,16 +81,16 @@ def test_static_decoder_matches_transformers_greedy(small_ckpt):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("capacity", [4, 20, 10_000])
-def test_offloaded_decoder_is_bit_equal_to_resident(capacity, small_ckpt):
+@pytest.mark.parametrize("capacity,fused", [(4, False), (20, True), (10_000, False)])
+def test_offloaded_decoder_is_bit_equal_to_resident(capacity, fused, small_ckpt):
     model = q3lab.load(small_ckpt, dtype=torch.bfloat16)
     ids = _prompt(model.config.vocab_size, 11, seed=2)
-    res = StaticDecoder(model, 48)
+    res = StaticDecoder(model, 48, fused=fused)
     want = res.generate(ids, 30)
     p = model.experts_provider
     cache = DeviceExpertCache(p.gate, p.up, p.down, capacity=min(capacity, p.gate.shape[0] * p.gate.shape[1]),
                               device="cpu")
-    off = OffloadedDecoder(model, 48, cache)
+    off = OffloadedDecoder(model, 48, cache, fused=fused)
     got = off.generate(ids, 30)
     assert torch.equal(got, want)
     assert torch.equal(off.cache.k, res.cache.k) and torch.equal(off.cache.v, res.cache.v)
@@ -101,6 +101,21 @@ def test_offloaded_decoder_is_bit_equal_to_resident(capacity, small_ckpt):
         assert st["misses"] <= L * E                      # nothing evicted: each expert copied at most once
     else:
         assert st["misses"] > L * E // 2 and len(cache.lru) == capacity
+
+
+def test_fused_kernel_twins_match_plain_torch():
+    from q3lab.decode_kernels import decode_attention_torch, topk_renorm_torch
+    g = torch.Generator().manual_seed(4)
+    H, K, hd, S = 8, 2, 16, 12
+    q, kc, vc = torch.randn(H, hd, generator=g), torch.randn(K, S, hd, generator=g), torch.randn(K, S, hd, generator=g)
+    bias = torch.where(torch.arange(S) <= 6, 0.0, float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(q.view(1, H, 1, hd), kc[None, :, :7], vc[None, :, :7],
+                                                            enable_gqa=True)[0, :, 0]
+    assert torch.allclose(decode_attention_torch(q, kc, vc, bias, hd ** -0.5), want, atol=1e-5)
+    p = torch.softmax(torch.randn(40, generator=g), 0)
+    idx, w = topk_renorm_torch(p, 5, True, torch.float32)
+    assert idx.tolist() == p.argsort(descending=True)[:5].tolist()
+    assert torch.allclose(w, p[idx] / p[idx].sum())
 
 
 def test_static_decoder_refuses_what_it_cannot_do(small_ckpt):
