@@ -475,14 +475,17 @@ class Thinker(nn.Module):
         x = F.embedding(ids, self.model.embed_tokens.weight)                          # [B, 1, D]
         cos, sin = self._rope_table(cache, x.dtype)
         rot = rope_matrix(cos[0, s, 0], sin[0, s, 0])
-        for i, (ln1, qw, kw, vw, qk_norm, ow, ln2, gw, experts) in enumerate(plan):
+        for (ln1, qw, kw, vw, qk_norm, ow, ln2, gw, experts), kc, vc in zip(plan, cache.k.unbind(0),
+                                                                             cache.v.unbind(0)):
             h = _rms(x, ln1, eps)
             # q and k heads normed and rotated together: each head's row sees the ops q_norm / k_norm and the
             # rotation would apply to it alone (bit-equal, tested)
             qk = torch.cat((F.linear(h, qw).view(B, 1, H, hd), F.linear(h, kw).view(B, 1, K, hd)), dim=2)
             qk = _rms(qk, qk_norm, eps) @ rot                                             # [B, 1, H+K, hd]
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)            # [B, H|K, 1, hd]
-            k, v = cache.update(i, k, F.linear(h, vw).view(B, 1, K, hd).transpose(1, 2))
+            kc.narrow(2, s, 1).copy_(k)                                                 # KVCache.update's ops
+            vc.narrow(2, s, 1).copy_(F.linear(h, vw).view(B, 1, K, hd).transpose(1, 2))
+            k, v = kc.narrow(2, 0, s + 1), vc.narrow(2, 0, s + 1)                          # [B, K, S, hd]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=hd ** -0.5,
                                                enable_gqa=True)
             x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * hd), ow)
