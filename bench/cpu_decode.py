@@ -42,7 +42,8 @@ def one_run(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench(path: Path, new_tokens: int, prefill: int, repeats: int, caches: list[str]) -> list[dict]:
+def bench(path: Path, new_tokens: int, prefill: int, repeats: int, caches: list[str],
+          notes: list[str]) -> list[dict]:
     ours = q3lab.load(path)
     ref = load_reference_generator(path)
     cfg = ours.config
@@ -92,8 +93,8 @@ def bench(path: Path, new_tokens: int, prefill: int, repeats: int, caches: list[
                              tokens_equal=equal[name]))
     for name, m in cached.items():
         s = m.experts_provider.summary()
-        print(f"{path.name} {name}: hit rate {s['hit_rate']:.3f} over the whole run, {s['misses']} misses, "
-              f"{s['bytes_loaded'] / 2**20:.0f} MiB loaded in {s['load_seconds']:.2f} s")
+        notes.append(f"{path.name}, {name}: hit rate {s['hit_rate']:.3f} over the whole run (decode and prefill), "
+                     f"{s['misses']} misses, {s['bytes_loaded'] / 2**20:.0f} MiB loaded in {s['load_seconds']:.2f} s")
     return rows
 
 
@@ -119,10 +120,12 @@ def main() -> None:
         paths.append(small)
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     t0 = time.perf_counter()
-    rows = [r for p in paths for r in bench(p, args.new_tokens, args.prefill, args.repeats, caches)]
+    notes: list[str] = []
+    rows = [r for p in paths for r in bench(p, args.new_tokens, args.prefill, args.repeats, caches, notes)]
     import pandas as pd
     text = pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}")
     print(text)
+    print("\n".join(notes))
     cmd = " ".join(["flock /tmp/q3lab-cpu.lock .venv/bin/python bench/cpu_decode.py",
                     *(f"--checkpoint {p}" for p in args.checkpoint or []),
                     f"--new-tokens {args.new_tokens} --prefill {args.prefill} --repeats {args.repeats}",
@@ -135,7 +138,7 @@ def main() -> None:
               f"reference speed in this run; q3lab_range = slowest-fastest repeat (tok/s); tokens_equal: greedy "
               f"tokens equal to the reference's (resident) or to the resident model's (caches).\n\n")
     with open(args.results, "a") as f:
-        f.write(header + "```\n" + text + "\n```\n")
+        f.write(header + "```\n" + text + "\n```\n\n" + "".join(f"- {n}\n" for n in notes))
     print(f"appended to {args.results}")
 
 
