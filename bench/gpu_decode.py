@@ -15,7 +15,9 @@ Rows (all measured in this run, on this card):
 - q3lab `StaticDecoder`: the decode step with routing on the device, captured in a CUDA graph;
 - q3lab `OffloadedDecoder`: experts in pinned host memory, a `DeviceExpertCache` holding --cache-fraction of
   them on the GPU (LRU); its tokens and KV cache are checked bit-equal to the StaticDecoder's.
-Decode time per token = (time of generate(N) - time of generate(1)) / (N - 1), medians over --repeats.
+Decode time per token = (time of generate(N) - time of generate(1)) / (N - 1), medians over --repeats; for the
+graph decoders `step_median_ms` (each step synchronised) is the reliable figure: with a short decode the noisy
+prefill dominates both generate times and their difference can even undercut the kernel time.
 """
 from __future__ import annotations
 
