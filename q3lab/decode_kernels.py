@@ -91,6 +91,69 @@ if triton is not None:
         tl.store(w_ptr + ar, vals.to(w_ptr.dtype.element_ty), mask=ar < A)
 
 
+    @triton.jit
+    def _router_kernel(h_ptr, w_ptr, logit_ptr, D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        acc = tl.zeros([BLOCK_E], tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            cols = k0 + tl.arange(0, BLOCK_D)
+            x = tl.load(h_ptr + cols).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        # rounded to the weights' dtype, as F.linear's output is before the float32 softmax
+        tl.store(logit_ptr + rows, acc.to(w_ptr.dtype.element_ty).to(tl.float32))
+
+    @triton.jit
+    def _softmax_topk_kernel(l_ptr, idx_ptr, w_ptr, E: tl.constexpr, A: tl.constexpr, BLOCK_E: tl.constexpr,
+                             BLOCK_A: tl.constexpr, RENORM: tl.constexpr):
+        offs = tl.arange(0, BLOCK_E)
+        z = tl.load(l_ptr + offs, mask=offs < E, other=float("-inf"))
+        e = tl.exp(z - tl.max(z, axis=0))
+        p = e / tl.sum(e, axis=0)
+        p = tl.where(offs < E, p, float("-inf"))
+        ar = tl.arange(0, BLOCK_A)
+        vals = tl.zeros([BLOCK_A], tl.float32)
+        ids = tl.zeros([BLOCK_A], tl.int32)
+        for a in tl.static_range(A):
+            m = tl.max(p, axis=0)
+            i = tl.min(tl.where(p == m, offs, BLOCK_E), axis=0)
+            vals = tl.where(ar == a, m, vals)
+            ids = tl.where(ar == a, i, ids)
+            p = tl.where(offs == i, float("-inf"), p)
+        if RENORM:
+            vals = vals / tl.sum(tl.where(ar < A, vals, 0.0), axis=0)
+        tl.store(idx_ptr + ar, ids.to(tl.int64), mask=ar < A)
+        tl.store(w_ptr + ar, vals.to(w_ptr.dtype.element_ty), mask=ar < A)
+
+
+def route_torch(h: torch.Tensor, w_router: torch.Tensor, k: int, renorm: bool):
+    """The router of one token: h [D], w_router [E, D] -> (ids [k], weights [k] in h's dtype); softmax in
+    float32 over the (rounded) logits, top-k, renormalised."""
+    probs = torch.softmax(torch.nn.functional.linear(h, w_router), dim=-1, dtype=torch.float32)
+    return topk_renorm_torch(probs, k, renorm, h.dtype)
+
+
+def route_triton(h: torch.Tensor, w_router: torch.Tensor, k: int, renorm: bool, *, block_e: int = 4,
+                 block_d: int = 512):
+    """`route_torch` in two kernels: the router GEMV spread over E/block_e programs, then softmax + top-k."""
+    E, D = w_router.shape
+    logits = torch.empty(E, dtype=torch.float32, device=h.device)
+    _router_kernel[(E // block_e,)](h, w_router, logits, D=D, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4)
+    idx = torch.empty(k, dtype=torch.long, device=h.device)
+    w = torch.empty(k, dtype=h.dtype, device=h.device)
+    _softmax_topk_kernel[(1,)](logits, idx, w, E=E, A=k, BLOCK_E=triton.next_power_of_2(E),
+                               BLOCK_A=triton.next_power_of_2(k), RENORM=renorm, num_warps=4)
+    return idx, w
+
+
+def route(h, w_router, k, renorm):
+    """The router's choice for one token: Triton on CUDA (E a multiple of 4, D of 512), torch elsewhere."""
+    E, D = w_router.shape
+    if fused_available(h) and E % 4 == 0 and D % 512 == 0 and E <= 4096 and w_router.is_contiguous():
+        return route_triton(h, w_router, k, renorm)
+    return route_torch(h, w_router, k, renorm)
+
+
 def decode_attention_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, bias: torch.Tensor,
                             scale: float, *, block_s: int = 64) -> torch.Tensor:
     """`decode_attention_torch` in one kernel (one program per KV head; online softmax over the cache)."""

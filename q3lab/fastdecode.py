@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .errors import InputError
 from .experts import ExpertProvider
 from .model import KVCache, Thinker, apply_rotary, mrope_freqs
-from .decode_kernels import decode_attention, topk_renorm
+from .decode_kernels import decode_attention, route, topk_renorm
 from .moe_kernels import moe_one_token
 
 
@@ -93,6 +93,12 @@ def out_route(x, att, wo, w_post, w_router, *, eps: float):
     return x, hm, torch.softmax(F.linear(hm, w_router), dim=-1, dtype=torch.float32)
 
 
+def out_norm(x, att, wo, w_post, *, eps: float):
+    """`out_route` without the router (for the fused router kernels): (x [1, 1, D], the experts' input [D])."""
+    x = x + F.linear(att.reshape(1, 1, -1), wo)
+    return x, _rms(x, w_post, eps).view(-1)
+
+
 def _refuse_hooks(model: Thinker) -> None:
     hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     if hooked:
@@ -109,12 +115,13 @@ class StaticDecoder:
     fused: fewer, larger kernels per layer: q/k/v as one projection (their weights concatenated: one extra
         copy of them, about 1 GB at the real size), attention over the cache and the router's top-k as one
         Triton kernel each (`q3lab.decode_kernels`; torch twins off CUDA).
+    fused_router: with fused, also the router's GEMV, softmax and top-k as two Triton kernels (default: = fused).
     layer_experts: callable(layer) -> (gate [E, I, D], up [E, I, D], down [E, D, I]); default: the model's
         resident provider's stacked tensors.
     """
 
     def __init__(self, model: Thinker, max_len: int, *, cuda_graph: bool | None = None, layer_experts=None,
-                 compile: bool = False, fused: bool = False):
+                 compile: bool = False, fused: bool = False, fused_router: bool | None = None):
         _refuse_hooks(model)
         c = model.config
         self.model, self.config, self.max_len = model, c, int(max_len)
@@ -143,9 +150,10 @@ class StaticDecoder:
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile else (lambda f: f)
         self._pre_fn = wrap(fn)
         self.fused = fused
+        self.fused_router = fused if fused_router is None else (fused and fused_router)
         if fused:
             self._qkv_fn = wrap(functools.partial(qkv_rope, H=H, K=K, hd=hd, eps=c.rms_norm_eps))
-            self._out_fn = wrap(functools.partial(out_route, eps=c.rms_norm_eps))
+            self._out_fn = wrap(functools.partial(out_norm if self.fused_router else out_route, eps=c.rms_norm_eps))
             self._wqkv = [torch.cat([w[1], w[2], w[3]], dim=0) for w in self._layer_weights]
         self.cache = KVCache(c, 1, self.max_len, device=dev, dtype=dt)
         pos = torch.arange(self.max_len, device=dev)[None, None].expand(3, 1, self.max_len)
@@ -173,8 +181,12 @@ class StaticDecoder:
         w_in, _, _, _, wo, wqn, wkn, w_post, w_router = self._layer_weights[layer]
         x, q = self._qkv_fn(x, y_prev, cos, sin, self.pos, kc, vc, w_in, self._wqkv[layer], wqn, wkn)
         att = decode_attention(q, kc[0], vc[0], bias, c.head_dim ** -0.5)            # [H, hd]
-        x, h, probs = self._out_fn(x, att, wo, w_post, w_router)
-        idx, w = topk_renorm(probs, c.num_experts_per_tok, c.norm_topk_prob, x.dtype)
+        if self.fused_router:
+            x, h = self._out_fn(x, att, wo, w_post)
+            idx, w = route(h, w_router, c.num_experts_per_tok, c.norm_topk_prob)
+        else:
+            x, h, probs = self._out_fn(x, att, wo, w_post, w_router)
+            idx, w = topk_renorm(probs, c.num_experts_per_tok, c.norm_topk_prob, x.dtype)
         return x, h, idx, w
 
     def _embed(self):
@@ -362,11 +374,11 @@ class OffloadedDecoder(StaticDecoder):
     The cache becomes the model's expert provider, so the (eager) prefill reads the same slots."""
 
     def __init__(self, model: Thinker, max_len: int, cache: DeviceExpertCache, *, compile: bool = False,
-                 fused: bool = False, cuda_graph: bool | None = None):
+                 fused: bool = False, fused_router: bool | None = None, cuda_graph: bool | None = None):
         self.expert_cache = cache
         model.set_experts(cache)
         super().__init__(model, max_len, cuda_graph=False, layer_experts=lambda layer: None, compile=compile,
-                         fused=fused)
+                         fused=fused, fused_router=fused_router)
         c, dev, dt = self.config, self.device, self.dtype
         A, D = c.num_experts_per_tok, c.hidden_size
         pin = dev.type == "cuda"

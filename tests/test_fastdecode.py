@@ -43,13 +43,14 @@ def test_moe_one_token_matches_float64_expert_sum():
     assert not torch.allclose(moe_one_token_torch(x, torch.tensor([0, 1, 5]), w, gate, up, down), got)
 
 
-@pytest.mark.parametrize("path,fused", [("mini", False), ("small", False), ("mini", True), ("small", True)])
-def test_static_decoder_equals_eager_generate(path, fused, small_ckpt):
+@pytest.mark.parametrize("path,fused,router", [("mini", False, False), ("small", False, False),
+                                               ("mini", True, True), ("small", True, False)])
+def test_static_decoder_equals_eager_generate(path, fused, router, small_ckpt):
     src = ROOT / "data" / "mini" if path == "mini" else small_ckpt
     model = q3lab.load(src, dtype=torch.float32)
     ids = _prompt(model.config.vocab_size, 9)
     want = model.generate(ids, 24)
-    dec = StaticDecoder(model, 40, fused=fused)
+    dec = StaticDecoder(model, 40, fused=fused, fused_router=router)
     got = dec.generate(ids, 24)
     assert torch.equal(got, want)
     # the step's logits against the eager model's on the same cache contents
@@ -112,7 +113,12 @@ def test_fused_kernel_twins_match_plain_torch():
     want = torch.nn.functional.scaled_dot_product_attention(q.view(1, H, 1, hd), kc[None, :, :7], vc[None, :, :7],
                                                             enable_gqa=True)[0, :, 0]
     assert torch.allclose(decode_attention_torch(q, kc, vc, bias, hd ** -0.5), want, atol=1e-5)
-    p = torch.softmax(torch.randn(40, generator=g), 0)
+    from q3lab.decode_kernels import route_torch
+    h, wr = torch.randn(hd, generator=g), torch.randn(40, hd, generator=g)
+    p = torch.softmax(wr @ h, 0)
+    ids_r, w_r = route_torch(h, wr, 5, True)
+    assert ids_r.tolist() == p.argsort(descending=True)[:5].tolist()
+    assert torch.allclose(w_r, p[ids_r] / p[ids_r].sum(), atol=1e-6)
     idx, w = topk_renorm_torch(p, 5, True, torch.float32)
     assert idx.tolist() == p.argsort(descending=True)[:5].tolist()
     assert torch.allclose(w, p[idx] / p[idx].sum())
