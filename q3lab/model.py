@@ -28,10 +28,8 @@ _GLOBAL_HOOKS = (_mm._global_forward_pre_hooks, _mm._global_forward_hooks, _mm._
 
 
 def _call(m: nn.Module, *args):
-    """`m(*args)`, skipping nn.Module.__call__'s bookkeeping (about 1 us) when no hook would run.
-
-    The decode step makes about 15 module calls per layer, so this is 5-10% of a small model's step. The
-    condition is the one `Module._call_impl` uses for its own shortcut, so hooks still run when present."""
+    """`m(*args)`, skipping nn.Module.__call__'s bookkeeping (about 1 us a call, ~15 calls per layer) when no
+    hook would run: the condition `Module._call_impl` uses for its own shortcut, so hooks still run."""
     if (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
             or any(_GLOBAL_HOOKS)):
         return m(*args)
@@ -116,20 +114,17 @@ def rope_matrix(cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
     return r
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor | None) -> torch.Tensor:
-    """Rotary on x [B, T, heads, hd] with cos / folded sin [B, T, 1, hd] (see `rope_cos_sin`), or with a
-    rotation matrix `cos` [hd, hd] and `sin_folded` None (see `rope_matrix`)."""
-    if sin_folded is None:
-        return x @ cos
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """Rotary on x [B, T, heads, hd] with cos / folded sin [B, T, 1, hd] (see `rope_cos_sin`)."""
     h = x.shape[-1] // 2
     return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_folded
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight."""
+    """RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight [dim] (or
+    one row per head, [heads, dim]: `Thinker._decode_step` norms q and k heads together)."""
     # F.rms_norm runs the reference's explicit formula in the same order (bit-equal, checked in
     # tests/test_decode_fast.py) in fewer dispatched ops.
-    # weight [dim] or one row per head [heads, dim] (Thinker._decode_step's q and k together)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         if weight.dim() == 1:
             return F.rms_norm(x, weight.shape, weight, eps)
@@ -150,7 +145,7 @@ class KVCache(nn.Module):
         self.length = 0                     # tokens already stored
         self.mask: torch.Tensor | None = None  # [B, max_len] key validity, when padding is used
         self.next_pos: torch.Tensor | None = None  # [B] next text position per row
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # text-position cos/sin [1, max_len, 1, hd]
+        self.rope: tuple | None = None  # (maker's key, cos, folded sin [1, max_len, 1, hd]): Thinker._rope_table
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, K, T, hd] at the current length; return all keys/values so far [B, K, S, hd]."""
@@ -224,8 +219,9 @@ class Experts(nn.Module):
             gate, up, down = self.provider.weights(self.layer_idx, e)
             ys.append(F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))  # [c, D]
         y = torch.cat(ys) * w.gather(1, perm).reshape(-1)[order, None]  # weighted, grouped by expert
-        # Back to [N, A] slots (ascending expert per token) and summed in that order: the sums an index_add_
-        # per expert made, with one gather and one reduction instead of a scatter per expert.
+        # Back to [N, A] slots (ascending expert per token) and summed in that order: in float32 the sums an
+        # index_add_ per expert made (bit-equal, tested), with one gather and one reduction instead of a
+        # scatter per expert; half precision now accumulates in float32 and rounds once.
         return y.index_select(0, torch.argsort(order)).view(N, A, -1).sum(1)
 
     # Experts this small (3*I*D*A elements, 192 KiB in fp32) are gathered into one block and computed with
@@ -261,7 +257,7 @@ class Experts(nn.Module):
             for (gate, up, down), we in zip(served, ws):
                 out.addmv_(down, F.silu(torch.mv(gate, x)) * torch.mv(up, x), alpha=we)
             return out.view(1, -1)
-        # Half precision: the same sums in the same order as the N > 1 path (bit-identical to it).
+        # Half precision: rounded after each product and sum, in ascending expert order, as before.
         out = None
         for e, we in zip(experts, ws):
             gate, up, down = p.weights(layer, e)
@@ -443,11 +439,15 @@ class Thinker(nn.Module):
     def _rope_table(self, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / folded sin [1, max_len, 1, hd] of text positions 0..max_len-1, made once per cache: a decode
         step then slices its row instead of recomputing angles (equal axes: the same as 1-D RoPE)."""
-        if cache.rope is None or cache.rope[0].dtype != dtype:
+        c, f = self.config, self.inv_freq
+        # rebuilt when the angles change (rope_check writes inv_freq in place; inference tensors keep no version)
+        stamp = tuple(f.tolist()) if f.is_inference() else (f.data_ptr(), f._version)
+        key = (stamp, tuple(c.mrope_section), c.mrope_interleaved, dtype)
+        if cache.rope is None or cache.rope[0] != key:
             pos = torch.arange(cache.max_len, device=self.device)[None, None].expand(3, 1, cache.max_len)
-            freqs = mrope_freqs(pos, self.inv_freq, self.config.mrope_section, self.config.mrope_interleaved)
-            cache.rope = tuple(t[:, :, None] for t in rope_cos_sin(freqs, dtype))
-        return cache.rope
+            freqs = mrope_freqs(pos, self.inv_freq, c.mrope_section, c.mrope_interleaved)
+            cache.rope = (key, *(t[:, :, None] for t in rope_cos_sin(freqs, dtype)))
+        return cache.rope[1], cache.rope[2]
 
     def _decode_plan(self) -> tuple[list, list]:
         """What `_decode_step` reads per layer (weights and the experts module), gathered once per generate

@@ -163,3 +163,23 @@ def test_prefill_experts_equal_a_scatter_per_expert(ckpt):
             y = F.linear(F.silu(F.linear(h[tok], gate)) * F.linear(h[tok], up), down)
             want.index_add_(0, tok, y * w[tok, rank, None])
     assert torch.equal(experts.forward(h, idx, w), want)
+
+
+def test_rope_table_follows_inv_freq_written_in_place(ckpt):
+    """The per-cache rotary table is rebuilt when the angles change (q3lab.rope_check writes inv_freq)."""
+    _, path, vocab = ckpt
+    model = q3lab.load(Checkpoint(path))
+    ids = _ids(vocab, 6, seed=6)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 8)
+        model(ids[:, :5], cache=cache)
+        before = model(ids[:, 5:], cache=cache)
+        saved = model.inv_freq.clone()
+        model.inv_freq.mul_(3.0)
+        cache.length = 0                              # the same cache (and its table) filled again
+        model(ids[:, :5], cache=cache)
+        changed = model(ids[:, 5:], cache=cache)
+        want = model(ids)[:, -1:]                     # no cache: angles computed from positions
+        model.inv_freq.copy_(saved)
+    torch.testing.assert_close(changed, want, rtol=0, atol=1e-5)
+    assert (changed - before).abs().max().item() > 1e-4
