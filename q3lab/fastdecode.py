@@ -282,7 +282,12 @@ class DeviceExpertCache(ExpertProvider):
 
     def __init__(self, host_gate: torch.Tensor, host_up: torch.Tensor, host_down: torch.Tensor, capacity: int,
                  device: torch.device | str = "cuda"):
+        if host_gate.dim() != 4:
+            raise InputError(f"host_gate must be [layers, experts, I, D], got shape {list(host_gate.shape)}")
         L, E, I, D = host_gate.shape
+        if tuple(host_up.shape) != (L, E, I, D) or tuple(host_down.shape) != (L, E, D, I):
+            raise InputError(f"expert tensors disagree: gate {list(host_gate.shape)}, up {list(host_up.shape)} "
+                             f"(want the same), down {list(host_down.shape)} (want {[L, E, D, I]})")
         if capacity < 1:
             raise InputError(f"DeviceExpertCache capacity must be >= 1 expert, got {capacity}")
         self.host = (host_gate, host_up, host_down)

@@ -131,6 +131,11 @@ def test_static_decoder_refuses_what_it_cannot_do(small_ckpt):
         dec.generate(_prompt(model.config.vocab_size, 10), 10)
     with pytest.raises(InputError, match="one sequence"):
         dec.prefill(torch.zeros(2, 3, dtype=torch.long))
+    p = model.experts_provider
+    with pytest.raises(InputError, match="disagree"):
+        DeviceExpertCache(p.gate, p.up, p.gate, capacity=8, device="cpu")
+    with pytest.raises(InputError, match="capacity"):
+        DeviceExpertCache(p.gate, p.up, p.down, capacity=0, device="cpu")
     h = model.model.layers[0].hook_resid_post.register_forward_hook(lambda m, i, o: o)
     with pytest.raises(InputError, match="hook"):
         StaticDecoder(model, 16)
