@@ -386,15 +386,9 @@ def main() -> None:
         off.prefill(prompt)
         cache.reset_stats()
         steps = _step_times(off, args.offload_tokens - 1)
-    st = cache.stats()
-    per = statistics.median(steps)
-    moved = st["bytes_copied"] / len(steps)
-    implied = moved / h2d[3 * 2**20]
-    rows.append(dict(system=f"q3lab OffloadedDecoder, cache {args.cache_fraction:.0%} of experts",
-                     ms_per_token=per * 1e3, tok_s=1 / per, hit_rate=st["hit_rate"],
-                     GB_copied_per_token=moved / GB, achieved_h2d_GBps=moved / per / GB,
-                     floor_ms_from_hit_rate=implied * 1e3))
-    res["offload_stats"] = st
+    rows.append(_offload_row(f"q3lab OffloadedDecoder, cache {args.cache_fraction:.0%} of experts", steps,
+                             cache.stats(), h2d[3 * 2**20]))
+    res["offload_stats"] = cache.stats()
     log(rows[-1])
     save()
     # the synthetic's router sends nearly every token to the same experts; uniform random routing is the
@@ -407,18 +401,21 @@ def main() -> None:
         cache.reset_stats()
         steps = _step_times(off, args.offload_tokens - 10)
     off.route_override = None
-    st = cache.stats()
-    per = statistics.median(steps)
-    moved = st["bytes_copied"] / len(steps)
-    implied = moved / h2d[3 * 2**20]
-    rows.append(dict(system=f"q3lab OffloadedDecoder, cache {args.cache_fraction:.0%}, UNIFORM random routing",
-                     ms_per_token=per * 1e3, tok_s=1 / per, hit_rate=st["hit_rate"],
-                     GB_copied_per_token=moved / GB, achieved_h2d_GBps=moved / per / GB,
-                     floor_ms_from_hit_rate=implied * 1e3))
-    res["offload_uniform_stats"] = st
+    rows.append(_offload_row(f"q3lab OffloadedDecoder, cache {args.cache_fraction:.0%}, UNIFORM random routing",
+                             steps, cache.stats(), h2d[3 * 2**20]))
+    res["offload_uniform_stats"] = cache.stats()
     log(rows[-1])
     save()
     _table(rows)
+
+
+def _offload_row(system: str, steps: list[float], st: dict, h2d_bps: float) -> dict:
+    """A table row for timed offloaded decode steps: speed, hit rate, bytes copied, the floor they imply."""
+    per = statistics.median(steps)
+    moved = st["bytes_copied"] / len(steps)
+    return dict(system=system, ms_per_token=per * 1e3, tok_s=1 / per, hit_rate=st["hit_rate"],
+                GB_copied_per_token=moved / GB, achieved_h2d_GBps=moved / per / GB,
+                floor_ms_from_hit_rate=moved / h2d_bps * 1e3)
 
 
 def _profile(dec, path: Path) -> None:
