@@ -6,7 +6,9 @@ the official layout (`thinker.model.layers.N...`), a thinker-only one (`model.la
 """
 from __future__ import annotations
 
+import os
 import re
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,7 +19,7 @@ import torch
 
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError
-from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, TensorInfo, loads_strict
+from .safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo, loads_strict
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -44,6 +46,99 @@ def component_of(key: str) -> str:
     return "other"
 
 
+class ShardReader:
+    """One shard file kept open for positioned reads for the life of its `Checkpoint` or `Store`.
+
+    Each read first stats the path (about 1 us, where opening and closing the file per tensor cost several):
+    a shard that vanished raises the error an open would have raised, and one replaced or rewritten since it
+    was opened (another inode, size or mtime) is reopened, so reads see the file now at the path, as opening
+    per read did. The descriptor is closed by `close()` or when the reader is garbage-collected.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = -1
+        self._ident: tuple | None = None
+        self._closer: weakref.finalize | None = None
+
+    def _fd_for(self, what: str) -> int:
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open to read {what}: {e.strerror}") from None
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._ident:
+            self.close()
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot open to read {what}: {e.strerror}") from None
+            self._closer = weakref.finalize(self, os.close, fd)
+            st = os.fstat(fd)   # the file actually opened (the path may have changed since the stat above)
+            self._fd, self._ident = fd, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return self._fd
+
+    def read(self, start: int, nbytes: int, what: str) -> torch.Tensor:
+        """`nbytes` bytes at absolute offset `start` as a fresh uint8 tensor; `what` names them in errors
+        (e.g. "tensor 'model.norm.weight'")."""
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if not nbytes:
+            return out
+        fd = self._fd_for(what)
+        buf = memoryview(out.numpy())
+        got = 0
+        try:
+            while got < nbytes:
+                k = os.preadv(fd, [buf[got:]], start + got)
+                if k == 0:
+                    raise CheckpointError(f"{self.path.name}: truncated while reading {what}: got {got} of "
+                                          f"{nbytes} bytes (file {self.path})")
+                got += k
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: read of {what} failed: {e.strerror}") from None
+        return out
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+        self._fd, self._ident, self._closer = -1, None, None
+
+
+# An expert's read plan: runs of adjacent bytes in one file, each (reader, start, nbytes, pieces, what); a piece
+# is (matrix index 0-2 for gate/up/down, offset in the run, end in the run, torch dtype, shape); `what` names
+# the run's tensors in errors.
+ExpertPlan = list[tuple["ShardReader", int, int, list[tuple[int, int, int, torch.dtype, tuple[int, ...]]], str]]
+
+
+def plan_expert(parts: list[tuple[ShardReader, TensorInfo, str]], what: str | None = None) -> ExpertPlan:
+    """Group gate, up, down (`parts` in that order: reader, header entry, name for errors) into runs of
+    adjacent bytes of one file: one read for an expert whose matrices are stored back to back, in any order.
+    Errors name a run's tensors, or `what` where given."""
+    order = sorted(range(len(parts)), key=lambda i: (str(parts[i][0].path), parts[i][1].start))
+    runs: list[list] = []
+    for i in order:
+        reader, info, name = parts[i]
+        if runs and runs[-1][0] is reader and runs[-1][1] + runs[-1][2] == info.start:
+            run = runs[-1]
+        else:
+            run = [reader, info.start, 0, [], []]
+            runs.append(run)
+        run[3].append((i, run[2], run[2] + info.nbytes, DTYPES[info.dtype], tuple(info.shape)))
+        run[4].append(repr(name))
+        run[2] += info.nbytes
+    return [(r, start, n, pieces, what or ("tensor " if len(names) == 1 else "tensors ") + ", ".join(names))
+            for r, start, n, pieces, names in runs]
+
+
+def read_expert(plan: ExpertPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate, up, down read by `plan`: views into one fresh buffer per run."""
+    out: list = [None, None, None]
+    for reader, start, n, pieces, what in plan:
+        buf = reader.read(start, n, what)
+        for i, a, b, dtype, shape in pieces:
+            out[i] = buf[a:b].view(dtype).view(shape)
+    return tuple(out)  # type: ignore[return-value]
+
+
 class Checkpoint:
     """A checkpoint folder, read lazily: headers on open, tensor bytes only when asked for."""
 
@@ -56,6 +151,8 @@ class Checkpoint:
         self.weight_map = self._read_index()
         self.prefix = "thinker." if any(k.startswith("thinker.") for k in self.weight_map) else ""
         self._files: dict[str, SafetensorsFile] = {}
+        self._readers: dict[str, ShardReader] = {}
+        self._plans: dict[tuple[int, int], ExpertPlan] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
@@ -94,6 +191,13 @@ class Checkpoint:
                                       f"{len(users)} tensors in it, e.g. {users[0] if users else '-'}")
             f = self._files[shard] = SafetensorsFile(self.path / shard)
         return f
+
+    def reader(self, shard: str) -> ShardReader:
+        """The open-file reader of a shard (one per shard, kept until `close`)."""
+        r = self._readers.get(shard)
+        if r is None:
+            r = self._readers[shard] = ShardReader(self.path / shard)
+        return r
 
     # -- canonical names -> source keys ----------------------------------------------------------
     def source_key(self, name: str) -> str:
@@ -145,23 +249,42 @@ class Checkpoint:
         return self.file(shard).read(self.source_key(name))
 
     def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """gate [I, D], up [I, D], down [D, I] of expert e in a layer; reads only that expert's bytes."""
-        if layer in self.fused_layers:
-            I = self.config.moe_intermediate_size
-            gu = self._fused_slice(f"model.layers.{layer}.mlp.experts.gate_up_proj", e)
-            dn = self._fused_slice(f"model.layers.{layer}.mlp.experts.down_proj", e)
-            return gu[:I].clone(), gu[I:].clone(), dn
-        return tuple(self.get(expert_key(layer, e, p)) for p in ("gate", "up", "down"))  # type: ignore
+        """gate [I, D], up [I, D], down [D, I] of expert e in a layer; reads only that expert's bytes, in one
+        read where the three matrices are adjacent in one shard (the hub layout writes them so)."""
+        plan = self._plans.get((layer, e))
+        if plan is None:
+            if layer in self.fused_layers:
+                I = self.config.moe_intermediate_size
+                gu = self._fused_slice(f"model.layers.{layer}.mlp.experts.gate_up_proj", e)
+                dn = self._fused_slice(f"model.layers.{layer}.mlp.experts.down_proj", e)
+                return gu[:I].clone(), gu[I:].clone(), dn
+            plan = self._plans[(layer, e)] = self._expert_plan(layer, e)
+        return read_expert(plan)
+
+    def _expert_plan(self, layer: int, e: int) -> ExpertPlan:
+        """Where expert e's three matrices are, checked once (shape and dtype, as `get` checks them)."""
+        I, D = self.config.moe_intermediate_size, self.config.hidden_size
+        parts = []
+        for p, expected in (("gate", (I, D)), ("up", (I, D)), ("down", (D, I))):
+            name = expert_key(layer, e, p)
+            shard, info = self.info(name)
+            if tuple(info.shape) != expected:
+                raise CheckpointError(f"tensor {self.source_key(name)} in {shard} has shape {list(info.shape)}, "
+                                      f"expected {list(expected)} from config.json")
+            if info.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {self.source_key(name)} in {shard} has dtype {info.dtype}, "
+                                      f"expected one of {sorted(FLOAT_DTYPES)}")
+            parts.append((self.reader(shard), info, self.source_key(name)))
+        return plan_expert(parts)
 
     def _fused_slice(self, name: str, e: int) -> torch.Tensor:
-        from .safetensors_io import read_span
         shard, info = self.info(name)
         E = info.shape[0]
         if not 0 <= e < E:
             raise CheckpointError(f"expert {e} out of range for fused tensor {self.source_key(name)} [{E}, ...]")
         per = info.nbytes // E
-        sub = TensorInfo(info.name, info.dtype, tuple(info.shape[1:]), info.start + e * per, info.start + (e + 1) * per)
-        return read_span(self.path / shard, sub)
+        buf = self.reader(shard).read(info.start + e * per, per, f"tensor {info.name!r}")
+        return buf.view(DTYPES[info.dtype]).view(info.shape[1:])
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -171,6 +294,11 @@ class Checkpoint:
         return list(self.config.expected_tensors())
 
     def close(self) -> None:
+        """Close the shard files (a later read opens them again)."""
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+        self._plans.clear()
         self._files.clear()
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -179,10 +179,11 @@ class ExpertCache(ExpertProvider):
         slots = min(cap, E) * L if self.per_layer else min(cap, L * E)
         self._slab = torch.empty(slots, config.expert_numel, device=self.device, dtype=dtype)
         self._free = list(range(slots - 1, -1, -1))
-        self._resident: dict[tuple[int, int], torch.Tensor] = {}   # key -> its flat [3*I*D] buffer
+        # key -> the (gate, up, down) views of its buffer, made once per load and handed out on every access:
+        # whether a caller still holds them is their reference count (see _held), not per-access weakrefs.
+        self._resident: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._slot: dict[tuple[int, int], int | None] = {}          # key -> its slab slot (None: overflow)
-        self._lent: dict[tuple[int, int], list[weakref.ref]] = {}   # views handed out, per resident key
-        self._quarantine: list[tuple[int, list[weakref.ref]]] = []  # evicted slots whose views are still held
+        self._quarantine: list[tuple[int, tuple]] = []              # evicted slots whose views are still held
         self._in_layer = [0] * L                 # resident experts per layer
         self._pending: dict[tuple[int, int], float] = {}   # prepared, not yet served, in this layer call
         self._used: tuple[int, list[int]] | None = None
@@ -222,9 +223,12 @@ class ExpertCache(ExpertProvider):
 
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e of a layer, loaded now if it is not resident (evicting by the policy)."""
+        # The hit path runs ~200 times per decode token of a 48-layer model: it does only what the counters,
+        # the policy and the log need (accesses = hits + misses; the views are made once per load).
         key = (layer, e)
-        if key in self._pending:
-            weight = self._pending.pop(key)
+        pending = self._pending
+        if key in pending:
+            weight = pending.pop(key)
         else:  # a request nobody prepared (a direct call): still an access, without a router weight
             if not (0 <= layer < self.layers and 0 <= e < self.config.num_experts):
                 raise InputError(f"expert ({layer}, {e}) out of range: {self.layers} layers of "
@@ -234,27 +238,23 @@ class ExpertCache(ExpertProvider):
                                  f"for without prepare(); attach the cache to a model (q3lab.load does)")
             weight = math.nan
         t = self.t
-        self.t += 1
-        self.policy.access(key, t, 0.0 if math.isnan(weight) else weight)
-        buf = self._resident.get(key)
-        hit = buf is not None
-        self._acc[layer] += 1
+        self.t = t + 1
+        self.policy.access(key, t, 0.0 if weight != weight else weight)   # NaN (no router weight) -> 0
+        views = self._resident.get(key)
+        hit = views is not None
         if hit:
             self._hits[layer] += 1
-            if key in self._prefetched:
+            if self._prefetched and key in self._prefetched:
                 self._prefetched.discard(key)
                 self._pf_hits[layer] += 1
         else:
             self._misses[layer] += 1
-            self._make_room(layer, t, protect=self._pending, demand=True)
-            buf = self._resident[key] = self._read(key, prefetch=False)
+            self._make_room(layer, t, protect=pending, demand=True)
+            views = self._resident[key] = self._read(key, prefetch=False)
             self._added(key, t)
         if self.log_accesses:
             self._log.append((t, layer, e, weight, hit))
-        views = self._views(buf)
-        lent = [r for r in self._lent.get(key, ()) if r() is not None]
-        self._lent[key] = lent + [weakref.ref(v) for v in views]
-        if not self._pending and self._prefetch is not None and self._used is not None:
+        if not pending and self._prefetch is not None and self._used is not None:
             used, self._used = self._used, None
             self._run_prefetch(*used, serving=key)
         return views
@@ -283,31 +283,52 @@ class ExpertCache(ExpertProvider):
     def _make_room(self, layer: int, t: int, protect, demand: bool) -> bool:
         """Evict until one more expert fits in `layer`'s budget. Protected keys go only for a demand load
         that cannot be served otherwise; a prefetch gets False instead."""
-        while (self._in_layer[layer] if self.per_layer else len(self._resident)) >= self.capacity:
-            pool = [k for k in self._resident if (not self.per_layer or k[0] == layer) and k not in self.pinned]
-            cands = {k for k in pool if k not in protect}
-            if not cands:
+        pinned, per_layer = self.pinned, self.per_layer
+        while (self._in_layer[layer] if per_layer else len(self._resident)) >= self.capacity:
+            # The policy walks its own order with a predicate (LRU: the oldest key, skipping pinned and
+            # protected ones); building the candidate set cost a scan of every resident expert per miss.
+            victim = self.policy.victim_where(
+                lambda k: (not per_layer or k[0] == layer) and k not in protect and k not in pinned, t)
+            if victim is NotImplemented:
+                cands = {k for k in self._resident
+                         if (not per_layer or k[0] == layer) and k not in pinned and k not in protect}
+                victim = self.policy.victim(cands, t) if cands else None
+            if victim is None:
                 if not demand:
                     return False
                 # The used set is larger than the cache: evict an expert still to come (it will miss again).
-                cands = set(pool)
-            victim = self.policy.victim(cands, t)
-            if victim not in cands:
+                pool = {k for k in self._resident if (not per_layer or k[0] == layer) and k not in pinned}
+                victim = self.policy.victim(pool, t)
+                ok = victim in pool
+            else:
+                ok = victim in self._resident and (not per_layer or victim[0] == layer) \
+                    and victim not in pinned and (victim not in protect)
+            if not ok:
                 raise InputError(f"{self.policy.name} policy chose {victim!r}, which is not among the "
-                                 f"{len(cands)} candidates")
-            del self._resident[victim]
-            slot, refs = self._slot.pop(victim), self._lent.pop(victim, [])
+                                 f"candidates (resident, unpinned{', of layer %d' % layer if per_layer else ''})")
+            views = self._resident.pop(victim)
+            slot = self._slot.pop(victim)
             # A slot is reused only once nobody holds views of it (the model drops them right after use).
             if slot is not None:
-                if any(r() is not None for r in refs):
-                    self._quarantine.append((slot, refs))
+                if self._held(views):
+                    self._quarantine.append((slot, views))
                 else:
                     self._free.append(slot)
+            del views
             self._in_layer[victim[0]] -= 1
             self._prefetched.discard(victim)
             self.policy.remove(victim)
             self._evictions[victim[0]] += 1
         return True
+
+    @staticmethod
+    def _held(views: tuple, owners: int = 1) -> bool:
+        """Whether anyone but the cache still holds `views` (the tuple or one of its tensors), where the cache
+        itself refers to the tuple `owners` times: reference counts above those of a tuple that only one
+        local name refers to (`_UNHELD`, measured at import the same way)."""
+        tup, view = _UNHELD
+        return (sys.getrefcount(views) > tup + owners - 1 or sys.getrefcount(views[0]) > view
+                or sys.getrefcount(views[1]) > view or sys.getrefcount(views[2]) > view)
 
     def _run_prefetch(self, layer: int, used: list[int], serving: tuple[int, int]) -> None:
         keys = [(int(k[0]), int(k[1])) for k in self._prefetch(layer, used)]
@@ -329,9 +350,9 @@ class ExpertCache(ExpertProvider):
         I, D = self.config.moe_intermediate_size, self.config.hidden_size
         return buf[:I * D].view(I, D), buf[I * D:2 * I * D].view(I, D), buf[2 * I * D:].view(D, I)
 
-    def _read(self, key: tuple[int, int], prefetch: bool) -> torch.Tensor:
+    def _read(self, key: tuple[int, int], prefetch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Read one expert from the source (only its bytes) into a buffer, converted like `ResidentExperts`
-        does it (copy_ into the model's dtype and device)."""
+        does it (copy_ into the model's dtype and device); the buffer's (gate, up, down) views."""
         layer, e = key
         t0 = time.perf_counter()
         try:
@@ -344,14 +365,15 @@ class ExpertCache(ExpertProvider):
                                   f"{err}") from err
         I, D = self.config.moe_intermediate_size, self.config.hidden_size
         for name, t, shape in zip(("gate", "up", "down"), raw, ((I, D), (I, D), (D, I))):
-            if tuple(t.shape) != shape:
+            if t.shape != shape:
                 raise CheckpointError(f"expert cache: layer {layer} expert {e} {name}_proj from {self.source.path} "
                                       f"has shape {list(t.shape)}, expected {list(shape)}")
-        if not self._free:
-            held = []
-            for slot, refs in self._quarantine:
-                (held.append((slot, refs)) if any(r() is not None for r in refs) else self._free.append(slot))
-            self._quarantine = held
+        if not self._free and self._quarantine:
+            quarantine, self._quarantine = self._quarantine, []
+            for item in quarantine:   # the views are referred to by `item` and, here, `views`
+                views = item[1]
+                (self._quarantine.append(item) if self._held(views, owners=2) else self._free.append(item[0]))
+            del views, item, quarantine
         if self._free:
             slot = self._free.pop()
             buf = self._slab[slot]
@@ -359,19 +381,28 @@ class ExpertCache(ExpertProvider):
             slot, buf = None, torch.empty(3 * I * D, device=self.device, dtype=self.dtype)
             self._overflow += 1
         self._slot[key] = slot
-        for dst, src in zip(self._views(buf), raw):
-            dst.copy_(src)
+        g, u, d = raw
+        n = 2 * I * D
+        if g.dtype == u.dtype == d.dtype and g.is_contiguous() and u.is_contiguous() and d.is_contiguous() and \
+                u.data_ptr() == g.data_ptr() + g.nbytes and d.data_ptr() == u.data_ptr() + u.nbytes:
+            # gate, up, down back to back in one source buffer (a store, or a hub shard written in that order):
+            # one conversion of the whole expert, element for element the same as three
+            buf.copy_(torch.as_strided(g, (3 * I * D,), (1,)))
+        else:
+            buf[:I * D].view(I, D).copy_(g)
+            buf[I * D:n].view(I, D).copy_(u)
+            buf[n:].view(D, I).copy_(d)
         self._load_s[layer] += time.perf_counter() - t0
-        self._bytes[layer] += sum(t.numel() * t.element_size() for t in raw)
+        self._bytes[layer] += g.nbytes + u.nbytes + d.nbytes
         if prefetch:
             self._pf_loads[layer] += 1
-        return buf
+        return self._views(buf)
 
     # -- statistics --------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         """Zero the counters and the access log (the access counter `t` and the cache contents stay)."""
         L = self.layers
-        self._acc, self._hits, self._misses, self._evictions = ([0] * L for _ in range(4))
+        self._hits, self._misses, self._evictions = ([0] * L for _ in range(3))
         self._pf_loads, self._pf_hits = [0] * L, [0] * L
         self._bytes = [0] * L
         self._load_s = np.zeros(L)
@@ -387,7 +418,8 @@ class ExpertCache(ExpertProvider):
         import pandas as pd
         self._check_bound()
         df = pd.DataFrame({
-            "layer": range(self.layers), "accesses": self._acc, "hits": self._hits, "misses": self._misses,
+            "layer": range(self.layers), "accesses": [h + m for h, m in zip(self._hits, self._misses)],
+            "hits": self._hits, "misses": self._misses,
             "evictions": self._evictions, "bytes_loaded": self._bytes, "load_seconds": self._load_s,
             "prefetch_loads": self._pf_loads, "prefetch_hits": self._pf_hits, "resident": self._in_layer,
             "peak_resident": self._peak_layer,
@@ -398,7 +430,8 @@ class ExpertCache(ExpertProvider):
     def summary(self) -> dict:
         """Totals over all layers, with the capacity and policy."""
         self._check_bound()
-        acc, hits = sum(self._acc), sum(self._hits)
+        hits = sum(self._hits)
+        acc = hits + sum(self._misses)
         return {
             "policy": self.policy.name, "per_layer": self.per_layer, "capacity_experts": self.capacity,
             "capacity_bytes": self.capacity * self.expert_bytes, "expert_bytes": self.expert_bytes,
@@ -436,3 +469,19 @@ class ExpertCache(ExpertProvider):
         cap = self._count_cap if self._count_cap is not None else f"{self._byte_cap:,} bytes"
         return (f"ExpertCache(capacity={cap}, policy={self.policy.name!r}, per_layer={self.per_layer}, "
                 f"pinned={len(self.pinned)}, prefetch={self._prefetch_spec!r})")
+
+
+def _probe(views: tuple) -> tuple[int, int]:
+    # called like ExpertCache._held: one frame between the caller's local name and getrefcount
+    return sys.getrefcount(views), sys.getrefcount(views[0])
+
+
+def _unheld_counts() -> tuple[int, int]:
+    """Reference counts, as `ExpertCache._held` sees them, of a views tuple referred to by one local name and
+    of a tensor referred to by that tuple only (interpreters differ in what getrefcount counts: measured)."""
+    buf = torch.empty(3)
+    views = (buf[:1], buf[1:2], buf[2:])
+    return _probe(views)
+
+
+_UNHELD = _unheld_counts()

@@ -12,14 +12,16 @@ evict now. Policies only rank keys: the cache decides what is resident.
 
 Victim selection is O(1) amortised for LRU and O(log n) amortised for the others (lazy-deletion heaps), plus
 the skipped resident keys that are not candidates (pinned, in use), so simulations of long traces with
-thousands of resident experts stay fast. Pass `candidates` as a set to avoid an O(capacity) conversion.
+thousands of resident experts stay fast. Pass `candidates` as a set to avoid an O(capacity) conversion, or
+call `victim_where(ok, t)` with a predicate: the same choice among the resident keys that satisfy `ok`,
+without building the candidate set at all (what `ExpertCache` does on every miss).
 """
 from __future__ import annotations
 
 import heapq
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Hashable
 
 from .errors import InputError
@@ -59,6 +61,12 @@ class Policy:
         """The key to evict among `candidates` (resident, unpinned keys)."""
         raise NotImplementedError
 
+    def victim_where(self, ok: Callable[[Key], bool], t: int) -> Key | None:
+        """What `victim(candidates, t)` returns when the candidates are the inserted (resident) keys for which
+        `ok(key)` is true; None when there is none. Returns NotImplemented where a policy cannot (a custom
+        policy with only `victim`): the caller then builds the candidate set."""
+        return NotImplemented
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -88,6 +96,14 @@ class LRUPolicy(Policy):
             if key in cands:
                 return key
         _no_victim(self.name, cands)
+
+    def victim_where(self, ok, t):
+        if type(self).victim is not LRUPolicy.victim:
+            return NotImplemented  # a subclass ranks differently: only its victim() knows how
+        for key in self._order:   # oldest first: O(1) unless the oldest keys are pinned or in use
+            if ok(key):
+                return key
+        return None
 
 
 class _HeapPolicy(Policy):
@@ -132,6 +148,22 @@ class _HeapPolicy(Policy):
             heapq.heappush(self._heap, item)
         if found is None:
             _no_victim(self.name, cands)
+        return found
+
+    def victim_where(self, ok, t):
+        if type(self).victim is not _HeapPolicy.victim:
+            return NotImplemented
+        skipped, found = [], None
+        while self._heap:
+            p, key = heapq.heappop(self._heap)
+            if self._prio.get(key) != p:
+                continue
+            skipped.append((p, key))
+            if ok(key):
+                found = key
+                break
+        for item in skipped:
+            heapq.heappush(self._heap, item)
         return found
 
 

@@ -24,6 +24,7 @@ import torch
 
 from .config import ThinkerConfig, expert_key, find_text_config, read_json
 from .errors import CheckpointError, StoreError
+from .checkpoint import ExpertPlan, ShardReader, plan_expert, read_expert
 from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
 
 FORMAT = "q3lab-store"
@@ -307,6 +308,8 @@ class Store:
                              f"{str(self.manifest.get('fingerprint'))[:12]}): the store was altered")
         self._entries: dict[str, dict[str, Any]] = {t["name"]: t for t in self.manifest["tensors"]}
         self._files: dict[str, SafetensorsFile] = {}
+        self._readers: dict[str, ShardReader] = {}
+        self._plans: dict[tuple[int, int], ExpertPlan] = {}
         self._check()
 
     @classmethod
@@ -384,17 +387,22 @@ class Store:
 
     def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate [I, D], up [I, D], down [D, I]: one positioned read of the expert's bytes."""
-        path, off, n = self.expert_location(layer, e)
+        plan = self._plans.get((layer, e))
+        if plan is None:
+            path, _, _ = self.expert_location(layer, e)   # range-checks layer and e
+            rel = self._entries[expert_key(layer, e, "gate")]["file"]
+            reader = self._readers.get(rel)
+            if reader is None:
+                reader = self._readers[rel] = ShardReader(path)
+            # _check verified gate, up, down adjacent in one file: this plan is a single read
+            plan = self._plans[(layer, e)] = plan_expert(
+                [(reader, self._info(expert_key(layer, e, p)), expert_key(layer, e, p))
+                 for p in ("gate", "up", "down")],
+                what=f"tensor 'expert {e} of layer {layer}'")
         try:
-            buf = read_span(path, TensorInfo(f"expert {e} of layer {layer}", "U8", (n,), off, off + n))
+            return read_expert(plan)
         except CheckpointError as e_:
             raise StoreError(str(e_)) from None
-        out = []
-        for p in ("gate", "up", "down"):
-            info = self._info(expert_key(layer, e, p))
-            part = buf[info.start - off: info.end - off]
-            out.append(part.view(DTYPES[info.dtype]).reshape(info.shape))
-        return tuple(out)  # type: ignore[return-value]
 
     def names(self) -> list[str]:
         return list(self.config.expected_tensors())
@@ -421,6 +429,11 @@ class Store:
         return self.path if (self.path / "tokenizer.json").exists() or (self.path / "vocab.json").exists() else None
 
     def close(self) -> None:
+        """Close the store's files (a later read opens them again)."""
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+        self._plans.clear()
         self._files.clear()
 
 
