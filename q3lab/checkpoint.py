@@ -81,10 +81,14 @@ class ShardReader:
         """`nbytes` bytes at absolute offset `start` as a fresh uint8 tensor; `what` names them in errors
         (e.g. "tensor 'model.norm.weight'")."""
         out = torch.empty(nbytes, dtype=torch.uint8)
-        if not nbytes:
-            return out
+        if nbytes:
+            self.read_into(start, memoryview(out.numpy()), what)
+        return out
+
+    def read_into(self, start: int, buf: memoryview, what: str) -> None:
+        """Fill `buf` (a writable byte buffer) with the bytes at absolute offset `start`."""
+        nbytes = len(buf)
         fd = self._fd_for(what)
-        buf = memoryview(out.numpy())
         got = 0
         try:
             while got < nbytes:
@@ -95,7 +99,6 @@ class ShardReader:
                 got += k
         except OSError as e:
             raise CheckpointError(f"{self.path}: read of {what} failed: {e.strerror}") from None
-        return out
 
     def close(self) -> None:
         if self._closer is not None:
@@ -125,8 +128,20 @@ def plan_expert(parts: list[tuple[ShardReader, TensorInfo, str]], what: str | No
         run[3].append((i, run[2], run[2] + info.nbytes, DTYPES[info.dtype], tuple(info.shape)))
         run[4].append(repr(name))
         run[2] += info.nbytes
-    return [(r, start, n, pieces, what or ("tensor " if len(names) == 1 else "tensors ") + ", ".join(names))
+    return [(r, start, n, tuple(pieces), what or ("tensor " if len(names) == 1 else "tensors ") + ", ".join(names))
             for r, start, n, pieces, names in runs]
+
+
+def read_expert_into(plan: ExpertPlan, out: torch.Tensor | None) -> tuple[torch.Tensor, tuple] | None:
+    """The bytes of a one-run expert read into `out` (uint8; a new one when None or too small): (the buffer,
+    the run's pieces). None where the plan has several runs: then use `read_expert`."""
+    if len(plan) != 1:
+        return None
+    reader, start, n, pieces, what = plan[0]
+    if out is None or out.numel() < n:
+        out = torch.empty(n, dtype=torch.uint8)
+    reader.read_into(start, memoryview(out.numpy())[:n], what)
+    return out, pieces
 
 
 def read_expert(plan: ExpertPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,6 +275,17 @@ class Checkpoint:
                 return gu[:I].clone(), gu[I:].clone(), dn
             plan = self._plans[(layer, e)] = self._expert_plan(layer, e)
         return read_expert(plan)
+
+    def expert_into(self, layer: int, e: int, out: torch.Tensor | None) -> tuple[torch.Tensor, tuple] | None:
+        """Expert e's bytes read into the reusable uint8 buffer `out` (replaced by a larger one if needed):
+        (buffer, pieces), a piece being (0-2 for gate/up/down, start, end, dtype, shape) in the buffer; None
+        where its matrices are not one run of adjacent bytes (use `expert`). What an expert cache reads with."""
+        plan = self._plans.get((layer, e))
+        if plan is None:
+            if layer in self.fused_layers:
+                return None
+            plan = self._plans[(layer, e)] = self._expert_plan(layer, e)
+        return read_expert_into(plan, out)
 
     def _expert_plan(self, layer: int, e: int) -> ExpertPlan:
         """Where expert e's three matrices are, checked once (shape and dtype, as `get` checks them)."""

@@ -183,7 +183,10 @@ class ExpertCache(ExpertProvider):
         # whether a caller still holds them is their reference count (see _held), not per-access weakrefs.
         self._resident: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._slot: dict[tuple[int, int], int | None] = {}          # key -> its slab slot (None: overflow)
-        self._quarantine: list[tuple[int, tuple]] = []              # evicted slots whose views are still held
+        self._slot_views: list[tuple | None] = [None] * slots       # a slot's views, made on its first use
+        self._quarantine: list[int] = []                            # evicted slots whose views are still held
+        self._staging: torch.Tensor | None = None   # the source's bytes of the expert being read
+        self._staging_views: dict[tuple, tuple] = {}  # a source layout -> (gate, up, down) views of _staging
         self._in_layer = [0] * L                 # resident experts per layer
         self._pending: dict[tuple[int, int], float] = {}   # prepared, not yet served, in this layer call
         self._used: tuple[int, list[int]] | None = None
@@ -309,11 +312,8 @@ class ExpertCache(ExpertProvider):
             views = self._resident.pop(victim)
             slot = self._slot.pop(victim)
             # A slot is reused only once nobody holds views of it (the model drops them right after use).
-            if slot is not None:
-                if self._held(views):
-                    self._quarantine.append((slot, views))
-                else:
-                    self._free.append(slot)
+            if slot is not None:   # its views are referred to by _slot_views and, here, `views`
+                (self._quarantine if self._held(views, owners=2) else self._free).append(slot)
             del views
             self._in_layer[victim[0]] -= 1
             self._prefetched.discard(victim)
@@ -350,13 +350,37 @@ class ExpertCache(ExpertProvider):
         I, D = self.config.moe_intermediate_size, self.config.hidden_size
         return buf[:I * D].view(I, D), buf[I * D:2 * I * D].view(I, D), buf[2 * I * D:].view(D, I)
 
+    def _check_shapes(self, key: tuple[int, int], raw: tuple) -> tuple:
+        I, D = self.config.moe_intermediate_size, self.config.hidden_size
+        for name, t, shape in zip(("gate", "up", "down"), raw, ((I, D), (I, D), (D, I))):
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"expert cache: layer {key[0]} expert {key[1]} {name}_proj from "
+                                      f"{self.source.path} has shape {list(t.shape)}, expected {list(shape)}")
+        return raw
+
     def _read(self, key: tuple[int, int], prefetch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Read one expert from the source (only its bytes) into a buffer, converted like `ResidentExperts`
         does it (copy_ into the model's dtype and device); the buffer's (gate, up, down) views."""
         layer, e = key
         t0 = time.perf_counter()
         try:
-            raw = self.source.expert(layer, e)
+            # Sources that can (Checkpoint, Store) read into one reusable buffer whose typed views are made once
+            # per layout; others return fresh tensors.
+            into = getattr(self.source, "expert_into", None)
+            got = into(layer, e, self._staging) if into is not None else None
+            if got is not None:
+                staging, layout = got
+                if staging is not self._staging:
+                    self._staging, self._staging_views = staging, {}
+                raw = self._staging_views.get(layout)
+                if raw is None:
+                    parts = [None, None, None]
+                    for i, a, b, dtype, shape in layout:
+                        parts[i] = staging[a:b].view(dtype).view(shape)
+                    raw = self._check_shapes(key, tuple(parts))
+                    self._staging_views[layout] = raw
+            else:
+                raw = self._check_shapes(key, self.source.expert(layer, e))
         except Q3LabError as err:
             raise type(err)(f"expert cache: cannot load layer {layer} expert {e} from {self.source.path}: "
                             f"{err}") from err
@@ -364,39 +388,29 @@ class ExpertCache(ExpertProvider):
             raise CheckpointError(f"expert cache: cannot load layer {layer} expert {e} from {self.source.path}: "
                                   f"{err}") from err
         I, D = self.config.moe_intermediate_size, self.config.hidden_size
-        for name, t, shape in zip(("gate", "up", "down"), raw, ((I, D), (I, D), (D, I))):
-            if t.shape != shape:
-                raise CheckpointError(f"expert cache: layer {layer} expert {e} {name}_proj from {self.source.path} "
-                                      f"has shape {list(t.shape)}, expected {list(shape)}")
         if not self._free and self._quarantine:
             quarantine, self._quarantine = self._quarantine, []
-            for item in quarantine:   # the views are referred to by `item` and, here, `views`
-                views = item[1]
-                (self._quarantine.append(item) if self._held(views, owners=2) else self._free.append(item[0]))
-            del views, item, quarantine
+            for slot in quarantine:
+                views = self._slot_views[slot]
+                (self._quarantine if self._held(views, owners=2) else self._free).append(slot)
+            del views
         if self._free:
             slot = self._free.pop()
-            buf = self._slab[slot]
+            views = self._slot_views[slot]
+            if views is None:
+                views = self._slot_views[slot] = self._views(self._slab[slot])
         else:  # every free slot's old views are still held by a caller: this expert gets its own buffer
-            slot, buf = None, torch.empty(3 * I * D, device=self.device, dtype=self.dtype)
+            slot, views = None, self._views(torch.empty(3 * I * D, device=self.device, dtype=self.dtype))
             self._overflow += 1
         self._slot[key] = slot
-        g, u, d = raw
-        n = 2 * I * D
-        if g.dtype == u.dtype == d.dtype and g.is_contiguous() and u.is_contiguous() and d.is_contiguous() and \
-                u.data_ptr() == g.data_ptr() + g.nbytes and d.data_ptr() == u.data_ptr() + u.nbytes:
-            # gate, up, down back to back in one source buffer (a store, or a hub shard written in that order):
-            # one conversion of the whole expert, element for element the same as three
-            buf.copy_(torch.as_strided(g, (3 * I * D,), (1,)))
-        else:
-            buf[:I * D].view(I, D).copy_(g)
-            buf[I * D:n].view(I, D).copy_(u)
-            buf[n:].view(D, I).copy_(d)
+        for dst, src in zip(views, raw):
+            dst.copy_(src)
+        nbytes = sum(t.nbytes for t in raw)
         self._load_s[layer] += time.perf_counter() - t0
-        self._bytes[layer] += g.nbytes + u.nbytes + d.nbytes
+        self._bytes[layer] += nbytes
         if prefetch:
             self._pf_loads[layer] += 1
-        return self._views(buf)
+        return views
 
     # -- statistics --------------------------------------------------------------------------------
     def reset_stats(self) -> None:

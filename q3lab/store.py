@@ -24,7 +24,7 @@ import torch
 
 from .config import ThinkerConfig, expert_key, find_text_config, read_json
 from .errors import CheckpointError, StoreError
-from .checkpoint import ExpertPlan, ShardReader, plan_expert, read_expert
+from .checkpoint import ExpertPlan, ShardReader, plan_expert, read_expert, read_expert_into
 from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
 
 FORMAT = "q3lab-store"
@@ -387,6 +387,19 @@ class Store:
 
     def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate [I, D], up [I, D], down [D, I]: one positioned read of the expert's bytes."""
+        try:
+            return read_expert(self._expert_plan(layer, e))
+        except CheckpointError as e_:
+            raise StoreError(str(e_)) from None
+
+    def expert_into(self, layer: int, e: int, out: torch.Tensor | None) -> tuple[torch.Tensor, tuple] | None:
+        """As `Checkpoint.expert_into`: the expert's bytes read into a reusable buffer, and where each is."""
+        try:
+            return read_expert_into(self._expert_plan(layer, e), out)
+        except CheckpointError as e_:
+            raise StoreError(str(e_)) from None
+
+    def _expert_plan(self, layer: int, e: int) -> ExpertPlan:
         plan = self._plans.get((layer, e))
         if plan is None:
             path, _, _ = self.expert_location(layer, e)   # range-checks layer and e
@@ -399,10 +412,7 @@ class Store:
                 [(reader, self._info(expert_key(layer, e, p)), expert_key(layer, e, p))
                  for p in ("gate", "up", "down")],
                 what=f"tensor 'expert {e} of layer {layer}'")
-        try:
-            return read_expert(plan)
-        except CheckpointError as e_:
-            raise StoreError(str(e_)) from None
+        return plan
 
     def names(self) -> list[str]:
         return list(self.config.expected_tensors())
