@@ -17,7 +17,7 @@ import torch
 import q3lab
 from q3lab.errors import InputError, Q3LabError
 from q3lab.experts import ExpertCache, parse_bytes
-from q3lab.policies import make_policy
+from q3lab.policies import Policy, make_policy
 from q3lab.synth import synth
 from q3lab.weights import open_weights
 
@@ -456,3 +456,114 @@ def test_cli_generate_with_cache_prints_the_resident_models_text(ckpt, capsys):
     assert out2 == out and "expert cache" not in err2
     assert main(["generate", *common, "--expert-cache", "1"]) == 2
     assert "top-k" in capsys.readouterr().err
+
+
+# -- the cheap paths give what the general ones give ---------------------------------------------
+@pytest.mark.parametrize("name", ["lru", "lfu", "score", "belady"])
+def test_victim_where_picks_what_victim_picks_among_the_same_candidates(name):
+    """On a random trace with random evictions, `victim_where(ok)` equals `victim({resident keys ok accepts})`."""
+    g = torch.Generator().manual_seed(7)
+    trace = [(int(a), int(b)) for a, b in torch.randint(0, 4, (600, 2), generator=g)]
+    policy, resident, checked = make_policy(name, trace), set(), 0
+    for t, key in enumerate(trace):
+        policy.access(key, t, float(t % 5) / 4)
+        if key not in resident:
+            if len(resident) >= 6:
+                banned = {k for k in resident if int(torch.randint(0, 3, (), generator=g)) == 0}
+                ok = (lambda k, banned=banned: k not in banned and k[0] != t % 4)
+                cands = {k for k in resident if ok(k)}
+                fast = policy.victim_where(ok, t)
+                assert fast == (policy.victim(cands, t) if cands else None), (t, name)
+                checked += bool(cands)
+                victim = policy.victim(resident, t)
+                resident.remove(victim)
+                policy.remove(victim)
+            resident.add(key)
+            policy.insert(key, t)
+    assert checked > 100
+
+
+class _ListedLRU(Policy):
+    """A policy with only `victim` (no `victim_where`): least recently accessed by a plain dict of times."""
+    name = "listed-lru"
+
+    def __init__(self):
+        self.last = {}
+
+    def access(self, key, t, weight=0.0):
+        self.last[key] = t
+
+    def insert(self, key, t):
+        self.last[key] = max(self.last.get(key, -1), t)
+
+    def victim(self, candidates, t):
+        return min(candidates, key=lambda k: self.last[k])
+
+
+def test_a_policy_without_victim_where_gets_the_candidate_set(ckpt, reference):
+    want_logits, want_tokens, trace = reference
+    for per_layer, cap in [(False, 5), (True, 3)]:
+        lru = ExpertCache(cap, per_layer=per_layer)
+        listed = ExpertCache(cap, per_layer=per_layer, policy=_ListedLRU())
+        for cache in (lru, listed):
+            logits, tokens = _run(q3lab.load(ckpt, experts=cache))
+            assert torch.equal(logits, want_logits) and tokens.tolist() == want_tokens.tolist()
+        a, b = lru.summary(), listed.summary()
+        assert (a["hits"], a["misses"], a["evictions"]) == (b["hits"], b["misses"], b["evictions"]), per_layer
+        assert lru.resident() == listed.resident()
+
+
+def test_slots_are_reused_when_nobody_holds_their_views(ckpt, reference):
+    """The model drops the views it is given: a small cache never needs an overflow buffer, and its slots
+    keep the source's experts exactly (outputs equal to the all-resident model)."""
+    want_logits, want_tokens, _ = reference
+    cache = ExpertCache(3)
+    logits, tokens = _run(q3lab.load(ckpt, experts=cache))
+    assert torch.equal(logits, want_logits) and tokens.tolist() == want_tokens.tolist()
+    s = cache.summary()
+    assert s["evictions"] > 100 and s["overflow_buffers"] == 0
+    for layer, e in cache.resident():
+        cache.prepare(layer, [e])
+        for got, want in zip(cache.weights(layer, e), _source_expert(ckpt, layer, e)):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "store"])
+def test_one_open_file_per_shard_and_one_read_per_miss(ckpt, store, kind, monkeypatch):
+    path = ckpt if kind == "checkpoint" else store
+    cache = _bound(path, 2)
+    opened, reads = [], []
+    real_open, real_preadv = os.open, os.preadv
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
+    monkeypatch.setattr(os, "preadv", lambda fd, b, off, *a: (reads.append(off), real_preadv(fd, b, off, *a))[1])
+    for layer in range(L):
+        for e in range(E):
+            _serve(cache, layer, [e])
+    monkeypatch.undo()
+    s = cache.summary()
+    assert s["misses"] == L * E and len(reads) == L * E            # one positioned read per expert
+    assert len(opened) == len(set(opened)) and 1 <= len(opened) <= len(list(path.rglob("*.safetensors")))
+    fds = [r._fd for r in cache.source._readers.values()]
+    assert len(fds) == len(opened) and all(fd >= 0 for fd in fds)
+    cache.source.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_a_replaced_shard_is_reopened_and_read_as_it_is_now(ckpt, tmp_path):
+    """A shard rewritten under a running cache (a new file at the same path) is read afresh, as opening it
+    per read did: here a copy with layer 1's expert 2 gate zeroed in place."""
+    folder = shutil.copytree(ckpt, tmp_path / "ckpt")
+    cache = _bound(folder, 2)
+    _serve(cache, 1, [2, 3])
+    src = cache.source
+    shard, info = src.info("model.layers.1.mlp.experts.2.gate_proj.weight")
+    data = bytearray((folder / shard).read_bytes())
+    data[info.start:info.end] = bytes(info.nbytes)
+    (folder / shard).unlink()
+    (folder / shard).write_bytes(bytes(data))
+    _serve(cache, 0, [0, 1])          # evicts (1, 2) and (1, 3)
+    gate, up, down = _serve(cache, 1, [2])[0]
+    want = _source_expert(ckpt, 1, 2)
+    assert torch.count_nonzero(gate) == 0 and torch.equal(up, want[1]) and torch.equal(down, want[2])
