@@ -112,7 +112,8 @@ class ExpertCache(ExpertProvider):
     The model sees exactly the weights `ResidentExperts` would give it (the source tensors `copy_`-converted
     to the model's device and dtype), so outputs are identical to the all-resident model for every capacity
     and policy. Resident experts live in one preallocated slab of `capacity` slots, so memory stays within
-    capacity x expert bytes plus a small fixed overhead. An access is one (layer, expert) request per forward
+    capacity x expert bytes plus a small fixed overhead (one expert's source bytes as a read buffer, and three
+    tensor views per slot). An access is one (layer, expert) request per forward
     call: for each layer in order, its used experts in ascending order.
     When a layer's used set is larger than the cache (a long prefill with per-layer capacity), experts are
     served one at a time and may evict experts of the same set that are still to come (they then miss again).
