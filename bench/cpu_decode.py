@@ -1,7 +1,7 @@
 """q3lab vs transformers' Qwen3-Omni thinker on the CPU: greedy decode and prefill tokens/s, same weights.
 
     flock /tmp/q3lab-cpu.lock .venv/bin/python bench/cpu_decode.py [--checkpoint DIR ...] [--new-tokens 128]
-        [--prefill 512] [--repeats 5] [--cache all,25%] [--threads 2] [--results bench/RESULTS-cpu.md]
+        [--prefill 512] [--repeats 5] [--cache all,25%] [--threads 2] [--results bench/RESULTS.md]
 
 Both models hold the same float32 weights (q3lab.load, and transformers' thinker filled by
 q3lab.reference.load_reference_generator); greedy outputs are checked equal before anything is timed, and the
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--cache", default="all,25%",
                     help="expert-cache capacities to time, comma-separated: N experts, P%% of all, or all; '' for none")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS-cpu.md")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     paths = args.checkpoint or []

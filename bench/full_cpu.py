@@ -408,7 +408,7 @@ def main(argv=None) -> None:
                     help="max_memory['cpu'] that transformers' full model would get (device map extrapolation)")
     ap.add_argument("--work", type=Path, default=None, help="where the small synthetic and the offload folder go "
                     "(default: next to --checkpoint); deleted afterwards")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS-full-cpu.md")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--limit-gb", type=float, default=12.0, help="the peak resident memory goal for q3lab")
     # internal: a worker process
     ap.add_argument("--worker", choices=["q3lab", "reference", "device-map"], help=argparse.SUPPRESS)
