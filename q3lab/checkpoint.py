@@ -19,7 +19,7 @@ import torch
 
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError
-from .safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo, loads_strict
+from .safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo, loads_strict, pread_full
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -92,18 +92,7 @@ class ShardReader:
 
     def read_into(self, start: int, buf: memoryview, what: str) -> None:
         """Fill `buf` (a writable byte buffer) with the bytes at absolute offset `start`."""
-        nbytes = len(buf)
-        fd = self._fd_for(what)
-        got = 0
-        try:
-            while got < nbytes:
-                k = os.preadv(fd, [buf[got:]], start + got)
-                if k == 0:
-                    raise CheckpointError(f"{self.path.name}: truncated while reading {what}: got {got} of "
-                                          f"{nbytes} bytes (file {self.path})")
-                got += k
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: read of {what} failed: {e.strerror}") from None
+        pread_full(self._fd_for(what), buf, start, self.path, what)
 
     def close(self) -> None:
         if self._closer is not None:

@@ -151,15 +151,22 @@ def read_span(path: Path, info: TensorInfo, out: torch.Tensor | None = None) -> 
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open to read tensor {info.name!r}: {e.strerror}") from None
     try:
-        got = 0
-        while got < info.nbytes:
-            k = os.preadv(fd, [buf[got:]], info.start + got)
-            if k == 0:
-                raise CheckpointError(f"{path.name}: truncated while reading tensor {info.name!r}: got {got} of "
-                                      f"{info.nbytes} bytes (file {path})")
-            got += k
-    except OSError as e:
-        raise CheckpointError(f"{path}: read of tensor {info.name!r} failed: {e.strerror}") from None
+        pread_full(fd, buf, info.start, path, f"tensor {info.name!r}")
     finally:
         os.close(fd)
     return out
+
+
+def pread_full(fd: int, buf: memoryview, start: int, path: Path, what: str) -> None:
+    """Fill `buf` from descriptor `fd` at absolute offset `start`; a short file or an I/O error raises
+    CheckpointError naming `path` and `what` (e.g. "tensor 'model.norm.weight'")."""
+    nbytes, got = len(buf), 0
+    try:
+        while got < nbytes:
+            k = os.preadv(fd, [buf[got:]], start + got)
+            if k == 0:
+                raise CheckpointError(f"{path.name}: truncated while reading {what}: got {got} of "
+                                      f"{nbytes} bytes (file {path})")
+            got += k
+    except OSError as e:
+        raise CheckpointError(f"{path}: read of {what} failed: {e.strerror}") from None
