@@ -22,7 +22,6 @@ kernels read cache slots instead of expert ids, so its outputs are bit-equal to 
 from __future__ import annotations
 
 import functools
-import time
 from collections import OrderedDict
 
 import torch
@@ -30,52 +29,23 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .experts import ExpertProvider
-from .model import KVCache, Thinker, apply_rotary, mrope_freqs
-from .decode_kernels import decode_attention, route, topk_renorm
+from .decode_kernels import decode_attention, decode_attention_torch, route, topk_renorm, topk_renorm_torch
+from .model import KVCache, Thinker, _rms, apply_rotary, hook_dicts, mrope_freqs
 from .moe_kernels import moe_one_token
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's RMSNorm, as a function."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def attention_and_route(x, y_prev, cos, sin, bias, pos, kc, vc, w_in, wq, wk, wv, wo, wqn, wkn, w_post, w_router,
-                        *, H: int, K: int, hd: int, A: int, eps: float, norm_topk: bool):
-    """One decoder layer of one token up to its experts, as a pure function of tensors (one compiled graph
-    serves every layer). x [1, 1, D] the residual before the previous layer's experts, y_prev [A', D] float32
-    their weighted outputs (summed here, so the sum and the residual add fuse into this layer's first kernel);
-    cos/sin [1, 1, hd]; bias [S] (0 or -inf); pos [1]; kc/vc [1, K, S, hd] (written at pos).
-    Returns x + attention [1, 1, D], the experts' input [D], top-k ids [A] and weights [A]."""
+def qkv_rope(x, y_prev, cos, sin, pos, kc, vc, w_in, wqkv, wqn, wkn, *, H: int, K: int, hd: int, eps: float):
+    """A layer's start for one token: the previous layer's weighted expert outputs y_prev [A', D] (float32)
+    summed onto the residual x [1, 1, D] (here, so the sum fuses into this layer's first kernel), input norm,
+    q/k/v projections (wqkv: the three weights concatenated, one projection; or a (q, k, v) tuple), q/k norms,
+    rotary (cos/sin [1, 1, hd]) and the cache write at pos [1] into kc/vc [1, K, S, hd].
+    Returns (x [1, 1, D], q [H, hd])."""
     x = x + y_prev.sum(0).to(x.dtype).view(1, 1, -1)
     h = _rms(x, w_in, eps)                                                            # [1, 1, D]
-    q = _rms(F.linear(h, wq).view(1, 1, H, hd), wqn, eps)
-    k = _rms(F.linear(h, wk).view(1, 1, K, hd), wkn, eps)
-    v = F.linear(h, wv).view(1, 1, K, hd).transpose(1, 2)                             # [1, K, 1, hd]
-    q = apply_rotary(q.transpose(1, 2), cos, sin)                                     # [1, H, 1, hd]
-    k = apply_rotary(k.transpose(1, 2), cos, sin)                                     # [1, K, 1, hd]
-    kc.index_copy_(2, pos, k)
-    vc.index_copy_(2, pos, v)
-    qg = q.view(1, K, H // K, hd)                         # query head h reads kv head h // (H/K), as SDPA's gqa
-    s = (qg @ kc.transpose(-1, -2)).float() * hd ** -0.5 + bias                       # [1, K, H/K, S]
-    y = torch.softmax(s, dim=-1).to(x.dtype) @ vc                                     # [1, K, H/K, hd]
-    x = x + F.linear(y.reshape(1, 1, H * hd), wo)
-    hm = _rms(x, w_post, eps).view(-1)                                                # [D]
-    probs = torch.softmax(F.linear(hm, w_router), dim=-1, dtype=torch.float32)        # [E]
-    w, idx = torch.topk(probs, A)                                                     # [A]
-    if norm_topk:
-        w = w / w.sum()
-    return x, hm, idx, w.to(x.dtype)
-
-
-def qkv_rope(x, y_prev, cos, sin, pos, kc, vc, w_in, wqkv, wqn, wkn, *, H: int, K: int, hd: int, eps: float):
-    """The fused path's first part: previous experts' sum + residual, input norm, ONE q/k/v projection (the
-    three weights concatenated), q/k norms and rotary, the cache write. Returns (x [1, 1, D], q [H, hd])."""
-    x = x + y_prev.sum(0).to(x.dtype).view(1, 1, -1)
-    h = _rms(x, w_in, eps)
-    q, k, v = F.linear(h, wqkv).split([H * hd, K * hd, K * hd], dim=-1)
+    if isinstance(wqkv, torch.Tensor):
+        q, k, v = F.linear(h, wqkv).split([H * hd, K * hd, K * hd], dim=-1)
+    else:
+        q, k, v = (F.linear(h, w) for w in wqkv)
     q = _rms(q.view(1, 1, H, hd), wqn, eps)
     k = _rms(k.view(1, 1, K, hd), wkn, eps)
     q = apply_rotary(q.transpose(1, 2), cos, sin)                                     # [1, H, 1, hd]
@@ -85,25 +55,38 @@ def qkv_rope(x, y_prev, cos, sin, pos, kc, vc, w_in, wqkv, wqn, wkn, *, H: int, 
     return x, q.reshape(H, hd)
 
 
-def out_route(x, att, wo, w_post, w_router, *, eps: float):
-    """The fused path's second part: output projection + residual, post-attention norm, router softmax.
-    Returns (x [1, 1, D], the experts' input [D], router probabilities [E] float32)."""
-    x = x + F.linear(att.reshape(1, 1, -1), wo)
-    hm = _rms(x, w_post, eps).view(-1)
-    return x, hm, torch.softmax(F.linear(hm, w_router), dim=-1, dtype=torch.float32)
-
-
 def out_norm(x, att, wo, w_post, *, eps: float):
-    """`out_route` without the router (for the fused router kernels): (x [1, 1, D], the experts' input [D])."""
+    """Output projection of the attention att [H, hd] + residual, post-attention norm:
+    (x [1, 1, D], the experts' input [D])."""
     x = x + F.linear(att.reshape(1, 1, -1), wo)
     return x, _rms(x, w_post, eps).view(-1)
 
 
+def out_route(x, att, wo, w_post, w_router, *, eps: float):
+    """`out_norm` and the router's float32 softmax: (x [1, 1, D], the experts' input [D], probabilities [E])."""
+    x, hm = out_norm(x, att, wo, w_post, eps=eps)
+    return x, hm, torch.softmax(F.linear(hm, w_router), dim=-1, dtype=torch.float32)
+
+
+def attention_and_route(x, y_prev, cos, sin, bias, pos, kc, vc, w_in, wq, wk, wv, wo, wqn, wkn, w_post, w_router,
+                        *, H: int, K: int, hd: int, A: int, eps: float, norm_topk: bool):
+    """One decoder layer of one token up to its experts, in plain torch ops, as a pure function of tensors
+    (one compiled graph serves every layer): `qkv_rope`, attention over the cache masked by bias [S] (0 or
+    -inf), `out_route`, top-k. Returns x + attention [1, 1, D], the experts' input [D], ids [A], weights [A]."""
+    x, q = qkv_rope(x, y_prev, cos, sin, pos, kc, vc, w_in, (wq, wk, wv), wqn, wkn, H=H, K=K, hd=hd, eps=eps)
+    att = decode_attention_torch(q, kc[0], vc[0], bias, hd ** -0.5)                 # [H, hd]
+    x, hm, probs = out_route(x, att, wo, w_post, w_router, eps=eps)
+    idx, w = topk_renorm_torch(probs, A, norm_topk, x.dtype)
+    return x, hm, idx, w
+
+
 def _refuse_hooks(model: Thinker) -> None:
-    hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
-    if hooked:
-        raise InputError(f"the static decoder does not call hook points, and {len(hooked)} module(s) have hooks "
-                         f"({', '.join(hooked[:3])}...): record with Thinker.generate instead")
+    if any(hook_dicts(model)):
+        hooked = [n or "<the model>" for n, m in model.named_modules()
+                  if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+        raise InputError(f"the static decoder does not call hook points, and hooks are registered "
+                         f"({', '.join(hooked[:3]) or 'global module hooks'}...): record with Thinker.generate "
+                         f"instead")
 
 
 class StaticDecoder:
@@ -463,16 +446,3 @@ class OffloadedDecoder(StaticDecoder):
             self.slot_buf.copy_(self.slot_host, non_blocking=True)
             self._run(("moe", layer))
         self._run("finish")
-
-
-def time_steps(dec: StaticDecoder, n: int) -> list[float]:
-    """Wall time of each of n decode steps (synchronised), for benchmarks."""
-    times = []
-    sync = torch.cuda.synchronize if dec.device.type == "cuda" else (lambda: None)
-    for _ in range(n):
-        sync()
-        t = time.perf_counter()
-        dec.step()
-        sync()
-        times.append(time.perf_counter() - t)
-    return times

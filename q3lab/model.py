@@ -9,7 +9,6 @@ that cost one attribute check when nobody listens.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -25,6 +24,14 @@ from .experts import ExpertProvider, ResidentExperts
 
 _GLOBAL_HOOKS = (_mm._global_forward_pre_hooks, _mm._global_forward_hooks, _mm._global_backward_pre_hooks,
                  _mm._global_backward_hooks)
+
+
+def hook_dicts(model: nn.Module) -> list[dict]:
+    """Every hook registry of `model`'s modules (forward and backward, pre and post) and the global ones:
+    `any(hook_dicts(m))` is True when some hook would run (they are live dicts: later registrations show)."""
+    return [d for m in model.modules()
+            for d in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
+            ] + list(_GLOBAL_HOOKS)
 
 
 def _call(m: nn.Module, *args):
@@ -460,9 +467,7 @@ class Thinker(nn.Module):
             plan.append((lay.input_layernorm.weight, at.q_proj.weight, at.k_proj.weight, at.v_proj.weight,
                          qk_norm, at.o_proj.weight, lay.post_attention_layernorm.weight, mlp.gate.weight,
                          mlp.experts))
-        hooks = [d for m in self.modules()
-                 for d in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)]
-        return plan, hooks + list(_GLOBAL_HOOKS)
+        return plan, hook_dicts(self)
 
     def _decode_step(self, plan: list, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] of one new token per row (ids [B, 1], text positions, no padding): the ops of
