@@ -49,8 +49,8 @@ def component_of(key: str) -> str:
 class ShardReader:
     """One shard file kept open for positioned reads for the life of its `Checkpoint` or `Store`.
 
-    The descriptor is advised POSIX_FADV_RANDOM (no readahead). Each read first stats the path (about 1 us, where opening and closing the file per tensor cost several):
-    a shard that vanished raises the error an open would have raised, and one replaced or rewritten since it
+    The descriptor is advised POSIX_FADV_RANDOM (no readahead). Each read first stats the path (about 1 us,
+    where opening and closing the file per tensor cost several): a shard that vanished raises the error an open would have raised, and one replaced or rewritten since it
     was opened (another inode, size or mtime) is reopened, so reads see the file now at the path, as opening
     per read did. The descriptor is closed by `close()` or when the reader is garbage-collected.
     """
@@ -148,7 +148,38 @@ def read_expert(plan: ExpertPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return tuple(out)  # type: ignore[return-value]
 
 
-class Checkpoint:
+class ShardFiles:
+    """What `Checkpoint` and `Store` keep open, for files named relative to `self.path`: parsed headers,
+    one `ShardReader` per file, expert read plans. `close()` drops them all (a later read opens them again)."""
+
+    path: Path
+
+    def _init_files(self) -> None:
+        self._files: dict[str, SafetensorsFile] = {}
+        self._readers: dict[str, ShardReader] = {}
+        self._plans: dict[tuple[int, int], ExpertPlan] = {}
+
+    def reader(self, rel: str) -> ShardReader:
+        """The open-file reader of a file (one per file, kept until `close`)."""
+        r = self._readers.get(rel)
+        if r is None:
+            r = self._readers[rel] = ShardReader(self.path / rel)
+        return r
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.path if (self.path / "tokenizer.json").exists() or (self.path / "vocab.json").exists() else None
+
+    def close(self) -> None:
+        """Close the files (a later read opens them again)."""
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+        self._plans.clear()
+        self._files.clear()
+
+
+class Checkpoint(ShardFiles):
     """A checkpoint folder, read lazily: headers on open, tensor bytes only when asked for."""
 
     def __init__(self, path: str | Path):
@@ -159,9 +190,7 @@ class Checkpoint:
         self.config = ThinkerConfig.from_dict(self.raw_config, where=str(self.path / "config.json"))
         self.weight_map = self._read_index()
         self.prefix = "thinker." if any(k.startswith("thinker.") for k in self.weight_map) else ""
-        self._files: dict[str, SafetensorsFile] = {}
-        self._readers: dict[str, ShardReader] = {}
-        self._plans: dict[tuple[int, int], ExpertPlan] = {}
+        self._init_files()
 
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
@@ -200,13 +229,6 @@ class Checkpoint:
                                       f"{len(users)} tensors in it, e.g. {users[0] if users else '-'}")
             f = self._files[shard] = SafetensorsFile(self.path / shard)
         return f
-
-    def reader(self, shard: str) -> ShardReader:
-        """The open-file reader of a shard (one per shard, kept until `close`)."""
-        r = self._readers.get(shard)
-        if r is None:
-            r = self._readers[shard] = ShardReader(self.path / shard)
-        return r
 
     # -- canonical names -> source keys ----------------------------------------------------------
     def source_key(self, name: str) -> str:
@@ -260,26 +282,27 @@ class Checkpoint:
     def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate [I, D], up [I, D], down [D, I] of expert e in a layer; reads only that expert's bytes, in one
         read where the three matrices are adjacent in one shard (the hub layout writes them so)."""
-        plan = self._plans.get((layer, e))
+        plan = self._plan(layer, e)
         if plan is None:
-            if layer in self.fused_layers:
-                I = self.config.moe_intermediate_size
-                gu = self._fused_slice(f"model.layers.{layer}.mlp.experts.gate_up_proj", e)
-                dn = self._fused_slice(f"model.layers.{layer}.mlp.experts.down_proj", e)
-                return gu[:I].clone(), gu[I:].clone(), dn
-            plan = self._plans[(layer, e)] = self._expert_plan(layer, e)
+            I = self.config.moe_intermediate_size
+            gu = self._fused_slice(f"model.layers.{layer}.mlp.experts.gate_up_proj", e)
+            dn = self._fused_slice(f"model.layers.{layer}.mlp.experts.down_proj", e)
+            return gu[:I].clone(), gu[I:].clone(), dn
         return read_expert(plan)
 
     def expert_into(self, layer: int, e: int, out: torch.Tensor | None) -> tuple[torch.Tensor, tuple] | None:
         """Expert e's bytes read into the reusable uint8 buffer `out` (replaced by a larger one if needed):
         (buffer, pieces), a piece being (0-2 for gate/up/down, start, end, dtype, shape) in the buffer; None
         where its matrices are not one run of adjacent bytes (use `expert`). What an expert cache reads with."""
+        plan = self._plan(layer, e)
+        return None if plan is None else read_expert_into(plan, out)
+
+    def _plan(self, layer: int, e: int) -> ExpertPlan | None:
+        """Expert e's read plan, made once; None for a layer stored as fused tensors."""
         plan = self._plans.get((layer, e))
-        if plan is None:
-            if layer in self.fused_layers:
-                return None
+        if plan is None and layer not in self.fused_layers:
             plan = self._plans[(layer, e)] = self._expert_plan(layer, e)
-        return read_expert_into(plan, out)
+        return plan
 
     def _expert_plan(self, layer: int, e: int) -> ExpertPlan:
         """Where expert e's three matrices are, checked once (shape and dtype, as `get` checks them)."""
@@ -306,20 +329,8 @@ class Checkpoint:
         buf = self.reader(shard).read(info.start + e * per, per, f"tensor {info.name!r}")
         return buf.view(DTYPES[info.dtype]).view(info.shape[1:])
 
-    @property
-    def tokenizer_dir(self) -> Path | None:
-        return self.path if (self.path / "tokenizer.json").exists() or (self.path / "vocab.json").exists() else None
-
     def names(self) -> list[str]:
         return list(self.config.expected_tensors())
-
-    def close(self) -> None:
-        """Close the shard files (a later read opens them again)."""
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
-        self._plans.clear()
-        self._files.clear()
 
 
 # -- the audit ---------------------------------------------------------------------------------

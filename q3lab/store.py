@@ -24,7 +24,7 @@ import torch
 
 from .config import ThinkerConfig, expert_key, find_text_config, read_json
 from .errors import CheckpointError, StoreError
-from .checkpoint import ExpertPlan, ShardReader, plan_expert, read_expert, read_expert_into
+from .checkpoint import ExpertPlan, ShardFiles, plan_expert, read_expert, read_expert_into
 from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
 
 FORMAT = "q3lab-store"
@@ -285,7 +285,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return m
 
 
-class Store:
+class Store(ShardFiles):
     """An extracted store, read lazily: the same interface as `Checkpoint` (`get`, `expert`, `config`...).
 
     Opening checks that manifest, config and files agree (sizes, header tensor sets, shapes, dtypes, one
@@ -307,9 +307,7 @@ class Store:
                              f"fingerprint (config {fingerprint(self.config)[:12]}, manifest "
                              f"{str(self.manifest.get('fingerprint'))[:12]}): the store was altered")
         self._entries: dict[str, dict[str, Any]] = {t["name"]: t for t in self.manifest["tensors"]}
-        self._files: dict[str, SafetensorsFile] = {}
-        self._readers: dict[str, ShardReader] = {}
-        self._plans: dict[tuple[int, int], ExpertPlan] = {}
+        self._init_files()
         self._check()
 
     @classmethod
@@ -402,11 +400,8 @@ class Store:
     def _expert_plan(self, layer: int, e: int) -> ExpertPlan:
         plan = self._plans.get((layer, e))
         if plan is None:
-            path, _, _ = self.expert_location(layer, e)   # range-checks layer and e
-            rel = self._entries[expert_key(layer, e, "gate")]["file"]
-            reader = self._readers.get(rel)
-            if reader is None:
-                reader = self._readers[rel] = ShardReader(path)
+            self.expert_location(layer, e)   # range-checks layer and e
+            reader = self.reader(self._entries[expert_key(layer, e, "gate")]["file"])
             # _check verified gate, up, down adjacent in one file: this plan is a single read
             plan = self._plans[(layer, e)] = plan_expert(
                 [(reader, self._info(expert_key(layer, e, p)), expert_key(layer, e, p))
@@ -434,17 +429,6 @@ class Store:
     def dtype(self) -> str:
         return str(self.manifest.get("dtype"))
 
-    @property
-    def tokenizer_dir(self) -> Path | None:
-        return self.path if (self.path / "tokenizer.json").exists() or (self.path / "vocab.json").exists() else None
-
-    def close(self) -> None:
-        """Close the store's files (a later read opens them again)."""
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
-        self._plans.clear()
-        self._files.clear()
 
 
 def with_text_dtype(raw_config: dict[str, Any], label: str) -> dict[str, Any]:
