@@ -72,10 +72,9 @@ if triton is not None:
                  mask=gmask[:, None])
 
     @triton.jit
-    def _topk_kernel(p_ptr, idx_ptr, w_ptr, E: tl.constexpr, A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
-                     RENORM: tl.constexpr):
-        offs = tl.arange(0, BLOCK_E)
-        p = tl.load(p_ptr + offs, mask=offs < E, other=float("-inf"))
+    def _store_topk(p, offs, idx_ptr, w_ptr, A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
+                    RENORM: tl.constexpr):
+        # the A largest of p [BLOCK_E] (-inf where absent), descending: their ids and (renormalised) values
         ar = tl.arange(0, BLOCK_A)
         vals = tl.zeros([BLOCK_A], tl.float32)
         ids = tl.zeros([BLOCK_A], tl.int32)
@@ -89,6 +88,13 @@ if triton is not None:
             vals = vals / tl.sum(tl.where(ar < A, vals, 0.0), axis=0)
         tl.store(idx_ptr + ar, ids.to(tl.int64), mask=ar < A)
         tl.store(w_ptr + ar, vals.to(w_ptr.dtype.element_ty), mask=ar < A)
+
+    @triton.jit
+    def _topk_kernel(p_ptr, idx_ptr, w_ptr, E: tl.constexpr, A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
+                     RENORM: tl.constexpr):
+        offs = tl.arange(0, BLOCK_E)
+        p = tl.load(p_ptr + offs, mask=offs < E, other=float("-inf"))
+        _store_topk(p, offs, idx_ptr, w_ptr, A, BLOCK_E, BLOCK_A, RENORM)
 
 
     @triton.jit
@@ -111,19 +117,7 @@ if triton is not None:
         e = tl.exp(z - tl.max(z, axis=0))
         p = e / tl.sum(e, axis=0)
         p = tl.where(offs < E, p, float("-inf"))
-        ar = tl.arange(0, BLOCK_A)
-        vals = tl.zeros([BLOCK_A], tl.float32)
-        ids = tl.zeros([BLOCK_A], tl.int32)
-        for a in tl.static_range(A):
-            m = tl.max(p, axis=0)
-            i = tl.min(tl.where(p == m, offs, BLOCK_E), axis=0)
-            vals = tl.where(ar == a, m, vals)
-            ids = tl.where(ar == a, i, ids)
-            p = tl.where(offs == i, float("-inf"), p)
-        if RENORM:
-            vals = vals / tl.sum(tl.where(ar < A, vals, 0.0), axis=0)
-        tl.store(idx_ptr + ar, ids.to(tl.int64), mask=ar < A)
-        tl.store(w_ptr + ar, vals.to(w_ptr.dtype.element_ty), mask=ar < A)
+        _store_topk(p, offs, idx_ptr, w_ptr, A, BLOCK_E, BLOCK_A, RENORM)
 
 
 def route_torch(h: torch.Tensor, w_router: torch.Tensor, k: int, renorm: bool):
