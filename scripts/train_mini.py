@@ -81,7 +81,9 @@ class DenseExperts(Experts):
     """Training stand-in for q3lab's `Experts`: all E experts on all N tokens, scaled by the dense [N, E] weights.
 
     Unchosen experts get weight 0, so the output equals the sparse sum. Also leaves the layer's Switch-style
-    load-balancing loss in `self.aux` (E * sum_e f_e * P_e: 1.0 when routing is uniform).
+    load-balancing loss in `self.aux` (E * sum_e f_e * P_e: 1.0 when routing is uniform). f and P are taken over
+    all N = batch x seq tokens of the step: with one GPU and no gradient accumulation that is the global batch
+    (Qwen3-MoE's global-batch balancing), not a per-sequence or micro-batch loss.
     """
 
     def __init__(self, config: ThinkerConfig, layer_idx: int, bank: ExpertBank, router: nn.Linear):
@@ -355,13 +357,20 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def train(args) -> int:
+def train(args, config: dict = MINI, hooks=None) -> int:
+    """Train the model of `config` (MINI unless a preset passes another), write the official layout to --out.
+
+    `hooks`, if given, has `on_step(step, total_steps, model)` (called before the first step and after every
+    step; total_steps is None until the schedule is planned), `on_final(model, log)` (after the bf16 rounding) and
+    `on_write(out, log)` (after the checkpoint is written, before --tar-small packs): scripts/train_mini128.py
+    records its router probes through them.
+    """
     t_start = time.time()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     corpus = Path(args.corpus)
     from q3lab.tokenizer import load_tokenizer
     tok = load_tokenizer(corpus / "tokenizer")
-    cfg = ThinkerConfig(**{**MINI, "num_hidden_layers": args.layers})
+    cfg = ThinkerConfig(**{**config, "num_hidden_layers": args.layers})
     if tok.vocab_size > cfg.vocab_size:
         raise InputError(f"tokenizer has {tok.vocab_size} ids, the config {cfg.vocab_size} embedding rows")
     torch.manual_seed(args.seed)
@@ -387,7 +396,7 @@ def train(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     deadline = t_start + 60 * args.minutes
     total_steps = args.steps
-    log: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "config": MINI | {"num_hidden_layers": args.layers}, "parameters": n_params,
+    log: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "config": config | {"num_hidden_layers": args.layers}, "parameters": n_params,
                  "device": str(device), "gpu": torch.cuda.get_device_name(device) if amp else None,
                  "torch": torch.__version__, "dense_vs_sparse_rel_err": check_err, "domain_rows": batcher.counts,
                  "curve": [], "evals": []}
@@ -408,6 +417,8 @@ def train(args) -> int:
         raise InputError(f"--plan-after must be > 10 (steps 10..plan-after are timed), got {args.plan_after}")
     model.train()
     step, t_loop, t_mark = 0, time.time(), time.time()
+    if hooks is not None:
+        hooks.on_step(0, total_steps, model)
     stopped = "steps"
     while total_steps is None or step < total_steps:
         if time.time() > deadline:
@@ -443,6 +454,8 @@ def train(args) -> int:
             print(f"planned {total_steps} steps ({per_step * 1e3:.1f} ms/step)", flush=True)
         if step % args.eval_every == 0:
             evaluate_now(step)
+        if hooks is not None:
+            hooks.on_step(step, total_steps, model)
     log.update(steps=step, stopped_by=stopped, train_tokens=step * args.batch * args.seq,
                train_seconds=round(time.time() - t_loop, 1))
     print(f"stopped after {step} steps ({stopped}), {time.time() - t_start:.0f}s", flush=True)
@@ -457,9 +470,13 @@ def train(args) -> int:
              "facts_top1": accuracy_by_relation(facts, fact_ranks(model, tok, facts, device))}
     log["final"] = final
     print(f"final (bf16 weights, fp32 math): {json.dumps(final)}", flush=True)
+    if hooks is not None:
+        hooks.on_final(model, log)
 
     out = Path(args.out)
-    files = write_official(canonical_state(model), cfg, out, corpus / "tokenizer")
+    files = write_official(canonical_state(model), cfg, out, corpus / "tokenizer", n_shards=args.shards)
+    if hooks is not None:
+        hooks.on_write(out, log)
     log["total_seconds"] = round(time.time() - t_start, 1)
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     if args.tar_small:
@@ -469,7 +486,7 @@ def train(args) -> int:
             for p in small:
                 tf.add(p, arcname=p.name)
         for p in small:
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     print(f"wrote {out}: {sorted(p.name for p in out.iterdir())}", flush=True)
     return 0
 
@@ -566,7 +583,15 @@ SAMPLE_PROMPTS = ["The capital of France is", "Japan is located in", "The langua
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def build_parser(description: str = __doc__.splitlines()[0], *, train_func=None, evaluate_func=None,
+                 train_defaults: dict | None = None, train_extra=None) -> argparse.ArgumentParser:
+    """The `train` / `evaluate` command line; scripts/train_mini128.py reuses it with its own functions and
+    defaults."""
+    ap = argparse.ArgumentParser(description=description)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train on a GPU (or a tiny smoke run on the CPU) and write the checkpoint")
     t.add_argument("--corpus", default=str(ROOT / "data" / "corpus"))
@@ -594,7 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--val-windows", type=int, default=16, help="validation windows per domain")
     t.add_argument("--tar-small", action="store_true", help="pack all but the shards into small.tar")
-    t.set_defaults(func=train)
+    t.add_argument("--shards", type=int, default=2, help="safetensors shards (a layer straddles each boundary)")
+    if train_extra is not None:
+        train_extra(t)                    # more `train` options (a preset's own)
+    t.set_defaults(func=train_func or train, **(train_defaults or {}))
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on the CPU through q3lab.load")
     e.add_argument("checkpoint")
     e.add_argument("--corpus", default=str(ROOT / "data" / "corpus"))
@@ -606,9 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--sample", nargs="*", default=SAMPLE_PROMPTS)
     e.add_argument("--sample-tokens", type=int, default=24)
     e.add_argument("--json")
-    e.set_defaults(func=evaluate)
-    args = ap.parse_args(argv)
-    return args.func(args)
+    e.set_defaults(func=evaluate_func or evaluate)
+    return ap
 
 
 if __name__ == "__main__":
