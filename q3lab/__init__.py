@@ -17,6 +17,7 @@ _EXPORTS = {
     "Thinker": "model", "KVCache": "model", "load": "model",
     "ResidentExperts": "experts", "ExpertCache": "experts",
     "record": "record",
+    "intervene": "interventions", "capture": "interventions",
 }
 
 
