@@ -19,7 +19,7 @@ import torch
 from .errors import Q3LabError
 
 STATS_COLUMNS = ("numel", "nan", "inf", "min", "max", "mean", "std")
-_CHUNK_BYTES = 16 << 20
+_CHUNK_BYTES = 4 << 20   # per read: peak memory about 25x this (float64 moments), whatever the tensor size
 
 
 class NonFiniteError(Q3LabError):
