@@ -393,6 +393,27 @@ def test_shard_replaced_under_an_open_checkpoint(tiny_ckpt, no_stubs, tmp_path):
         ck.expert(3, 7)
 
 
+def test_store_file_replaced_under_an_open_store(store, tmp_path):
+    """The same identity check for a `Store` (one mechanism, `ShardFiles.reader` / `read_span`): a layer file
+    rewritten under an open store (same bytes, new inode and mtime) is refused naming it; after close() the
+    reads equal the values read before."""
+    from q3lab.errors import StoreError
+    from q3lab.store import Store
+    out = copy_ckpt(store, tmp_path / "store")
+    st = Store.open(out)
+    want, want_dense = st.expert(2, 5), st.get("model.norm.weight")
+    for rel in ("experts/layer_002.safetensors", "dense.safetensors"):
+        data = (out / rel).read_bytes()
+        (out / rel).unlink()
+        (out / rel).write_bytes(data)
+    for read in (lambda: st.expert(2, 5), lambda: st.get("model.norm.weight")):
+        with pytest.raises(StoreError, match="changed since its header was read"):
+            read()
+    st.close()
+    assert all(torch.equal(a, b) for a, b in zip(st.expert(2, 5), want))
+    assert torch.equal(st.get("model.norm.weight"), want_dense)
+
+
 def test_manifest_records_the_source_and_verify_checks_it(tiny_ckpt, store, no_stubs, tmp_path, capsys):
     """The manifest records every shard's size, mtime_ns and header sha256 (as parsed), config and index
     sha256; `extract --verify OUT --source CKPT` exits 0 on the source and 1 naming each file that differs."""
@@ -412,6 +433,13 @@ def test_manifest_records_the_source_and_verify_checks_it(tiny_ckpt, store, no_s
     assert "BAD source model-00001" not in text and "1 source file(s) differ" in text
     rc, _, err = cli(capsys, "extract", "--verify", store, "--source", tmp_path / "nope", "--no-progress")
     assert rc == 2 and "nope: not a folder" in err
+    old = copy_ckpt(store, tmp_path / "old_store")   # a manifest written before sources were recorded
+    m = json.loads((old / MANIFEST).read_text())
+    del m["sources"]
+    (old / MANIFEST).write_text(json.dumps(m))
+    rc, _, err = cli(capsys, "extract", "--verify", old, "--source", tiny_ckpt, "--no-progress")
+    assert rc == 2 and "records no source identity" in err, err
+    assert cli(capsys, "extract", "--verify", old, "--no-progress")[0] == 0
 
 
 @pytest.mark.parametrize("key", [P + "layers.0.self_attn.q_proj.weight", P + "layers.1.mlp.experts.3.up_proj.weight"],
