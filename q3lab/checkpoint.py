@@ -19,7 +19,8 @@ import torch
 
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError
-from .safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo, loads_strict, pread_full
+from .safetensors_io import (DTYPES, FLOAT_DTYPES, FileIdent, SafetensorsFile, TensorInfo, check_ident, loads_strict,
+                             pread_full)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -50,13 +51,16 @@ class ShardReader:
     """One shard file kept open for positioned reads for the life of its `Checkpoint` or `Store`.
 
     The descriptor is advised POSIX_FADV_RANDOM (no readahead). Each read first stats the path (about 1 us,
-    where opening and closing the file per tensor cost several): a shard that vanished raises the error an open would have raised, and one replaced or rewritten since it
-    was opened (another inode, size or mtime) is reopened, so reads see the file now at the path, as opening
-    per read did. The descriptor is closed by `close()` or when the reader is garbage-collected.
+    where opening and closing the file per tensor cost several): a shard that vanished raises the error an
+    open would have raised, and one replaced or rewritten since its header was parsed (`expect`: another
+    inode, size or mtime) raises `CheckpointError` naming it: the header's offsets no longer describe it, and
+    reading on would return other bytes silently. The descriptor is closed by `close()` or when the reader
+    is garbage-collected.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, expect: FileIdent | None = None):
         self.path = path
+        self.expect = expect   # the identity of the file the header was parsed from
         self._fd = -1
         self._ident: tuple | None = None
         self._closer: weakref.finalize | None = None
@@ -66,6 +70,8 @@ class ShardReader:
             st = os.stat(self.path)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open to read {what}: {e.strerror}") from None
+        if self.expect is not None:
+            check_ident(self.path, st, self.expect, what)
         if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._ident:
             self.close()
             try:
@@ -80,6 +86,8 @@ class ShardReader:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             st = os.fstat(fd)   # the file actually opened (the path may have changed since the stat above)
             self._fd, self._ident = fd, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if self.expect is not None:
+                check_ident(self.path, st, self.expect, what)
         return self._fd
 
     def read(self, start: int, nbytes: int, what: str) -> torch.Tensor:
@@ -160,11 +168,16 @@ class ShardFiles:
         self._plans: dict[tuple[int, int], ExpertPlan] = {}
 
     def reader(self, rel: str) -> ShardReader:
-        """The open-file reader of a file (one per file, kept until `close`)."""
+        """The open-file reader of a file (one per file, kept until `close`), checked against the identity of
+        the file its header was parsed from."""
         r = self._readers.get(rel)
         if r is None:
-            r = self._readers[rel] = ShardReader(self.path / rel)
+            r = self._readers[rel] = ShardReader(self.path / rel, self._header(rel).ident)
         return r
+
+    def _header(self, rel: str) -> SafetensorsFile:
+        """The parsed header of a file (Checkpoint.file, Store._file)."""
+        raise NotImplementedError
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -219,6 +232,9 @@ class Checkpoint(ShardFiles):
     @property
     def shards(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
+
+    def _header(self, rel: str) -> SafetensorsFile:
+        return self.file(rel)
 
     def file(self, shard: str) -> SafetensorsFile:
         f = self._files.get(shard)

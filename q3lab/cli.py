@@ -14,17 +14,42 @@ from .errors import Q3LabError
 def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="check a checkpoint against its config: every thinker tensor, shape, dtype")
     p.add_argument("checkpoint", help="checkpoint folder (config.json + model.safetensors[.index.json])")
-    p.add_argument("--csv", help="also write the per-tensor table to this CSV file")
+    p.add_argument("--csv", help="also write the per-tensor table to this CSV file (new, or an earlier audit table)")
+    p.add_argument("--deep", action="store_true", help="also read every tensor: min, max, mean, std, nan and inf "
+                                                       "counts (exit 1 if any tensor holds nan or inf)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--deep)")
     p.set_defaults(func=_cmd_audit)
+
+
+# the audit frame's columns: an existing --csv file is replaced only when it is such a table
+AUDIT_COLUMNS = ("name", "key", "component", "layer", "expert", "expected_shape", "shape", "dtype", "shard",
+                 "bytes", "status", "detail")
 
 
 def _cmd_audit(args) -> int:
     from .checkpoint import Checkpoint, audit_checkpoint
-    report = audit_checkpoint(Checkpoint(args.checkpoint))
-    print(report.summary())
+    from .finite import STATS_COLUMNS, nonfinite_lines, tensor_stats
+    from .outdir import check_writable_name, csv_with_header, write_file
     if args.csv:
-        report.frame.to_csv(args.csv, index=False)
-    return 0 if report.ok else 1
+        check_writable_name(args.csv)
+    ckpt = Checkpoint(args.checkpoint)
+    report = audit_checkpoint(ckpt)
+    print(report.summary())
+    frame, bad = report.frame, []
+    if args.deep:
+        stats = tensor_stats(ckpt, keys=[(k, s) for k, s, st in zip(frame["key"], frame["shard"], frame["status"])
+                                         if s and st != "unreadable"], progress=not args.no_progress)
+        print("\nper-tensor statistics (finite values):")
+        print(stats.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        bad = nonfinite_lines(stats)
+        print(f"\nnon-finite: {len(bad)} tensor(s) hold nan or inf\n" + "\n".join(bad) if bad
+              else "\nOK: every tensor read holds finite values only")
+        frame = frame.merge(stats.drop(columns=["shard", "dtype"]), on="key", how="left")
+    if args.csv:
+        cols = list(frame.columns)
+        write_file(args.csv, lambda f: frame.to_csv(f, index=False), what="audit table",
+                   is_ours=csv_with_header([AUDIT_COLUMNS, [*AUDIT_COLUMNS, *STATS_COLUMNS], cols]))
+    return 0 if report.ok and not bad else 1
 
 
 def _add_extract(sub) -> None:
@@ -34,6 +59,8 @@ def _add_extract(sub) -> None:
     p.add_argument("out", nargs="?", help="store folder to write (new, empty, or an interrupted extraction)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="convert tensors (default: keep the source's)")
     p.add_argument("--verify", metavar="OUT", help="re-check every checksum of the store OUT; exit 1 if any differs")
+    p.add_argument("--source", metavar="CKPT", help="with --verify: also check that CKPT is the checkpoint OUT was "
+                                                    "extracted from (shard sizes, mtimes, header sha256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_extract, parser=p)
 
@@ -43,11 +70,13 @@ def _cmd_extract(args) -> int:
     if args.verify:
         if args.checkpoint or args.out or args.dtype:
             args.parser.error("--verify OUT takes no checkpoint, output folder or --dtype")
-        report = verify(args.verify, progress=not args.no_progress, strict=False)
+        report = verify(args.verify, progress=not args.no_progress, strict=False, source=args.source)
         print(report.summary())
         return 0 if report.ok else 1
     if not (args.checkpoint and args.out):
         args.parser.error("expected CKPT OUT (or --verify OUT)")
+    if args.source:
+        args.parser.error("--source CKPT goes with --verify OUT")
     out = extract(args.checkpoint, args.out, dtype=args.dtype, progress=not args.no_progress)
     print(f"extracted {args.checkpoint} -> {out}")
     return 0
@@ -143,8 +172,12 @@ def _cmd_trace(args) -> int:
     if model.source.tokenizer_dir is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     tok = load_tokenizer(model.source.tokenizer_dir)
-    rec = trace_prompts(model, tok, items, max_new_tokens=args.max_new_tokens, probs=args.full_probs,
-                        progress=not args.no_progress, where=args.prompts)
+    from .finite import guard
+    from .outdir import check_writable_name
+    check_writable_name(args.out)
+    with guard(model):   # nan/inf logits stop the run, naming the first layer where they appear
+        rec = trace_prompts(model, tok, items, max_new_tokens=args.max_new_tokens, probs=args.full_probs,
+                            progress=not args.no_progress, where=args.prompts)
     frame = rec.to_frame()
     out = save_trace(frame, args.out)
     tokens = frame[["prompt", "token_index"]].drop_duplicates().shape[0]

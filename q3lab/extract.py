@@ -22,13 +22,13 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TOKENIZER_FILES, AuditReport, Checkpoint, audit_checkpoint, expected_dtype
+from .checkpoint import INDEX, TOKENIZER_FILES, AuditReport, Checkpoint, audit_checkpoint, expected_dtype
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError, InputError, StoreError
 from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
 from .store import (DENSE, EXPERTS_DIR, FORMAT, LABEL_TO_ST, MANIFEST, PROGRESS, ST_TO_LABEL, VERSION, FileDigest,
-                    SafetensorsWriter, Store, copy_file_atomic, expert_file, fingerprint, fsync_dir, itemsize, numel,
-                    read_manifest, safetensors_header, sha256_file, tmp_path, with_text_dtype, write_bytes_atomic)
+                    SafetensorsWriter, Store, expert_file, fingerprint, fsync_dir, itemsize, numel, read_manifest,
+                    safetensors_header, sha256_file, tmp_path, with_text_dtype, write_atomic)
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 _CHUNK_BYTES = 4 << 20  # source bytes per read when streaming a dense tensor (the embedding is 623 MB)
@@ -112,10 +112,57 @@ def source_id(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
+def source_files(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
+    """The identity of what a store is extracted from, for its manifest: per shard its size, mtime_ns and the
+    sha256 of its header bytes as they were parsed (every read of the shard is checked against that identity);
+    config.json and the index with size, mtime_ns and sha256."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("config.json", INDEX):
+        p = ckpt.path / name
+        if p.is_file():
+            st = p.stat()
+            out[name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)}
+    for shard in ckpt.shards:
+        f = ckpt.file(shard)
+        out[shard] = {"bytes": f.ident.size, "mtime_ns": f.ident.mtime_ns, "header_sha256": f.header_sha256}
+    return out
+
+
+def check_sources(recorded: dict[str, Any], source: Path) -> dict[str, str]:
+    """Compare a manifest's `sources` with the files in `source` now: {file name: what differs}."""
+    bad: dict[str, str] = {}
+    for name, want in recorded.items():
+        p = source / name
+        if "/" in name or name.startswith(".") or not isinstance(want, dict):
+            raise StoreError(f"malformed source entry {name!r} in the manifest: {str(want)[:120]}")
+        if not p.is_file():
+            bad[name] = "missing from the source" if not p.exists() else "not a regular file"
+            continue
+        st = p.stat()
+        diffs = []
+        if st.st_size != want.get("bytes"):
+            diffs.append(f"{st.st_size} bytes, extracted from {want.get('bytes')}")
+        if "header_sha256" in want:
+            try:
+                if SafetensorsFile(p).header_sha256 != want["header_sha256"]:
+                    diffs.append("its header differs (sha256)")
+            except CheckpointError as e:
+                diffs.append(f"unreadable header: {e}")
+        elif "sha256" in want and not diffs and sha256_file(p) != want["sha256"]:
+            diffs.append("its content differs (sha256)")
+        if st.st_mtime_ns != want.get("mtime_ns"):
+            diffs.append("modified since the extraction (mtime)" if diffs else
+                         "modified since the extraction (mtime; size and header match: the data may differ)")
+        if diffs:
+            bad[name] = "; ".join(diffs)
+    return bad
+
+
 # -- writing ---------------------------------------------------------------------------------------
 def _dense_chunks(ckpt: Checkpoint, t: TensorPlan) -> Iterator[torch.Tensor]:
     """A dense tensor's elements in row-major order, `_CHUNK_BYTES` of source at a time."""
     shard, info = ckpt.info(t.name)
+    ident = ckpt.file(shard).ident   # a shard replaced since its header was read stops the read
     item = itemsize(info.dtype)
     n = numel(info.shape)
     step = max(1, _CHUNK_BYTES // item)
@@ -123,17 +170,36 @@ def _dense_chunks(ckpt: Checkpoint, t: TensorPlan) -> Iterator[torch.Tensor]:
     for i in range(0, n, step):
         k = min(step, n - i)
         yield read_span(ckpt.path / shard, TensorInfo(info.name, info.dtype, (k,), info.start + i * item,
-                                                      info.start + (i + k) * item), out=buf[:k])
+                                                      info.start + (i + k) * item), out=buf[:k], ident=ident)
 
 
-def _write_tensor_file(ckpt: Checkpoint, path: Path, fp: FilePlan, on_bytes: Callable[[int], None]) -> FileDigest:
-    with SafetensorsWriter(path, [(t.name, t.dst_dtype, t.shape) for t in fp.tensors]) as w:
+def _convert(x: torch.Tensor, t: TensorPlan) -> tuple[torch.Tensor, int]:
+    """`x` in the store's dtype, and how many of its finite values the conversion turned into inf."""
+    y = x.to(DTYPES[t.dst_dtype])
+    if y.dtype == x.dtype:
+        return y, 0
+    return y, int((torch.isinf(y) & torch.isfinite(x)).sum())
+
+
+def _refuse_overflow(t: TensorPlan, count: int) -> None:
+    if count:
+        dt = DTYPES[t.dst_dtype]
+        raise InputError(f"tensor {t.source_key} in {t.source_shard}: {count} of {numel(t.shape)} values are "
+                         f"outside the {ST_TO_LABEL[t.dst_dtype]} range (|x| > {torch.finfo(dt).max:g}) and would "
+                         f"become inf; nothing of it was stored: extract without --dtype, or with bf16 or fp32")
+
+
+def _write_tensor_file(ckpt: Checkpoint, out: Path, fp: FilePlan, on_bytes: Callable[[int], None]) -> FileDigest:
+    with SafetensorsWriter(out / fp.rel, [(t.name, t.dst_dtype, t.shape) for t in fp.tensors], root=out) as w:
         if fp.layer is None:
             for t in fp.tensors:
+                overflow = 0
                 for chunk in _dense_chunks(ckpt, t):
-                    chunk = chunk.to(DTYPES[t.dst_dtype])
+                    chunk, bad = _convert(chunk, t)
+                    overflow += bad
                     w.append(t.name, chunk)
                     on_bytes(chunk.nbytes)
+                _refuse_overflow(t, overflow)   # counted over the whole tensor first, so the count is exact
         else:
             by_name = {t.name: t for t in fp.tensors}
             for e in range(ckpt.config.num_experts):
@@ -142,7 +208,8 @@ def _write_tensor_file(ckpt: Checkpoint, path: Path, fp: FilePlan, on_bytes: Cal
                     if tuple(x.shape) != t.shape:
                         raise CheckpointError(f"tensor {t.source_key} in {t.source_shard}: expert {e} {p} has shape "
                                               f"{list(x.shape)}, expected {list(t.shape)}")
-                    x = x.to(DTYPES[t.dst_dtype])
+                    x, bad = _convert(x, t)
+                    _refuse_overflow(t, bad)
                     w.append(t.name, x)
                     on_bytes(x.nbytes)
         digest = w.close()
@@ -151,10 +218,9 @@ def _write_tensor_file(ckpt: Checkpoint, path: Path, fp: FilePlan, on_bytes: Cal
 
 
 def _write_file(ckpt: Checkpoint, out: Path, fp: FilePlan, on_bytes: Callable[[int], None]) -> FileDigest:
-    path = out / fp.rel
     if fp.kind == "tensors":
-        return _write_tensor_file(ckpt, path, fp, on_bytes)
-    digest = write_bytes_atomic(path, fp.data) if fp.kind == "bytes" else copy_file_atomic(fp.src, path)
+        return _write_tensor_file(ckpt, out, fp, on_bytes)
+    digest = write_atomic(out / fp.rel, fp.data if fp.kind == "bytes" else fp.src, root=out)
     on_bytes(digest.bytes)
     return digest
 
@@ -194,16 +260,17 @@ def _foreign_files(out: Path, planned: set[str]) -> list[str]:
     found = []
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
-        if p.is_dir() and rel == EXPERTS_DIR:
+        if rel == EXPERTS_DIR and p.is_dir() and not p.is_symlink():  # a link would lead writes out of OUT
             continue
         if rel not in ours or p.is_dir() or p.is_symlink():
             found.append(rel)
     return found
 
 
-def _open_journal(out: Path, ident: dict[str, Any], planned: set[str]) -> dict[str, Any]:
-    """The journal of `out` (created, loaded, or rebuilt from a finished store's manifest); refuses
-    foreign folders and stores of another model, dtype or source."""
+def _open_journal(out: Path, ident: dict[str, Any], planned: set[str]) -> tuple[dict[str, Any], bool]:
+    """The journal of `out` (created, loaded, or rebuilt from a finished store's manifest) and whether `out`
+    is a finished store (its manifest left in place: see `_unpublish`); refuses foreign folders and stores of
+    another model, dtype or source."""
     fresh = {"format": _JOURNAL_FORMAT, "version": VERSION, **ident, "files": {}}
     if (out / MANIFEST).exists():
         m = read_manifest(out)
@@ -231,10 +298,18 @@ def _open_journal(out: Path, ident: dict[str, Any], planned: set[str]) -> dict[s
     if foreign:
         raise StoreError(f"{out}: holds files that are not part of this store: {', '.join(foreign[:8])}"
                          f"{' ...' if len(foreign) > 8 else ''}; remove them or choose another folder")
-    # The journal goes down before the manifest goes away, so that no moment leaves neither.
-    write_bytes_atomic(out / PROGRESS, json.dumps(journal).encode())
-    (out / MANIFEST).unlink(missing_ok=True)
-    return journal
+    if (out / MANIFEST).exists():
+        return journal, True   # a finished store stays published until a file of it must be written again
+    write_atomic(out / PROGRESS, json.dumps(journal).encode(), root=out)
+    return journal, False
+
+
+def _unpublish(out: Path, journal: dict[str, Any]) -> None:
+    """Turn a finished store back into an extraction in progress, just before one of its files is rewritten.
+    The journal goes down before the manifest goes away, so that no moment leaves neither."""
+    write_atomic(out / PROGRESS, json.dumps(journal).encode(), root=out)
+    (out / MANIFEST).unlink()
+    fsync_dir(out)
 
 
 def _audit_failure(report: AuditReport) -> str:
@@ -286,16 +361,18 @@ def extract(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None,
     files, store_dtype = plan_extraction(ckpt, dtype)
     ident = {"source": str(ckpt.path.resolve()), "source_id": source_id(ckpt),
              "fingerprint": fingerprint(ckpt.config), "dtype": store_dtype}
+    sources = source_files(ckpt)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         planned = {f.rel for f in files}
-        journal = _open_journal(out, ident, planned)
+        journal, published = _open_journal(out, ident, planned)
         for rel in planned | {MANIFEST, PROGRESS}:
             tmp_path(out / rel).unlink(missing_ok=True)  # partial files of an interrupted run
-        (out / EXPERTS_DIR).mkdir(exist_ok=True)
+        if not (out / EXPERTS_DIR).is_dir():   # (a symlink there was refused by _open_journal)
+            (out / EXPERTS_DIR).mkdir()
         bar = tqdm(total=sum(f.nbytes for f in files), unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"extract {out.name}", disable=not progress)
         try:
@@ -313,20 +390,26 @@ def extract(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None,
                     warnings.warn(f"{out / fp.rel}: missing or changed since it was written; writing it again",
                                   stacklevel=2)
                     del journal["files"][fp.rel]
+                if published:
+                    _unpublish(out, journal)
+                    published = False
                 (out / fp.rel).unlink(missing_ok=True)
                 digest = _write_file(ckpt, out, fp, bar.update)
                 journal["files"][fp.rel] = {"sha256": digest.sha256, "bytes": digest.bytes, "tensors": digest.tensors}
-                write_bytes_atomic(out / PROGRESS, json.dumps(journal).encode())
+                write_atomic(out / PROGRESS, json.dumps(journal).encode(), root=out)
         finally:
             bar.close()
-        write_bytes_atomic(out / MANIFEST, json.dumps(_manifest(ident, files, journal), indent=1).encode())
-        (out / PROGRESS).unlink()
-        fsync_dir(out)
+        if not published:   # a finished store whose files all checked out keeps its manifest as it was
+            write_atomic(out / MANIFEST, json.dumps(_manifest(ident, files, journal, sources), indent=1).encode(),
+                         root=out)
+            (out / PROGRESS).unlink()
+            fsync_dir(out)
     Store.open(out).close()  # the store loads: manifest, config and files agree
     return out
 
 
-def _manifest(ident: dict[str, Any], files: list[FilePlan], journal: dict[str, Any]) -> dict[str, Any]:
+def _manifest(ident: dict[str, Any], files: list[FilePlan], journal: dict[str, Any],
+              sources: dict[str, dict[str, Any]]) -> dict[str, Any]:
     tensors = []
     for fp in files:
         for t in fp.tensors:
@@ -337,6 +420,7 @@ def _manifest(ident: dict[str, Any], files: list[FilePlan], journal: dict[str, A
             "dtype": ident["dtype"], "fingerprint": ident["fingerprint"],
             "files": {fp.rel: {"sha256": journal["files"][fp.rel]["sha256"], "bytes": journal["files"][fp.rel]["bytes"]}
                       for fp in files},
+            "sources": sources,
             "tensors": tensors}
 
 
@@ -348,10 +432,12 @@ class VerifyReport:
     bad_files: dict[str, str] = field(default_factory=dict)    # relpath -> what is wrong
     bad_tensors: dict[str, str] = field(default_factory=dict)  # tensor name -> relpath
     extra_files: list[str] = field(default_factory=list)       # present but not in the manifest (not a failure)
+    source: Path | None = None                                 # the checkpoint compared with (verify(source=))
+    bad_sources: dict[str, str] = field(default_factory=dict)  # source file -> what differs from the manifest
 
     @property
     def ok(self) -> bool:
-        return not self.bad_files and not self.bad_tensors
+        return not self.bad_files and not self.bad_tensors and not self.bad_sources
 
     def summary(self) -> str:
         lines = [f"store: {self.path}", f"checked {self.files} files, {self.bytes / 2**20:.1f} MiB"]
@@ -363,8 +449,14 @@ class VerifyReport:
             lines.append(f"  ... and {len(self.bad_tensors) - 50} more tensors")
         for rel in self.extra_files:
             lines.append(f"  note: {rel} is not in the manifest")
-        lines.append("OK: every checksum matches" if self.ok else
-                     f"FAILED: {len(self.bad_files)} bad file(s), {len(self.bad_tensors)} bad tensor(s)")
+        if self.source is not None:
+            lines.append(f"source: {self.source}")
+            for name, why in self.bad_sources.items():
+                lines.append(f"  BAD source {name}: {why}")
+        ok = "OK: every checksum matches" + (", and the source is the one extracted from" if self.source else "")
+        lines.append(ok if self.ok else
+                     f"FAILED: {len(self.bad_files)} bad file(s), {len(self.bad_tensors)} bad tensor(s)"
+                     + (f", {len(self.bad_sources)} source file(s) differ" if self.source else ""))
         return "\n".join(lines)
 
 
@@ -396,15 +488,27 @@ def _hash_safetensors(path: Path, on_bytes: Callable[[int], None]) -> tuple[str,
     return fh.hexdigest(), th, None
 
 
-def verify(out: str | Path, *, progress: bool = True, strict: bool = True) -> VerifyReport:
+def verify(out: str | Path, *, progress: bool = True, strict: bool = True,
+           source: str | Path | None = None) -> VerifyReport:
     """Re-check every file's and tensor's sha256 against the manifest.
 
+    source: also check that this checkpoint folder is the one the store was extracted from, as the manifest
+    recorded it (per shard: size, mtime_ns, sha256 of the header; config.json and index: sha256).
     strict: raise `StoreError` listing every bad file and tensor; otherwise return the report (`.ok`).
-    A missing or unreadable manifest always raises.
+    A missing or unreadable manifest always raises, and so does `source` for a manifest recording none.
     """
     out = Path(out)
     m = read_manifest(out)
     report = VerifyReport(out)
+    if source is not None:
+        recorded = m.get("sources")
+        if not isinstance(recorded, dict) or not recorded:
+            raise StoreError(f"{out / MANIFEST}: records no source identity (extracted by an older q3lab); "
+                             f"extract again to check it against {source}")
+        if not Path(source).is_dir():
+            raise StoreError(f"{source}: not a folder (expected the checkpoint the store was extracted from)")
+        report.source = Path(source)
+        report.bad_sources = check_sources(recorded, Path(source))
     try:
         cfg = ThinkerConfig.from_dict(read_json(out / "config.json", StoreError), where=str(out / "config.json"))
         if fingerprint(cfg) != m.get("fingerprint"):

@@ -546,12 +546,17 @@ class Thinker(nn.Module):
             logits = self(input_ids, cache=cache, attention_mask=full[:, :T], last_only=True)[:, -1]
         else:
             logits = self(input_ids, cache=cache, last_only=True)[:, -1]
+        from .finite import check_logits   # nan/inf: stop, naming the first layer where they appear
+        check_logits(self, logits, input_ids, attention_mask=None if mask is None else full[:, :T])
+        finite = torch.ones((), dtype=torch.bool, device=self.device)   # every later step, without a sync
         plan, hook_dicts = self._decode_plan() if mask is None else (None, None)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         eos_t = torch.tensor(sorted(eos), device=self.device) if eos else None
         for step in range(max_new_tokens):
-            nxt = self._pick(logits, do_sample, temperature, top_p, gen)            # [B]
+            finite &= torch.isfinite(logits).all()
+            nxt = self._pick(logits, do_sample, temperature, top_p, gen) if not do_sample or bool(finite) \
+                else logits.argmax(-1)   # [B] (multinomial would raise on nan; the check below names the cause)
             if eos_t is not None:
                 nxt = torch.where(done, eos_t[0], nxt)
                 done |= torch.isin(nxt, eos_t)
@@ -575,6 +580,10 @@ class Thinker(nn.Module):
             else:
                 logits = (self(nxt[:, None], cache=cache, last_only=True) if hooked
                           else self._forward(nxt[:, None], None, cache, None, True))[:, -1]
+        if not bool(finite):   # some step's logits held nan/inf: find the first layer over every token fed
+            from .finite import diagnose
+            ids = torch.cat(out, dim=1)[:, :-1]
+            diagnose(self, ids, attention_mask=None if mask is None else full[:, :ids.shape[1]])
         return torch.cat(out, dim=1)
 
     @staticmethod

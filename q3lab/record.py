@@ -12,6 +12,7 @@ whose cache already holds tokens continues the prompts of the call that filled t
 """
 from __future__ import annotations
 
+import io
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -308,23 +309,44 @@ def record(model, *, probs: bool = False, prompt: Any = None, domain: str | None
 
 # -- saving and loading ----------------------------------------------------------------------------
 def save_trace(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write a trace frame to `.parquet` (pyarrow) or `.csv` (a first comment line keeps frame.attrs)."""
+    """Write a trace frame to `.parquet` (pyarrow) or `.csv` (a first comment line keeps frame.attrs).
+
+    Atomic (q3lab.outdir.write_file): a failed or interrupted write leaves an existing file as it was, and an
+    existing file is replaced only when it is a q3lab trace (anything else there is an `OutputError`)."""
+    from .outdir import write_file
     path = Path(path)
     _check_trace(frame, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        frame.to_parquet(path, engine="pyarrow", index=False)
+        def write(f) -> None:
+            frame.to_parquet(f, engine="pyarrow", index=False)
     elif suffix == ".csv":
-        with open(path, "w", newline="") as f:
+        def write(f) -> None:
+            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
             # the header keeps what CSV loses: attrs, and which columns hold text or categories
             kinds = {c: ("category" if isinstance(frame[c].dtype, pd.CategoricalDtype) else
                          "str" if not pd.api.types.is_numeric_dtype(frame[c]) else "num") for c in frame.columns}
-            f.write(_CSV_MAGIC + json.dumps({"attrs": dict(frame.attrs), "kinds": kinds}, sort_keys=True) + "\n")
-            frame.to_csv(f, index=False)
+            text.write(_CSV_MAGIC + json.dumps({"attrs": dict(frame.attrs), "kinds": kinds}, sort_keys=True) + "\n")
+            frame.to_csv(text, index=False)
+            text.flush()
+            text.detach()   # the binary file stays open for write_atomic's fsync and rename
     else:
         raise InputError(f"{path}: unknown trace format {path.suffix!r}; use .parquet or .csv")
-    return path
+    return write_file(path, write, what="trace", is_ours=_is_trace_file)
+
+
+def _is_trace_file(path: Path) -> bool:
+    """Does `path` hold a q3lab trace (judged from its content: the CSV magic line, or a parquet schema with
+    the trace columns)? Only such a file may be replaced by `save_trace`."""
+    if path.suffix.lower() == ".csv":
+        from .outdir import first_line
+        return first_line(path).startswith(_CSV_MAGIC)
+    try:
+        import pyarrow.parquet as pq
+        names = set(pq.read_schema(path).names)
+    except Exception:   # any unreadable file is not one of ours, whatever pyarrow raises
+        return False
+    return {"prompt", "token_index", "layer", "expert"} <= names and bool({"rank", "prob"} & names)
 
 
 _DTYPES = {"token_index": np.int32, "position": np.int32, "token": np.int32, "layer": np.int16,

@@ -6,11 +6,13 @@ expert touches only that expert's bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +26,32 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 MAX_HEADER = 256 * 1024 * 1024
+
+
+class FileIdent(NamedTuple):
+    """Which file a header was read from: a file replaced or rewritten since differs in one of these."""
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdent":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_ident(path: Path, st: os.stat_result, expect: FileIdent, what: str) -> None:
+    """CheckpointError when the file `st` describes is not the one whose header was parsed (`expect`): its
+    offsets would point into other bytes, and the read would return wrong numbers without an error."""
+    now = FileIdent.of(st)
+    if now == expect:
+        return
+    diffs = [f"size {expect.size} -> {now.size}" if now.size != expect.size else "",
+             "modified (mtime)" if now.mtime_ns != expect.mtime_ns else "",
+             "replaced (another inode)" if (now.dev, now.ino) != (expect.dev, expect.ino) else ""]
+    raise CheckpointError(f"{path}: changed since its header was read ({', '.join(d for d in diffs if d)}); "
+                          f"refusing to read {what} at the old offsets: open the checkpoint again (or close() "
+                          f"it) once the file is final")
 
 
 @dataclass(frozen=True)
@@ -71,13 +99,18 @@ class SafetensorsFile:
         raise CheckpointError(f"{self.path.name}: {msg} (file {self.path})")
 
     def _parse(self) -> None:
-        if self.size < 8:
-            self._fail(f"file is {self.size} bytes, too short for a safetensors header")
         with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            # the identity of the file actually parsed: every later read of it is checked against it
+            self.ident = FileIdent.of(os.fstat(f.fileno()))
+            self.size = self.ident.size
+            if self.size < 8:
+                self._fail(f"file is {self.size} bytes, too short for a safetensors header")
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head)
             if n > min(MAX_HEADER, self.size - 8):
                 self._fail(f"corrupt header: header length {n} exceeds the file's {self.size - 8} bytes after it")
             raw = f.read(n)
+        self.header_sha256 = hashlib.sha256(head + raw).hexdigest()
         try:
             header = loads_strict(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
@@ -137,11 +170,15 @@ class SafetensorsFile:
         info = self.tensors.get(name)
         if info is None:
             self._fail(f"tensor {name!r} not in this shard")
-        return read_span(self.path, info)
+        return read_span(self.path, info, ident=self.ident)
 
 
-def read_span(path: Path, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read `info`'s bytes from `path` into `out` (or a new tensor); errors name the file and tensor."""
+def read_span(path: Path, info: TensorInfo, out: torch.Tensor | None = None,
+              ident: FileIdent | None = None) -> torch.Tensor:
+    """Read `info`'s bytes from `path` into `out` (or a new tensor); errors name the file and tensor.
+
+    ident: the identity of the file the header was parsed from (`SafetensorsFile.ident`); a file changed since
+    is refused (`check_ident`)."""
     dtype = DTYPES[info.dtype]
     if out is None:
         out = torch.empty(info.shape, dtype=dtype)
@@ -151,6 +188,8 @@ def read_span(path: Path, info: TensorInfo, out: torch.Tensor | None = None) -> 
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open to read tensor {info.name!r}: {e.strerror}") from None
     try:
+        if ident is not None:
+            check_ident(path, os.fstat(fd), ident, f"tensor {info.name!r}")
         pread_full(fd, buf, info.start, path, f"tensor {info.name!r}")
     finally:
         os.close(fd)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import ThinkerConfig, expert_key, find_text_config, read_json
-from .errors import CheckpointError, StoreError
+from .errors import CheckpointError, Q3LabError, StoreError
 from .checkpoint import ExpertPlan, ShardFiles, plan_expert, read_expert, read_expert_into
 from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
 
@@ -84,10 +84,10 @@ class FileDigest:
     tensors: dict[str, str] = field(default_factory=dict)  # tensor name -> sha256 of its stored bytes
 
 
-def write_error(path: Path, err: OSError) -> StoreError:
-    """The StoreError for a failed write of `path` (disk full, read-only folder, ...), naming the file."""
+def write_error(path: Path, err: OSError, error: type[Q3LabError] = StoreError) -> Q3LabError:
+    """The error for a failed write of `path` (disk full, read-only folder, ...), naming the file."""
     hint = "; free space and rerun: finished files are kept" if err.errno == errno.ENOSPC else ""
-    return StoreError(f"{path}: cannot write: {err.strerror or err}{hint}")
+    return error(f"{path}: cannot write: {err.strerror or err}{hint}")
 
 
 def _drop(tmp: Path) -> None:
@@ -96,39 +96,108 @@ def _drop(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> FileDigest:
-    """Write `data` to `path` via `path.tmp`, fsync, rename; on failure no `.tmp` is left and StoreError names `path`."""
+def no_symlink_below(root: Path, path: Path, error: type[Q3LabError] = StoreError) -> None:
+    """Refuse to write `path` when a folder between `root` and it is a symlink (or not a folder): a write
+    there would land outside the output folder (e.g. OUT/experts -> another store's experts/)."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        raise error(f"{path}: not inside the output folder {root}") from None
+    cur = root
+    for part in rel.parts[:-1]:
+        cur = cur / part
+        if cur.is_symlink():
+            raise error(f"{cur}: is a symlink (to {os.readlink(cur)}); q3lab writes only inside its output "
+                        f"folder and does not follow links out of it: remove the link or choose another folder")
+        if cur.exists() and not cur.is_dir():
+            raise error(f"{cur}: exists and is not a folder")
+
+
+def _open_new(path: str, flags: int) -> int:
+    """`open`'s opener for temporary files: create, never reuse and never follow a link (O_EXCL|O_NOFOLLOW):
+    a `.tmp` planted as a symlink cannot redirect the write."""
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+
+
+def open_tmp(path: Path, error: type[Q3LabError] = StoreError):
+    """A fresh `path.tmp` opened for binary writing (a stale one of an earlier run is removed first)."""
     tmp = tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.unlink(missing_ok=True)
+        return open(tmp, "wb", opener=_open_new)
+    except OSError as e:
+        raise write_error(path, e, error) from None
+
+
+def commit_tmp(f, path: Path, error: type[Q3LabError] = StoreError) -> None:
+    """Flush, fsync and close `f` (from `open_tmp(path)`), rename it to `path`, fsync the folder; on failure
+    the temporary file is removed and `path` is as it was before."""
+    tmp = tmp_path(path)
+    try:
+        f.flush()  # a full disk may only show here, when the buffer goes out
+        os.fsync(f.fileno())
+        f.close()
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
-        _drop(tmp)
-        raise write_error(path, e) from None
-    return FileDigest(hashlib.sha256(data).hexdigest(), len(data))
+        abort_tmp(f, path)
+        raise write_error(path, e, error) from None
 
 
-def copy_file_atomic(src: Path, dst: Path) -> FileDigest:
-    """Copy in chunks, hashing as we go, via `dst.tmp` then rename (failures as in `write_bytes_atomic`)."""
+def abort_tmp(f, path: Path) -> None:
+    """Close `f` and remove `path.tmp` (after a failure: `path` keeps its old content)."""
+    if not f.closed:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            f.close()
+    _drop(tmp_path(path))
+
+
+def write_atomic(path: Path, data: bytes | Path | Callable[[Any], None], *, root: Path | None = None,
+                 error: type[Q3LabError] = StoreError) -> FileDigest:
+    """Write `path` atomically: into `path.tmp`, fsync, rename, fsync the folder. An interrupted or failed write
+    leaves `path` as it was and no `.tmp`; the error names `path` (or the source, when reading it failed).
+
+    data: the bytes; a source file to copy (in chunks); or a function writing to the binary file it is given.
+    root: the output folder; no folder between it and `path` may be a symlink.
+    Returns the sha256 and size of what was written.
+    """
+    path = Path(path)
+    if root is not None:
+        no_symlink_below(Path(root), path, error)
+    f = open_tmp(path, error)
     h, n = hashlib.sha256(), 0
-    tmp = tmp_path(dst)
     try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while chunk := fi.read(_HASH_CHUNK):
-                fo.write(chunk)
-                h.update(chunk)
-                n += len(chunk)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    except OSError as e:
-        _drop(tmp)
-        raise write_error(dst, e) from None
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+                h.update(data)
+                n = len(data)
+            elif isinstance(data, Path):
+                try:
+                    src = open(data, "rb")
+                except OSError as e:
+                    raise CheckpointError(f"{data}: cannot read: {e.strerror or e}") from None
+                with src:
+                    while True:
+                        try:
+                            chunk = src.read(_HASH_CHUNK)
+                        except OSError as e:   # the source is to blame, not the destination
+                            raise CheckpointError(f"{data}: cannot read: {e.strerror or e}") from None
+                        if not chunk:
+                            break
+                        f.write(chunk)
+                        h.update(chunk)
+                        n += len(chunk)
+            else:
+                data(f)
+        except OSError as e:
+            raise write_error(path, e, error) from None
+    except BaseException:   # Ctrl-C included: never leave a partial `.tmp`
+        abort_tmp(f, path)
+        raise
+    commit_tmp(f, path, error)
+    if callable(data):   # not hashed (what it wrote went straight to the file): size only
+        return FileDigest("", path.stat().st_size)
     return FileDigest(h.hexdigest(), n)
 
 
@@ -164,10 +233,12 @@ class SafetensorsWriter:
 
     The header is computed up front from (name, dtype, shape) in file order; `append` then streams each
     tensor's bytes in that order, hashing the file and every tensor as it goes. `close` fsyncs and renames
-    `path.tmp` to `path`; an exception inside `with` removes the temporary file.
+    `path.tmp` to `path` (`commit_tmp`, the skeleton `write_atomic` uses too); an exception inside `with`
+    removes the temporary file. `root`: the output folder (no symlinked folder between it and `path`).
     """
 
-    def __init__(self, path: str | Path, entries: Sequence[tuple[str, str, Sequence[int]]]):
+    def __init__(self, path: str | Path, entries: Sequence[tuple[str, str, Sequence[int]]], *,
+                 root: str | Path | None = None):
         self.path = Path(path)
         raw, data_len = safetensors_header(entries)
         self._plan = [(name, dtype, numel(shape) * itemsize(dtype)) for name, dtype, shape in entries]
@@ -176,10 +247,9 @@ class SafetensorsWriter:
         self._tensor_hashes: dict[str, str] = {}
         self._i, self._left, self._th = -1, 0, hashlib.sha256()
         self.tmp = tmp_path(self.path)
-        try:
-            self._f = open(self.tmp, "wb")
-        except OSError as e:
-            raise write_error(self.path, e) from None
+        if root is not None:
+            no_symlink_below(Path(root), self.path)
+        self._f = open_tmp(self.path)
         try:
             self._write(raw)
         except StoreError:
@@ -228,22 +298,11 @@ class SafetensorsWriter:
         """Check every tensor is complete, fsync, rename into place; return the file's and tensors' sha256."""
         if self.current is not None:
             raise ValueError(f"{self.path}: closed before tensor {self.current} was complete")
-        try:
-            self._f.flush()  # a full disk may only show here, when the buffer goes out
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self.tmp, self.path)
-            fsync_dir(self.path.parent)
-        except OSError as e:
-            self.abort()
-            raise write_error(self.path, e) from None
+        commit_tmp(self._f, self.path)
         return FileDigest(self._file_hash.hexdigest(), self.size, dict(self._tensor_hashes))
 
     def abort(self) -> None:
-        if not self._f.closed:
-            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
-                self._f.close()
-        _drop(self.tmp)
+        abort_tmp(self._f, self.path)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -361,6 +420,9 @@ class Store(ShardFiles):
                 raise StoreError(str(e)) from None
         return f
 
+    def _header(self, rel: str) -> SafetensorsFile:
+        return self._file(rel)
+
     def _info(self, name: str) -> TensorInfo:
         t = self._entries.get(name)
         if t is None:
@@ -370,8 +432,9 @@ class Store(ShardFiles):
     def get(self, name: str) -> torch.Tensor:
         """Read one canonical tensor (dtype as stored)."""
         info = self._info(name)
+        rel = self._entries[name]["file"]
         try:
-            return read_span(self.path / self._entries[name]["file"], info)
+            return read_span(self.path / rel, info, ident=self._file(rel).ident)
         except CheckpointError as e:
             raise StoreError(str(e)) from None
 

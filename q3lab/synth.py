@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import ThinkerConfig
 from .errors import InputError
+from .outdir import OutputDir
 from .safetensors_io import DTYPE_NAMES
 from .tokenizer import check_vocab, save_tokenizer, train_bpe
 
@@ -51,6 +53,7 @@ MIN_SHARDS = 3             # small checkpoints still get several shards, so laye
 TOKENIZER_VOCAB_CAP = 4096  # the built-in text cannot fill more; the embedding rows above are padding
 GENERATOR = "q3lab.synth v1"  # goes into every shard's metadata: resuming never mixes two generators
 STD = 0.02
+INDEX = "model.safetensors.index.json"
 
 # Enough varied text for a few hundred BPE merges; written for this file.
 SAMPLE_TEXT = """\
@@ -245,42 +248,41 @@ def _header(entries: list[Planned], dtype: torch.dtype, seed: int) -> tuple[byte
 
 def _complete(path: Path, header: bytes, data_size: int) -> bool:
     """A shard left by an earlier run with the same plan, seed and generator: safe to keep (resume)."""
-    if not path.exists() or path.stat().st_size != len(header) + data_size:
+    if not path.is_file() or path.is_symlink() or path.stat().st_size != len(header) + data_size:
         return False
     with open(path, "rb") as f:
         return f.read(len(header)) == header
 
 
-def _write_shard(path: Path, entries: list[Planned], dtype: torch.dtype, seed: int, bar) -> None:
-    header, size = _header(entries, dtype, seed)
-    if _complete(path, header, size):
-        bar.update(size)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+def _shard_writer(header: bytes, entries: list[Planned], dtype: torch.dtype, seed: int, bar):
+    """What `OutputDir.write` calls with the temporary file: the header, then each tensor as it is drawn."""
+    def write(f) -> None:
         f.write(header)
         for t in entries:
             x = make_tensor(t.key, t.shape, seed, dtype)
             f.write(memoryview(x.view(torch.uint8).reshape(-1).numpy()))
             bar.update(x.numel() * x.element_size())
-    os.replace(tmp, path)
+    return write
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _check_out(out: Path, names: set[str], remaining: int) -> None:
-    found = [*out.glob("model*.safetensors"), *out.glob("model*.safetensors.tmp")]
-    foreign = sorted(p.name for p in found if p.name.removesuffix(".tmp") not in names)
+def _check_out(d: OutputDir, names: set[str], remaining: int) -> None:
+    """Refuse a folder holding anything synth did not write (or that changed since), or shards of another
+    shard count; then check the free space."""
+    foreign = d.foreign()
+    shards = sorted({f for f in foreign if f.startswith("model") and ".safetensors" in f and
+                     f.removesuffix(".tmp") not in names} |
+                    {p.name for p in d.path.glob("model*.safetensors") if p.name not in names})
+    if shards:
+        raise InputError(f"{d.path}: holds shards of another checkpoint ({', '.join(shards[:4])}"
+                         f"{' ...' if len(shards) > 4 else ''}): remove them or choose an empty folder")
     if foreign:
-        raise InputError(f"{out}: holds shards of another checkpoint ({', '.join(foreign[:4])}"
-                         f"{' ...' if len(foreign) > 4 else ''}): remove them or choose an empty folder")
-    free = shutil.disk_usage(out).free
+        raise InputError(f"{d.path}: holds files q3lab synth did not write, or that changed since it wrote them "
+                         f"({', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''}): nothing was "
+                         f"overwritten; remove them or choose an empty folder")
+    free = shutil.disk_usage(d.path).free
     if free < remaining:
-        raise InputError(f"{out}: {remaining / 2**30:.2f} GiB of shards to write, only {free / 2**30:.2f} GiB free")
+        raise InputError(f"{d.path}: {remaining / 2**30:.2f} GiB of shards to write, only {free / 2**30:.2f} GiB "
+                         f"free")
 
 
 # -- the entry point -------------------------------------------------------------------------------
@@ -301,29 +303,35 @@ def synth(out: str | Path, preset: str = "tiny", *, seed: int = 0, layers: int |
     names = [shard_name(k + 1, n) for k in range(n)]
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"synth: {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    # a new or empty folder, or one synth made itself (its marker lists what it wrote): nothing else is touched
+    d = OutputDir.claim(out, "synth")
     total = sum(t.numel for t in plan) * itemsize
     headers = [_header(g, tdtype, seed) for g in groups]
-    done = sum(size for (head, size), name in zip(headers, names) if _complete(out / name, head, size))
-    _check_out(out, set(names), total - done)
+    done = [d.ours(name) and _complete(out / name, head, size) for (head, size), name in zip(headers, names)]
+    _check_out(d, set(names), total - sum(size for (_, size), ok in zip(headers, done) if ok))
     # Until the new index is written, the folder must not look like a complete checkpoint.
-    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    d.remove(INDEX)
 
     tok = train_bpe([SAMPLE_TEXT], min(cfg.vocab_size, TOKENIZER_VOCAB_CAP))
     check_vocab(tok, cfg.vocab_size)
-    save_tokenizer(tok, out, model_max_length=cfg.max_position_embeddings)
+    with tempfile.TemporaryDirectory(prefix="q3lab-synth-") as tmp:   # then copied in atomically, one by one
+        save_tokenizer(tok, tmp, model_max_length=cfg.max_position_embeddings)
+        for name in sorted(os.listdir(tmp)):
+            d.write(name, Path(tmp) / name)
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
-    _write_text(out / "config.json", json.dumps(omni_config(cfg, dtype, specials=specials), indent=2) + "\n")
+    d.write("config.json", (json.dumps(omni_config(cfg, dtype, specials=specials), indent=2) + "\n").encode())
 
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"synth {preset}",
               disable=not progress) as bar:
-        for group, name in zip(groups, names):
-            _write_shard(out / name, group, tdtype, seed, bar)
+        for group, name, (head, size), ok in zip(groups, names, headers, done):
+            if ok:
+                d.keep(name)
+                bar.update(size)
+            else:
+                d.write(name, _shard_writer(head, group, tdtype, seed, bar))
 
     # The index goes last: its presence means every shard it names is complete.
     index = {"metadata": {"total_size": total},
              "weight_map": dict(sorted((t.key, name) for group, name in zip(groups, names) for t in group))}
-    _write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    d.write(INDEX, (json.dumps(index, indent=2) + "\n").encode())
     return out

@@ -551,9 +551,10 @@ def test_one_open_file_per_shard_and_one_read_per_miss(ckpt, store, kind, monkey
             os.fstat(fd)
 
 
-def test_a_replaced_shard_is_reopened_and_read_as_it_is_now(ckpt, tmp_path):
-    """A shard rewritten under a running cache (a new file at the same path) is read afresh, as opening it
-    per read did: here a copy with layer 1's expert 2 gate zeroed in place."""
+def test_a_replaced_shard_is_refused_until_the_source_is_reopened(ckpt, tmp_path):
+    """A shard rewritten under a running cache (a new file at the same path) is not read at the old header's
+    offsets: the next read raises naming the shard; after `close()` the new file's header is parsed and read
+    as it is now (here a copy with layer 1's expert 2 gate zeroed in place)."""
     folder = shutil.copytree(ckpt, tmp_path / "ckpt")
     cache = _bound(folder, 2)
     _serve(cache, 1, [2, 3])
@@ -564,6 +565,9 @@ def test_a_replaced_shard_is_reopened_and_read_as_it_is_now(ckpt, tmp_path):
     (folder / shard).unlink()
     (folder / shard).write_bytes(bytes(data))
     _serve(cache, 0, [0, 1])          # evicts (1, 2) and (1, 3)
+    with pytest.raises(Q3LabError, match=f"{shard}: changed since its header was read"):
+        _serve(cache, 1, [2])
+    src.close()
     gate, up, down = _serve(cache, 1, [2])[0]
     want = _source_expert(ckpt, 1, 2)
     assert torch.count_nonzero(gate) == 0 and torch.equal(up, want[1]) and torch.equal(down, want[2])

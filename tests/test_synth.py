@@ -30,7 +30,8 @@ def read(path, key: str) -> torch.Tensor:
 
 
 def files(path) -> list[str]:
-    return sorted(p.name for p in path.iterdir())
+    """The checkpoint's files (synth's own marker, which records mtimes, left out)."""
+    return sorted(p.name for p in path.iterdir() if p.name != ".q3lab-output.json")
 
 
 def test_same_seed_same_bytes(tiny_ckpt, make_ckpt):
@@ -151,10 +152,23 @@ def test_expert_matrices_are_consecutive_and_shards_explicit(make_ckpt):
         synth(ckpt.parent / "x", "tiny", dtype="int8", progress=False)
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tiny_ckpt, make_ckpt, tmp_path):
+def test_interrupted_run_resumes_to_the_same_bytes(tiny_ckpt, make_ckpt, tmp_path, monkeypatch):
+    import importlib
+    synth_mod = importlib.import_module("q3lab.synth")
     ckpt = make_ckpt("tiny", seed=0)
     (ckpt / "model-00002-of-00003.safetensors").unlink()
-    (ckpt / "model-00003-of-00003.safetensors").write_bytes(b"partial")
+    real, calls = synth_mod.make_tensor, [0]
+
+    def crash(*a, **k):   # an interruption in the middle of the last shard
+        calls[0] += 1
+        if calls[0] == 60:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(synth_mod, "make_tensor", crash)
+    with pytest.raises(KeyboardInterrupt):
+        synth(ckpt, "tiny", seed=0, progress=False)
+    monkeypatch.undo()
+    assert not (ckpt / INDEX).exists() and not list(ckpt.glob("*.tmp"))
     synth(ckpt, "tiny", seed=0, progress=False)
     names = files(tiny_ckpt)
     assert files(ckpt) == names and filecmp.cmpfiles(tiny_ckpt, ckpt, names, shallow=False)[0] == names

@@ -264,7 +264,8 @@ def test_rerun_into_a_read_only_finished_store_leaves_it_intact(tiny_ckpt, tiny_
     (out / "experts").chmod(0o555)
     _make_read_only(out, monkeypatch)
     rc, _, err = cli(capsys, "extract", tiny_ckpt, out, "--no-progress")
-    assert rc == 2 and "Permission denied" in err, err
+    # every file checks out, so nothing needs writing: the store stays published and the rerun succeeds
+    assert rc == 0, err
     monkeypatch.undo()
     out.chmod(0o755)
     (out / "experts").chmod(0o755)
