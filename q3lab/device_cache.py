@@ -67,6 +67,7 @@ class DeviceExpertCache(ExpertProvider):
         for key in sorted(self.pinned):
             self._copy_in(key, self.residency.slot_of[key])
         self._sync_copies()
+        self._copied = 0                                  # bytes_copied counts misses, not the pins
         self._served: dict[int, int] = {}
         self._served_layer = -1
 
