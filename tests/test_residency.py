@@ -211,3 +211,36 @@ def test_device_cache_refusals(ckpt):
     with pytest.raises(InputError, match="router weights"):   # the eager prefill does not pass weights yet
         OffloadedDecoder(model, 32, DeviceExpertCache(*host, capacity=4, device="cpu", policy="score")) \
             .generate(BATCH[:1], 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the copy stream and segment graphs)")
+@pytest.mark.parametrize("policy", ["lru", "lfu", "belady"])
+def test_the_device_cache_on_cuda_is_bit_equal_with_every_policy(ckpt, policy):
+    """On a GPU: copies on the side stream, segment graphs, slots reused under every policy and with pins: the
+    offloaded decoder's tokens and KV cache equal the resident decoder's bit for bit, and the simulator
+    replays the cache's log."""
+    from q3lab.cachesim import replay
+    from q3lab.device_cache import DeviceExpertCache
+    from q3lab.fastdecode import OffloadedDecoder, StaticDecoder
+    model = q3lab.load(ckpt, dtype=torch.bfloat16, device="cuda")
+    ids = BATCH[:1].cuda()
+    res = StaticDecoder(model, 40)
+    want = res.generate(ids, 24)
+    p = model.experts_provider
+    host = tuple(t.cpu().pin_memory() for t in (p.gate, p.up, p.down))
+    tr = None
+    if policy == "belady":
+        logger = DeviceExpertCache(*host, capacity=L * E, log_accesses=True)
+        OffloadedDecoder(model, 40, logger).generate(ids, 24)
+        model.set_experts(p)
+        tr = logger.trace()
+    for cap, pinned in [(K, None), (5, None), (5, [(0, 2), (2, 7)])]:
+        cache = DeviceExpertCache(*host, capacity=cap, policy=policy, trace=tr, pinned=pinned, log_accesses=True)
+        off = OffloadedDecoder(model, 40, cache)
+        got = off.generate(ids, 24)
+        model.set_experts(p)
+        assert torch.equal(got, want), (policy, cap, pinned)
+        assert torch.equal(off.cache.k, res.cache.k) and torch.equal(off.cache.v, res.cache.v)
+        log = cache.access_log()
+        assert replay(log, cap, policy, pinned=pinned)["hit"].tolist() == log["hit"].tolist()
+        assert cache.stats()["evictions"] > 0
