@@ -10,7 +10,7 @@ _EXPORTS = {
     "Q3LabError": "errors", "CheckpointError": "errors", "StoreError": "errors", "InputError": "errors",
     "ThinkerConfig": "config",
     "Checkpoint": "checkpoint", "audit": "checkpoint", "audit_checkpoint": "checkpoint",
-    "Store": "store", "open_weights": "weights",
+    "Store": "store", "open_weights": "weights", "open_source": "weights", "WeightSource": "weights",
     "extract": "extract", "verify": "extract",
     "synth": "synth",
     "load_tokenizer": "tokenizer",

@@ -1,11 +1,13 @@
 """Expert-cache simulation from a routing trace, without running the model.
 
 An access sequence is a frame of (group, layer, expert, weight) rows in access order. A group is what one
-layer step of the live cache (`q3lab.experts.ExpertCache`) sees at once: the sorted unique experts that
-the tokens of one forward call chose in one layer, with `weight` their summed router weight. The simulator
-replays the live cache's rules exactly: experts of the current group not yet served are protected from
-eviction, unless the group is larger than the cache; every access (hit or miss) goes to the policy, a miss
-then inserts. Policies come from `q3lab.policies`; misses include the cold (first-use) misses.
+layer step of a live cache sees at once: the sorted unique experts that the tokens of one forward call chose
+in one layer, with `weight` their summed router weight. A live cache's `access_log()` is such a frame.
+
+The simulator does not re-implement the caches: it drives `q3lab.policies.Residency`, the residency engine
+`ExpertCache` and `DeviceExpertCache` run, with no slab behind it. So on a live cache's access log,
+`simulate(cache.access_log(), [capacity], policies=[policy])` reproduces its hits exactly, and `replay` its
+hit/miss sequence. Misses include the cold (first-use) misses.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .policies import POLICIES, make_policy
+from .policies import POLICIES, Residency, make_policy
 
 MODES = ("decode", "calls")
 
@@ -75,55 +77,61 @@ def _as_sequence(data) -> pd.DataFrame:
                          "expert": [k[1] for k in keys], "weight": 0.0})
 
 
-def _run(keys: list[tuple[int, int]], groups: np.ndarray, weights: np.ndarray, capacity: int, policy) -> int:
-    """Replay one cache over `keys`; return the number of hits."""
-    resident: set = set()
-    hits = 0
-    n = len(keys)
-    i = 0
-    t = 0
+def replay(frame_or_sequence, capacity: int, policy: str = "lru", *, per_layer: bool = False,
+           pinned: Iterable[tuple[int, int]] | None = None, mode: str = "decode") -> pd.DataFrame:
+    """Replay one cache over an access sequence: the sequence's layer, expert, group with a `hit` column.
+
+    The cache is `q3lab.policies.Residency`, the engine the live caches run, driven here without a slab:
+    on `ExpertCache(...).access_log()` (which carries its groups) the hits equal the live cache's, access by
+    access. `frame_or_sequence` and `mode` are read as by `simulate`.
+    """
+    seq = _sequence(frame_or_sequence, mode)
+    keys = list(zip(seq["layer"].astype(int).tolist(), seq["expert"].astype(int).tolist()))
+    if not keys:
+        raise InputError("cachesim: the access sequence is empty")
+    groups = seq["group"].to_numpy()
+    weights = seq["weight"].to_numpy(np.float64).tolist()
+    res = Residency(int(capacity), layers=max(k[0] for k in keys) + 1, experts=max(k[1] for k in keys) + 1,
+                    policy=make_policy(policy, trace=keys if policy == "belady" else None),
+                    per_layer=per_layer, pinned=pinned)
+    hits = np.zeros(len(keys), dtype=bool)
+    n, i = len(keys), 0
     while i < n:
-        j = i
+        j = i + 1
         while j < n and groups[j] == groups[i]:
             j += 1
-        pending = set(keys[i:j])
+        layer = keys[i][0]
+        experts = [k[1] for k in keys[i:j]]
+        if any(k[0] != layer for k in keys[i:j]) or len(set(experts)) != len(experts):
+            raise InputError(f"cachesim: group {groups[i]!r} (accesses {i}..{j - 1}) is not one layer call: "
+                             f"it has keys {keys[i:j][:6]}; a group is one layer's unique experts")
+        res.begin(layer, experts, weights[i:j])
         for a in range(i, j):
-            key = keys[a]
-            pending.discard(key)
-            policy.access(key, t, weights[a])
-            if key in resident:
-                hits += 1
-            else:
-                while len(resident) >= capacity:
-                    cands = resident - pending
-                    if not cands:   # the group outgrew the cache: evict an expert still to come
-                        cands = resident
-                    victim = policy.victim(cands, t)
-                    if victim not in cands:
-                        raise InputError(f"cachesim: policy {policy.name} chose {victim!r}, not a candidate")
-                    resident.discard(victim)
-                    policy.remove(victim)
-                resident.add(key)
-                policy.insert(key, t)
-            t += 1
+            hits[a] = res.access(layer, experts[a - i])[1]
         i = j
-    return hits
+    out = seq[["group", "layer", "expert"]].reset_index(drop=True)
+    out["hit"] = hits
+    return out
+
+
+def _sequence(frame_or_sequence, mode: str) -> pd.DataFrame:
+    if isinstance(frame_or_sequence, pd.DataFrame) and "rank" in frame_or_sequence.columns:
+        return access_sequence(frame_or_sequence, mode)
+    return _as_sequence(frame_or_sequence)
 
 
 def simulate(frame_or_sequence, capacities: int | Iterable[int],
              policies: Sequence[str] = ("lru", "lfu", "score", "belady"), per_layer: bool = False,
-             mode: str = "decode") -> pd.DataFrame:
+             mode: str = "decode", pinned: Iterable[tuple[int, int]] | None = None) -> pd.DataFrame:
     """Hit rate of an expert cache against capacity, for each eviction policy.
 
-    frame_or_sequence: a trace (replayed with `access_sequence(frame, mode)`), an access-sequence frame, or
-        a list of (layer, expert) keys. capacities: experts resident at most (shared by all layers), or per
-        layer when per_layer=True (one cache per layer; Belady then sees that layer's own sequence).
+    frame_or_sequence: a trace (replayed with `access_sequence(frame, mode)`), an access-sequence frame (such
+        as a live cache's `access_log()`), or a list of (layer, expert) keys. capacities: experts resident at
+        most (shared by all layers), or per layer when per_layer=True. pinned: keys resident throughout, as
+        the live caches' `pinned=`.
     Returns policy, capacity, accesses, hits, misses, hit_rate (and layer, per layer, when per_layer).
     """
-    if isinstance(frame_or_sequence, pd.DataFrame) and "rank" in frame_or_sequence.columns:
-        seq = access_sequence(frame_or_sequence, mode)
-    else:
-        seq = _as_sequence(frame_or_sequence)
+    seq = _sequence(frame_or_sequence, mode)
     caps = [capacities] if isinstance(capacities, (int, np.integer)) else list(capacities)
     if not caps or any(isinstance(c, bool) or int(c) != c or c < 1 for c in caps):
         raise InputError(f"cachesim: capacities must be positive integers, got {caps!r}")
@@ -132,19 +140,16 @@ def simulate(frame_or_sequence, capacities: int | Iterable[int],
         raise InputError(f"cachesim: unknown policies {bad}; expected some of {', '.join(POLICIES)}")
     if not len(seq):
         raise InputError("cachesim: the access sequence is empty")
-    scopes = [(None, seq)] if not per_layer else [(int(lay), seq[seq["layer"] == lay])
-                                                 for lay in sorted(seq["layer"].unique())]
+    pinned = list(pinned or [])
     rows = []
-    for layer, part in scopes:
-        keys = list(zip(part["layer"].astype(int).tolist(), part["expert"].astype(int).tolist()))
-        groups, weights = part["group"].to_numpy(), part["weight"].to_numpy(np.float64).tolist()
-        for name in policies:
-            for cap in caps:
-                policy = make_policy(name, trace=keys if name == "belady" else None)
-                hits = _run(keys, groups, weights, int(cap), policy)
-                row = dict(policy=name, capacity=int(cap), accesses=len(keys), hits=hits, misses=len(keys) - hits,
-                           hit_rate=hits / len(keys))
-                if per_layer:
-                    row = {"layer": layer, **row}
-                rows.append(row)
-    return pd.DataFrame(rows)
+    for pi, name in enumerate(policies):
+        for ci, cap in enumerate(caps):
+            hit = replay(seq, int(cap), name, per_layer=per_layer, pinned=pinned)
+            parts = [(None, hit)] if not per_layer else [(int(lay), part) for lay, part in hit.groupby("layer")]
+            for layer, part in parts:
+                hits = int(part["hit"].sum())
+                row = dict(policy=name, capacity=int(cap), accesses=len(part), hits=hits, misses=len(part) - hits,
+                           hit_rate=hits / len(part))
+                rows.append(((layer or 0, pi, ci), row if layer is None else {"layer": layer, **row}))
+    rows.sort(key=lambda r: r[0])   # per layer: layer, then policy and capacity in the order asked
+    return pd.DataFrame([r for _, r in rows])

@@ -9,7 +9,6 @@ from typing import Any
 
 from .errors import CheckpointError
 
-COMPONENTS = ("thinker_text", "audio_tower", "visual", "talker", "code2wav", "other")
 # The real thinker text model has 18,531 tensors. A config implying more than this is corrupt, and listing its
 # tensors (the audit does) would exhaust memory instead of failing.
 MAX_TENSORS = 1 << 20
@@ -66,9 +65,6 @@ class ThinkerConfig:
     @property
     def expert_numel(self) -> int:
         return 3 * self.moe_intermediate_size * self.hidden_size
-
-    def expert_nbytes(self, itemsize: int = 2) -> int:
-        return self.expert_numel * itemsize
 
     # -- reading -------------------------------------------------------------------------------
     @classmethod

@@ -11,11 +11,11 @@ Provider protocol (duck-typed):
 """
 from __future__ import annotations
 
-import math
 import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,7 +23,10 @@ from tqdm.auto import tqdm
 
 from .config import ThinkerConfig
 from .errors import CheckpointError, InputError, Q3LabError
-from .policies import Policy, make_policy
+from .policies import Policy, Residency, make_policy
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class ExpertProvider:
@@ -44,10 +47,6 @@ class ExpertProvider:
 
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
-
-    def _load(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Read one expert from the source and convert it to the model's device and dtype."""
-        return tuple(t.to(device=self.device, dtype=self.dtype) for t in self.source.expert(layer, e))  # type: ignore
 
 
 class ResidentExperts(ExpertProvider):
@@ -107,7 +106,7 @@ class ExpertCache(ExpertProvider):
     pinned: (layer, expert) keys loaded at bind time and never evicted; they count toward the capacity.
     prefetch: None, "same-ids-next-layer", or a callable(layer, used_experts) -> [(layer, expert), ...] run
         after a layer's last expert was served; its loads are synchronous and counted as prefetch loads.
-    log_accesses: keep every access (t, layer, expert, router weight, hit) for `access_log()` / `trace()`.
+    log_accesses: keep every access (t, layer, expert, router weight, hit, group) for `access_log()` / `trace()`.
 
     The model sees exactly the weights `ResidentExperts` would give it (the source tensors `copy_`-converted
     to the model's device and dtype), so outputs are identical to the all-resident model for every capacity
@@ -115,8 +114,10 @@ class ExpertCache(ExpertProvider):
     capacity x expert bytes plus a small fixed overhead (one expert's source bytes as a read buffer, and three
     tensor views per slot). An access is one (layer, expert) request per forward
     call: for each layer in order, its used experts in ascending order.
+    Residency and eviction are `q3lab.policies.Residency`'s (shared with `DeviceExpertCache` and
+    `q3lab.cachesim`): a layer call's experts, served or still to come, are not evicted during the call.
     When a layer's used set is larger than the cache (a long prefill with per-layer capacity), experts are
-    served one at a time and may evict experts of the same set that are still to come (they then miss again).
+    served one at a time and may evict experts of the same set (they then miss again).
     """
 
     def __init__(self, capacity: int | str | None = None, *, policy: str | Policy = "lru",
@@ -174,33 +175,29 @@ class ExpertCache(ExpertProvider):
         self.layers, self.top_k = L, k
         self._prefetch = (same_ids_next_layer(L) if self._prefetch_spec == "same-ids-next-layer"
                           else self._prefetch_spec)
+        # Residency (which expert, which slot, what to evict, the counters and the log) is the engine the
+        # device cache and the simulator run too; this class adds the slab and the reads from the source.
+        self.residency = Residency(cap, layers=L, experts=E, policy=self.policy, per_layer=self.per_layer,
+                                   pinned=self.pinned, log_accesses=self.log_accesses,
+                                   slot_busy=self._slot_busy, on_evict=self._evicted)
         # Every resident expert lives in a slot of one preallocated slab [slots, 3*I*D]: allocating and freeing
         # expert-sized blocks instead left the heap fragmented, RssAnon about 25% above the capacity. The slab's
         # pages are only touched (and counted) as slots fill.
-        slots = min(cap, E) * L if self.per_layer else min(cap, L * E)
+        slots = self.residency.num_slots
         self._slab = torch.empty(slots, config.expert_numel, device=self.device, dtype=dtype)
-        self._free = list(range(slots - 1, -1, -1))
-        # key -> the (gate, up, down) views of its buffer, made once per load and handed out on every access:
-        # whether a caller still holds them is their reference count (see _held), not per-access weakrefs.
-        self._resident: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._slot: dict[tuple[int, int], int | None] = {}          # key -> its slab slot (None: overflow)
-        self._slot_views: list[tuple | None] = [None] * slots       # a slot's views, made on its first use
-        self._quarantine: list[int] = []                            # evicted slots whose views are still held
+        # A slot's (gate, up, down) views, made on its first use and handed out on every access: whether a
+        # caller still holds them is their reference count (see _held), not per-access weakrefs.
+        self._slot_views: list[tuple | None] = [None] * slots
+        self._overflow_views: dict[tuple[int, int], tuple] = {}   # keys whose slot was still held: own buffers
         self._staging: torch.Tensor | None = None   # the source's bytes of the expert being read
         self._staging_views: dict[tuple, tuple] = {}  # a source layout -> (gate, up, down) views of _staging
-        self._in_layer = [0] * L                 # resident experts per layer
-        self._pending: dict[tuple[int, int], float] = {}   # prepared, not yet served, in this layer call
         self._used: tuple[int, list[int]] | None = None
-        self._prefetched: set[tuple[int, int]] = set()      # loaded by prefetch, not yet accessed
         self._routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.t = 0                               # the global access counter (Belady's index into its trace)
-        self.reset_stats()
-        self._peak_layer = [0] * L
-        for key in sorted(self.pinned):
-            self._resident[key] = self._read(key, prefetch=False)
-            self._added(key, self.t)
+        self._reset_io()
+        for key in sorted(self.pinned):   # resident since Residency was made: fill their slots
+            self._read(key, False)
         self.pinned_load_seconds = float(self._load_s.sum())
-        self.reset_stats()
+        self._reset_io()
 
     def attach(self, model) -> None:
         """Listen to each layer's routing (for router weights); `Thinker.set_experts` calls this."""
@@ -217,110 +214,52 @@ class ExpertCache(ExpertProvider):
         self._hooks.clear()
 
     # -- the provider protocol ---------------------------------------------------------------------
-    def prepare(self, layer: int, experts: list[int]) -> None:
-        """Note the experts this layer call will ask for: resident ones are not evicted until served."""
+    def prepare(self, layer: int, experts: list[int], weights: list[float] | None = None) -> None:
+        """Note the experts this layer call will ask for: they are not evicted until the call is served.
+        weights: their router weights summed over the call's tokens (default: what the routing hooks saw)."""
         if not 0 <= layer < self.layers:
             raise InputError(f"expert cache: layer {layer} out of range (the model has {self.layers} layers)")
         scores = self._scores(layer, experts)
-        self._pending = {(layer, e): s for e, s in zip(experts, scores)}
+        self.residency.begin(layer, experts, scores if weights is None else weights)
         self._used = (layer, list(experts))
 
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e of a layer, loaded now if it is not resident (evicting by the policy)."""
-        # The hit path runs ~200 times per decode token of a 48-layer model: it does only what the counters,
-        # the policy and the log need (accesses = hits + misses; the views are made once per load).
-        key = (layer, e)
-        pending = self._pending
-        if key in pending:
-            weight = pending.pop(key)
-        else:  # a request nobody prepared (a direct call): still an access, without a router weight
-            if not (0 <= layer < self.layers and 0 <= e < self.config.num_experts):
-                raise InputError(f"expert ({layer}, {e}) out of range: {self.layers} layers of "
-                                 f"{self.config.num_experts} experts")
-            if self.policy.needs_weights:
-                raise InputError(f"{self.policy.name} policy needs router weights, but expert {key} was asked "
-                                 f"for without prepare(); attach the cache to a model (q3lab.load does)")
-            weight = math.nan
-        t = self.t
-        self.t = t + 1
-        self.policy.access(key, t, 0.0 if weight != weight else weight)   # NaN (no router weight) -> 0
-        views = self._resident.get(key)
-        hit = views is not None
+        res = self.residency
+        slot, hit = res.access(layer, e)
         if hit:
-            self._hits[layer] += 1
-            if self._prefetched and key in self._prefetched:
-                self._prefetched.discard(key)
-                self._pf_hits[layer] += 1
+            views = self._slot_views[slot] if slot is not None else self._overflow_views[(layer, e)]
         else:
-            self._misses[layer] += 1
-            self._make_room(layer, t, protect=pending, demand=True)
-            views = self._resident[key] = self._read(key, prefetch=False)
-            self._added(key, t)
-        if self.log_accesses:
-            self._log.append((t, layer, e, weight, hit))
-        if not pending and self._prefetch is not None and self._used is not None:
+            try:
+                views = self._read((layer, e), False)
+            except BaseException:
+                res.drop((layer, e))   # nothing was loaded: the key is not resident
+                raise
+        if self._prefetch is not None and self._used is not None and not res.pending:
             used, self._used = self._used, None
-            self._run_prefetch(*used, serving=key)
+            self._run_prefetch(*used)
         return views
 
     # -- internals -------------------------------------------------------------------------------
-    def _scores(self, layer: int, experts: list[int]) -> list[float]:
-        """Each expert's summed router weight over this call's tokens (NaN when routing was not seen)."""
+    def _scores(self, layer: int, experts: list[int]) -> list[float] | None:
+        """Each expert's summed router weight over this call's tokens (None when routing was not seen)."""
         routed = self._routing.pop(layer, None)
         if routed is None:
-            if self.policy.needs_weights:
-                raise InputError(f"{self.policy.name} policy needs router weights, but layer {layer}'s routing "
-                                 f"was not seen; attach the cache to a model (q3lab.load does)")
-            return [math.nan] * len(experts)
+            return None
         idx, w = routed
         sums = torch.zeros(self.config.num_experts, dtype=torch.float64, device=idx.device)
         sums.index_add_(0, idx.reshape(-1), w.reshape(-1).to(torch.float64))
         sums = sums.tolist()
         return [sums[e] for e in experts]
 
-    def _added(self, key: tuple[int, int], t: int) -> None:
-        self._in_layer[key[0]] += 1
-        self.policy.insert(key, t)
-        self._peak = max(self._peak, len(self._resident))
-        self._peak_layer[key[0]] = max(self._peak_layer[key[0]], self._in_layer[key[0]])
+    def _slot_busy(self, slot: int) -> bool:
+        """A slot is reused only once nobody holds its views (the model drops them right after use)."""
+        views = self._slot_views[slot]
+        return views is not None and self._held(views, owners=2)   # _slot_views and `views` refer to it
 
-    def _make_room(self, layer: int, t: int, protect, demand: bool) -> bool:
-        """Evict until one more expert fits in `layer`'s budget. Protected keys go only for a demand load
-        that cannot be served otherwise; a prefetch gets False instead."""
-        pinned, per_layer = self.pinned, self.per_layer
-        while (self._in_layer[layer] if per_layer else len(self._resident)) >= self.capacity:
-            # The policy walks its own order with a predicate (LRU: the oldest key, skipping pinned and
-            # protected ones); building the candidate set cost a scan of every resident expert per miss.
-            victim = self.policy.victim_where(
-                lambda k: (not per_layer or k[0] == layer) and k not in protect and k not in pinned, t)
-            if victim is NotImplemented:
-                cands = {k for k in self._resident
-                         if (not per_layer or k[0] == layer) and k not in pinned and k not in protect}
-                victim = self.policy.victim(cands, t) if cands else None
-            if victim is None:
-                if not demand:
-                    return False
-                # The used set is larger than the cache: evict an expert still to come (it will miss again).
-                pool = {k for k in self._resident if (not per_layer or k[0] == layer) and k not in pinned}
-                victim = self.policy.victim(pool, t)
-                ok = victim in pool
-            else:
-                ok = victim in self._resident and (not per_layer or victim[0] == layer) \
-                    and victim not in pinned and (victim not in protect)
-            if not ok:
-                raise InputError(f"{self.policy.name} policy chose {victim!r}, which is not among the "
-                                 f"candidates (resident, unpinned{', of layer %d' % layer if per_layer else ''})")
-            views = self._resident.pop(victim)
-            slot = self._slot.pop(victim)
-            # A slot is reused only once nobody holds views of it (the model drops them right after use).
-            if slot is not None:   # its views are referred to by _slot_views and, here, `views`
-                (self._quarantine if self._held(views, owners=2) else self._free).append(slot)
-            del views
-            self._in_layer[victim[0]] -= 1
-            self._prefetched.discard(victim)
-            self.policy.remove(victim)
-            self._evictions[victim[0]] += 1
-        return True
+    def _evicted(self, key: tuple[int, int], slot: int | None) -> None:
+        if slot is None:
+            del self._overflow_views[key]
 
     @staticmethod
     def _held(views: tuple, owners: int = 1) -> bool:
@@ -331,21 +270,20 @@ class ExpertCache(ExpertProvider):
         return (sys.getrefcount(views) > tup + owners - 1 or sys.getrefcount(views[0]) > view
                 or sys.getrefcount(views[1]) > view or sys.getrefcount(views[2]) > view)
 
-    def _run_prefetch(self, layer: int, used: list[int], serving: tuple[int, int]) -> None:
+    def _run_prefetch(self, layer: int, used: list[int]) -> None:
         keys = [(int(k[0]), int(k[1])) for k in self._prefetch(layer, used)]
         for key in keys:
             if not (0 <= key[0] < self.layers and 0 <= key[1] < self.config.num_experts):
                 raise InputError(f"prefetch after layer {layer} asked for expert {key}, out of range: "
                                  f"{self.layers} layers of {self.config.num_experts} experts")
-        protect = set(keys) | {serving}
         for key in keys:
-            if key in self._resident:
-                continue
-            if not self._make_room(key[0], self.t, protect=protect, demand=False):
-                continue  # a hint, not a demand: no room without evicting other prefetched experts
-            self._resident[key] = self._read(key, prefetch=True)
-            self._prefetched.add(key)
-            self._added(key, self.t)
+            loaded, _ = self.residency.prefetch(key, protect=keys)
+            if loaded:
+                try:
+                    self._read(key, True)
+                except BaseException:
+                    self.residency.drop(key)
+                    raise
 
     def _views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         I, D = self.config.moe_intermediate_size, self.config.hidden_size
@@ -360,8 +298,8 @@ class ExpertCache(ExpertProvider):
         return raw
 
     def _read(self, key: tuple[int, int], prefetch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Read one expert from the source (only its bytes) into a buffer, converted like `ResidentExperts`
-        does it (copy_ into the model's dtype and device); the buffer's (gate, up, down) views."""
+        """Read one expert from the source (only its bytes) into the slot `residency` gave it, converted like
+        `ResidentExperts` does it (copy_ into the model's dtype and device); the slot's (gate, up, down) views."""
         layer, e = key
         t0 = time.perf_counter()
         try:
@@ -388,93 +326,84 @@ class ExpertCache(ExpertProvider):
         except OSError as err:
             raise CheckpointError(f"expert cache: cannot load layer {layer} expert {e} from {self.source.path}: "
                                   f"{err}") from err
-        I, D = self.config.moe_intermediate_size, self.config.hidden_size
-        if not self._free and self._quarantine:
-            quarantine, self._quarantine = self._quarantine, []
-            for slot in quarantine:
-                views = self._slot_views[slot]
-                (self._quarantine if self._held(views, owners=2) else self._free).append(slot)
-            del views
-        if self._free:
-            slot = self._free.pop()
+        slot = self.residency.slot_of[key]
+        if slot is not None:
             views = self._slot_views[slot]
             if views is None:
                 views = self._slot_views[slot] = self._views(self._slab[slot])
         else:  # every free slot's old views are still held by a caller: this expert gets its own buffer
-            slot, views = None, self._views(torch.empty(3 * I * D, device=self.device, dtype=self.dtype))
-            self._overflow += 1
-        self._slot[key] = slot
+            I, D = self.config.moe_intermediate_size, self.config.hidden_size
+            views = self._overflow_views[key] = self._views(torch.empty(3 * I * D, device=self.device,
+                                                                        dtype=self.dtype))
         for dst, src in zip(views, raw):
             dst.copy_(src)
-        nbytes = sum(t.nbytes for t in raw)
         self._load_s[layer] += time.perf_counter() - t0
-        self._bytes[layer] += nbytes
-        if prefetch:
-            self._pf_loads[layer] += 1
+        self._bytes[layer] += sum(t.nbytes for t in raw)
         return views
 
     # -- statistics --------------------------------------------------------------------------------
+    def _reset_io(self) -> None:
+        self._bytes = [0] * self.layers
+        self._load_s = np.zeros(self.layers)
+
     def reset_stats(self) -> None:
         """Zero the counters and the access log (the access counter `t` and the cache contents stay)."""
-        L = self.layers
-        self._hits, self._misses, self._evictions = ([0] * L for _ in range(3))
-        self._pf_loads, self._pf_hits = [0] * L, [0] * L
-        self._bytes = [0] * L
-        self._load_s = np.zeros(L)
-        self._log: list[tuple[int, int, int, float, bool]] = []
-        self._peak = len(self._resident)
-        self._peak_layer = list(self._in_layer)
-        self._overflow = 0
+        self._check_bound()
+        self.residency.reset_stats()
+        self._reset_io()
 
     def stats(self) -> pd.DataFrame:
         """One row per layer: accesses, hits, misses, hit_rate, evictions, bytes_loaded (bytes read from the
         source, prefetches included, pinned experts not), load_seconds, prefetch_loads, prefetch_hits (hits on
         prefetched experts), resident and peak_resident (experts of that layer)."""
-        import pandas as pd
         self._check_bound()
-        df = pd.DataFrame({
-            "layer": range(self.layers), "accesses": [h + m for h, m in zip(self._hits, self._misses)],
-            "hits": self._hits, "misses": self._misses,
-            "evictions": self._evictions, "bytes_loaded": self._bytes, "load_seconds": self._load_s,
-            "prefetch_loads": self._pf_loads, "prefetch_hits": self._pf_hits, "resident": self._in_layer,
-            "peak_resident": self._peak_layer,
-        })
-        df.insert(4, "hit_rate", df["hits"] / df["accesses"].where(df["accesses"] > 0))
+        df = self.residency.stats()
+        df.insert(6, "bytes_loaded", self._bytes)
+        df.insert(7, "load_seconds", self._load_s)
         return df
 
     def summary(self) -> dict:
         """Totals over all layers, with the capacity and policy."""
         self._check_bound()
-        hits = sum(self._hits)
-        acc = hits + sum(self._misses)
+        tot = self.residency.totals()
         return {
             "policy": self.policy.name, "per_layer": self.per_layer, "capacity_experts": self.capacity,
             "capacity_bytes": self.capacity * self.expert_bytes, "expert_bytes": self.expert_bytes,
-            "pinned": len(self.pinned), "accesses": acc, "hits": hits, "misses": sum(self._misses),
-            "hit_rate": hits / acc if acc else math.nan, "evictions": sum(self._evictions),
+            "pinned": len(self.pinned), "accesses": tot["accesses"], "hits": tot["hits"], "misses": tot["misses"],
+            "hit_rate": tot["hit_rate"], "evictions": tot["evictions"],
             "bytes_loaded": sum(self._bytes), "load_seconds": float(self._load_s.sum()),
-            "prefetch_loads": sum(self._pf_loads), "prefetch_hits": sum(self._pf_hits),
-            "resident": len(self._resident), "peak_resident": self._peak,
-            "overflow_buffers": self._overflow,
+            "prefetch_loads": tot["prefetch_loads"], "prefetch_hits": tot["prefetch_hits"],
+            "resident": tot["resident"], "peak_resident": tot["peak_resident"],
+            "overflow_buffers": self.residency.overflow,
         }
 
     def access_log(self) -> pd.DataFrame:
-        """Every access since the last reset: t, layer, expert, weight (summed router weight), hit."""
+        """Every access since the last reset: t, layer, expert, weight (summed router weight), hit, group (one
+        id per layer call). `q3lab.cachesim.simulate(cache.access_log(), [capacity], policies=[policy])`
+        reproduces this cache's hits exactly (`pinned=` and `per_layer=` passed alike; prefetches are not
+        simulated)."""
         if not self.log_accesses:
             raise InputError("this ExpertCache does not log accesses: make it with log_accesses=True")
-        import pandas as pd
-        return pd.DataFrame(self._log, columns=["t", "layer", "expert", "weight", "hit"])
+        self._check_bound()
+        return self.residency.access_log()
 
     def trace(self) -> list[tuple[int, int]]:
         """The (layer, expert) access sequence since the last reset: what `policy="belady"` needs as `trace`."""
         if not self.log_accesses:
             raise InputError("this ExpertCache does not log accesses: make it with log_accesses=True")
-        return [(layer, e) for _, layer, e, _, _ in self._log]
+        self._check_bound()
+        return self.residency.trace()
 
     def resident(self) -> list[tuple[int, int]]:
         """The resident (layer, expert) keys, sorted."""
         self._check_bound()
-        return sorted(self._resident)
+        return self.residency.resident()
+
+    @property
+    def t(self) -> int:
+        """The global access counter (Belady's index into its trace)."""
+        self._check_bound()
+        return self.residency.t
 
     def _check_bound(self) -> None:
         if self.source is None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import INDEX, TOKENIZER_FILES, AuditReport, Checkpoint, audit_checkpoint, expected_dtype
+from .checkpoint import INDEX, TOKENIZER_FILES, Checkpoint, expected_dtype
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError, InputError, StoreError
 from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
@@ -312,18 +312,6 @@ def _unpublish(out: Path, journal: dict[str, Any]) -> None:
     fsync_dir(out)
 
 
-def _audit_failure(report: AuditReport) -> str:
-    probs = report.problems()
-    lines = [f"{report.path}: the audit failed, nothing was extracted: {len(probs)} tensor problem(s), "
-             f"{len(report.errors)} shard error(s)"]
-    for _, r in probs.head(40).iterrows():
-        lines.append(f"  {r['status']}: {r['key']} [{r['detail']}]")
-    if len(probs) > 40:
-        lines.append(f"  ... and {len(probs) - 40} more (run q3lab audit)")
-    lines += [f"  shard error: {e}" for e in report.errors]
-    return "\n".join(lines)
-
-
 def _still_good(path: Path, done: dict[str, Any], fp: FilePlan, on_bytes: Callable[[int], None]) -> bool:
     """Is a journaled file on disk intact? (full sha256 re-check; progress counts the bytes read)."""
     if not path.is_file() or path.stat().st_size != done.get("bytes") or done.get("bytes") != fp.nbytes:
@@ -354,10 +342,10 @@ def extract(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None,
     """
     if dtype is not None and dtype not in LABEL_TO_ST:
         raise InputError(f"dtype {dtype!r} is not one of {sorted(LABEL_TO_ST)}")
-    ckpt = Checkpoint.open(ckpt_path)
-    report = audit_checkpoint(ckpt)
-    if not report.ok:
-        raise CheckpointError(_audit_failure(report))
+    from .weights import open_source
+    ckpt = open_source(ckpt_path)   # refuses a checkpoint that fails the audit: nothing is extracted
+    if not isinstance(ckpt, Checkpoint):
+        raise CheckpointError(f"{ckpt_path}: is a q3lab store already; extract reads a checkpoint folder")
     files, store_dtype = plan_extraction(ckpt, dtype)
     ident = {"source": str(ckpt.path.resolve()), "source_id": source_id(ckpt),
              "fingerprint": fingerprint(ckpt.config), "dtype": store_dtype}

@@ -1,8 +1,6 @@
 """Tables about a checkpoint for notebooks: tensors and bytes by component and layer, and every norm."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import torch
 
@@ -57,7 +55,3 @@ def norm_table(ckpt: Checkpoint) -> pd.DataFrame:
                          size=w.numel(), mean=float(w.mean()), std=float(w.std()) if w.numel() > 1 else 0.0,
                          min=float(w.min()), max=float(w.max()), all_ones=bool(torch.all(w == 1))))
     return pd.DataFrame(rows)
-
-
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    return Checkpoint(path)

@@ -604,38 +604,17 @@ class Thinker(nn.Module):
 _NORM_SUFFIXES = ("layernorm.weight", "norm.weight")
 
 
-def _open_source(path):
-    from .weights import open_weights
-    return open_weights(path)
-
-
-def _refuse_failed_audit(src, allowed: set[str]) -> None:
-    """A checkpoint folder must pass the audit before it is loaded: a dtype other than config.json's or a
-    tensor in two shards reads without error, so only the audit sees it. Names in `allowed` may be missing."""
-    from .checkpoint import Checkpoint, audit_checkpoint
-    if not isinstance(src, Checkpoint):
-        return  # a Store was checked against its manifest when it was opened
-    report = audit_checkpoint(src)
-    probs = report.problems()
-    probs = probs[~((probs["status"] == "missing") & probs["name"].isin(allowed))]
-    if len(probs) or report.errors:
-        lines = [f"  {r['status']}: {r['key']} [{r['detail']}]" for _, r in probs.head(20).iterrows()]
-        lines += [f"  shard error: {e}" for e in report.errors]
-        raise CheckpointError(f"{src.path}: the audit failed, refusing to load ({len(probs)} tensor problem(s), "
-                              f"{len(report.errors)} shard error(s); run q3lab audit):\n" + "\n".join(lines))
-
-
-def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load(path: str | Path | WeightSource, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          experts: ExpertProvider | None = None, allow_missing: list[str] | None = None,
          progress: bool = False) -> Thinker:
-    """Build a Thinker from a checkpoint folder or an extracted store.
+    """Build a Thinker from a checkpoint folder or an extracted store (a path, or a source `open_source` gave).
 
     Every tensor the config implies must be present with the right shape: a missing one raises
     `CheckpointError` naming it. `allow_missing` (exact canonical names) is for ablations only: norms are
     then set to ones, other tensors to zeros, and each substitute is named in a warning.
     """
-    src = path if hasattr(path, "expert") else _open_source(path)
-    _refuse_failed_audit(src, set(allow_missing or []))
+    from .weights import open_source
+    src = open_source(path, allow_missing=allow_missing or ())   # opened (if a path) and audited: the one way in
     config = src.config
     with torch.device("meta"):
         model = Thinker(config)

@@ -82,22 +82,13 @@ def write_clean(executed: Path, target: Path) -> None:
 
 
 def open_checked(checkpoint: str | Path):
-    """Open a checkpoint or store for a notebook's first cell; a checkpoint must pass the audit.
+    """Open a checkpoint or store for a notebook's first cell (`q3lab.weights.open_source`, audit included).
 
-    Raises `CheckpointError` carrying the audit's report, so a papermill run pointed at the wrong folder
+    Raises `CheckpointError` carrying the audit's findings, so a papermill run pointed at the wrong folder
     fails in its first cell with the audit's message.
     """
-    from .checkpoint import Checkpoint, audit_checkpoint
-    from .errors import CheckpointError
-    from .weights import open_weights
-    path = Path(checkpoint)
-    if (path / "manifest.json").exists():
-        return open_weights(path)
-    ckpt = Checkpoint(path)
-    report = audit_checkpoint(ckpt)
-    if not report.ok:
-        raise CheckpointError(f"audit of {path} failed:\n{report.summary()}")
-    return ckpt
+    from .weights import open_source
+    return open_source(checkpoint)
 
 
 def balanced(items: list[dict], n: int, key: str = "domain") -> list[dict]:

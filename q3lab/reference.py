@@ -41,34 +41,44 @@ class ReferenceThinker(torch.nn.Module):
 
 
 def load_reference(source, dtype: torch.dtype = torch.float32) -> ReferenceThinker:
-    """Build transformers' thinker text model and fill it from a q3lab weight source (path or object)."""
+    """Build transformers' thinker text model and fill it from a q3lab weight source (a path, or an open source)."""
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextModel
-    if not hasattr(source, "expert"):
-        from .weights import open_weights
-        source = open_weights(source)
+    from .weights import open_source
+    source = open_source(source)
     cfg = source.config
     hf_cfg = hf_text_config(cfg)
     hf_cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         text = Qwen3OmniMoeThinkerTextModel(hf_cfg)
     text = text.to_empty(device="cpu").to(dtype)
-    text.rotary_emb.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float)
-                                                          / cfg.head_dim))
+    text.rotary_emb.inv_freq = _inv_freq(cfg)
+    lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False).to(dtype)
+    _fill(text, lm_head.weight, source)
+    return ReferenceThinker(text.eval(), lm_head.eval())
+
+
+def _inv_freq(cfg: ThinkerConfig, device: str | torch.device = "cpu") -> torch.Tensor:
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device) / cfg.head_dim))
+
+
+@torch.no_grad()
+def _fill(text, lm_head_weight: torch.Tensor, source) -> None:
+    """Copy every text tensor of `source` into transformers' text model `text` (its HF names, experts fused as
+    gate_up_proj [E, 2I, D] / down_proj [E, D, I]) and the output head."""
+    cfg = source.config
     params = dict(text.named_parameters())
     for name in cfg.expected_tensors():
         if ".mlp.experts." in name or not name.startswith("model."):
             continue
-        params[name[len("model."):]].data.copy_(source.get(name))
+        params[name[len("model."):]].copy_(source.get(name))
     for layer in range(cfg.num_hidden_layers):
         ex = text.layers[layer].mlp.experts
         for e in range(cfg.num_experts):
             g, u, d = source.expert(layer, e)
-            ex.gate_up_proj.data[e].copy_(torch.cat([g, u], dim=0))
-            ex.down_proj.data[e].copy_(d)
-    lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False).to(dtype)
-    lm_head.weight.data.copy_(source.get("lm_head.weight") if not cfg.tie_word_embeddings
-                              else source.get("model.embed_tokens.weight"))
-    return ReferenceThinker(text.eval(), lm_head.eval())
+            ex.gate_up_proj[e].copy_(torch.cat([g, u], dim=0))
+            ex.down_proj[e].copy_(d)
+    lm_head_weight.copy_(source.get("lm_head.weight") if not cfg.tie_word_embeddings
+                         else source.get("model.embed_tokens.weight"))
 
 
 def text_model(generator):
@@ -96,22 +106,18 @@ def build_reference_generator(cfg: ThinkerConfig, dtype: torch.dtype = torch.flo
     with torch.device("meta"):
         model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_cfg)
     model = model.to(dtype).to_empty(device=device)   # cast on meta: never hold a float32 copy of 30B weights
-    text_model(model).rotary_emb.inv_freq = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device) / cfg.head_dim))
+    text_model(model).rotary_emb.inv_freq = _inv_freq(cfg, device)
     return model.eval()
 
 
 def load_reference_generator(source, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """transformers' `Qwen3OmniMoeThinkerForConditionalGeneration` (tiny unused audio/vision towers) holding
-    the same text weights, so that its own `.generate` can be timed and compared with ours."""
-    if not hasattr(source, "expert"):
-        from .weights import open_weights
-        source = open_weights(source)
+    the same text weights, so that its own `.generate` can be timed and compared with ours. The source is
+    opened once and one model is built."""
+    from .weights import open_source
+    source = open_source(source)
     model = build_reference_generator(source.config, dtype=dtype, device=device)
-    ref = load_reference(source, dtype=dtype)
-    text_model(model).load_state_dict(ref.text_model.state_dict(), strict=False)
-    text_model(model).rotary_emb.inv_freq = ref.text_model.rotary_emb.inv_freq.to(device)
-    model.lm_head.weight.data.copy_(ref.lm_head.weight)
+    _fill(text_model(model), model.lm_head.weight, source)
     return model.eval()
 
 

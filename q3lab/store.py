@@ -479,10 +479,6 @@ class Store(ShardFiles):
         """The checkpoint key this tensor was extracted from (provenance, from the manifest)."""
         return self._entries[name].get("source_key", name)
 
-    def file_of(self, name: str) -> str:
-        """The store file (relative path) this tensor is read from."""
-        return self._entries[name]["file"]
-
     def shard_of(self, name: str) -> str | None:
         """As `Checkpoint.shard_of`: the file this tensor is read from (here a store file), None if absent."""
         t = self._entries.get(name)
