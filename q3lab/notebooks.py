@@ -152,11 +152,11 @@ def run_notebooks(checkpoint: str | Path | None = None, out: str | Path | None =
             pm.execute_notebook(read_source(nb), str(dest), parameters=run_params, kernel_name=kernel,
                                 cwd=str(nb.parent), progress_bar=progress)
         except pm.PapermillExecutionError as e:
-            raise NotebookError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
-                                f"(executed notebook: {dest})") from None
+            raise NotebookError(f"{dest.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                                f"(source: {nb}; executed notebook: {dest})") from None
         except DeadKernelError as e:
-            raise NotebookError(f"{nb.name}: the kernel died while running it ({e}); "
-                                f"executed notebook so far: {dest}") from None
+            raise NotebookError(f"{dest.name}: the kernel died while running it ({e}); "
+                                f"source: {nb}; executed notebook so far: {dest}") from None
         rows.append(dict(notebook=name, seconds=round(time.perf_counter() - t0, 1), output=str(dest)))
         if in_place and name == nb.stem:
             write_clean(dest, nb.with_suffix(".ipynb"))
@@ -228,10 +228,11 @@ def balanced(items: list[dict], n: int, key: str = "domain") -> list[dict]:
 
 
 # The notebooks' shared first cells, as functions (the notebooks stay a few lines each).
-# Printed numbers: pandas shows 3 decimals. Float32 results vary with the thread count in the last bits
-# (MKL's sgemm blocks by thread count: logits move by up to 2e-5, probabilities and KLs by up to 6e-7 between
-# 1 and 2 threads on data/mini), so a 4th decimal can flip from one machine to the next and fail nbval; at 3
-# decimals every printed value of data/mini sits at least 7.5e-6 (12x that noise) from a rounding boundary.
+# Printed numbers: pandas shows 3 decimals. Float32 results vary with the thread count in their last bits
+# (MKL's sgemm blocks by thread count: on data/mini logits move by up to 2e-5, probabilities and KLs by up to
+# 6e-7 between 1 and 2 threads), so a 4th decimal can flip from one machine to the next and fail nbval. At 3
+# decimals data/mini's printed probabilities sit at least 7.5e-6 (14x that noise) and its KLs 1.6e-5 from a
+# rounding boundary; at 4 some sat 1.8e-6 from one.
 DISPLAY_DECIMALS = 3
 
 
