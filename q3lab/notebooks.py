@@ -176,10 +176,23 @@ def _second_model_runs(sources: list[Path], dest_dir: Path, params: dict) -> lis
             runs.append((None, f"{'+'.join(nb.stem[:2] for nb in chosen)} on {model_name}", why))
             continue
         for nb in chosen:
+            if not _declares(nb, "model_name"):   # it would save this model's figures over the default ones
+                runs.append((None, f"{nb.stem} on {model_name}", f"{nb.name} has no `model_name` parameter "
+                             f"(it names the figures of a second model: see q3lab.notebooks.FigureSaver)"))
+                continue
             runs.append((nb, f"{nb.stem}_{model_name}",
                          {**params, "checkpoint": str(folder), "model_name": model_name,
                           "out_dir": str(dest_dir / model_name)}))
     return runs
+
+
+def _declares(source: Path, name: str) -> bool:
+    """Whether the cell tagged `parameters` of a notebook source assigns `name`."""
+    import re
+    for cell in read_source(source).cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            return re.search(rf"^{re.escape(name)}\s*=", cell.source, re.M) is not None
+    return False
 
 
 def write_clean(executed: Path, target: Path) -> None:

@@ -124,11 +124,12 @@ def test_out_is_written_only_when_empty_new_or_made_by_the_runner(tmp_path, caps
     new = nbk.claim_folder(tmp_path / "a" / "b")
     assert (new / nbk.MARKER).is_file()
     # the CLI refuses before running anything, exit 2 with one line naming the folder
-    for target in (user, afile):
+    for target in (user, afile, afile / "sub"):
         capsys.readouterr()
         rc = main(["notebooks", "--checkpoint", str(tmp_path), "--out", str(target), "--only", "03"])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith(f"q3lab notebooks: error: notebooks --out {target}:"), err
+        assert len(err.strip().splitlines()) == 1, err
     assert (user / "thesis.tex").read_text() == "mine" and afile.read_text() == "x"
 
 
@@ -147,6 +148,8 @@ def test_figure_saver_is_save_figure_unless_a_model_is_named(tmp_path):
 
 def test_routing_notebooks_run_again_on_a_second_model_or_say_why_not(tmp_path, tiny_ckpt, monkeypatch):
     sources = [tmp_path / n for n in ("01_a.py", "05_b.py", "06_c.py")]
+    for path in sources:
+        path.write_text('# %% tags=["parameters"]\ncheckpoint = "x"\nmodel_name = ""\n')
     monkeypatch.setattr(nbk, "SECOND_MODELS", {"mini128": (tmp_path / "absent", ("05", "06"))})
     [(nb, name, why)] = nbk._second_model_runs(sources, tmp_path / "out", {})
     assert nb is None and name == "05+06 on mini128" and why == f"{tmp_path / 'absent'} is absent"
@@ -155,3 +158,8 @@ def test_routing_notebooks_run_again_on_a_second_model_or_say_why_not(tmp_path, 
     assert [(nb.name, name) for nb, name, _ in runs] == [("05_b.py", "05_b_mini128"), ("06_c.py", "06_c_mini128")]
     assert runs[0][2] == {"figures_dir": "F", "checkpoint": str(tiny_ckpt), "model_name": "mini128",
                           "out_dir": str(tmp_path / "out" / "mini128")}
+    (tmp_path / "06_c.py").write_text('# %% tags=["parameters"]\ncheckpoint = "x"\n')
+    runs = nbk._second_model_runs(sources, tmp_path / "out", {})
+    assert runs[1] == (None, "06_c on mini128", "06_c.py has no `model_name` parameter (it names the figures "
+                       "of a second model: see q3lab.notebooks.FigureSaver)")
+    assert nbk._declares(nbk.NOTEBOOKS_DIR / "05_expert_diversity.py", "model_name")
