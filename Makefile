@@ -22,14 +22,16 @@ NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanit
 test: venv
 	$(PY) -m pytest -q tests notebooks $(NBVAL) $(NBVAL_ARGS)
 
-# The main job: every notebook headless (papermill) on the embedded data/mini; executed notebooks go to
-# out/notebooks, figures to figures/. `q3lab notebooks --checkpoint PATH --out DIR` does it for any checkpoint.
+# The main job: every notebooks/NN_*.py headless (papermill) on the embedded data/mini, and the routing
+# notebooks (05, 06) again on data/mini128 when it is there; executed notebooks go to out/notebooks, figures to
+# figures/. `q3lab notebooks --checkpoint PATH --out DIR` does it for any checkpoint (figures to DIR/figures).
 demo: venv
 	$(VENV)/bin/q3lab notebooks
 
-# Refresh the committed notebooks' outputs (after editing scripts/build_notebooks.py or the package).
+# Refresh the committed notebooks: pair each jupytext source notebooks/NN_*.py with its NN_*.ipynb (the cells),
+# then execute it in place (the outputs). Run after editing a notebook's .py or the package.
 notebooks: venv
-	$(PY) scripts/build_notebooks.py
+	$(VENV)/bin/jupytext --to ipynb --update notebooks/[0-9][0-9]_*.py
 	$(VENV)/bin/q3lab notebooks --in-place
 
 # JupyterLab in headless Chromium (tests/e2e): notebooks run, figures and widgets render. Screenshots: out/e2e/.

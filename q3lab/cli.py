@@ -134,10 +134,8 @@ def _cmd_notebooks(args) -> int:
             params[name] = _json.loads(value)
         except ValueError:
             params[name] = value
-    figures = args.figures
-    if figures is None and args.checkpoint is not None:   # keep the committed figures for the embedded default
-        figures = str(Path(args.out or "out/notebooks") / "figures")
-    table = run_notebooks(args.checkpoint, args.out, figures_dir=figures, names=args.only,
+    # run_notebooks keeps the committed figures/ for the default run: any other sends figures to OUT/figures
+    table = run_notebooks(args.checkpoint, args.out, figures_dir=args.figures, names=args.only,
                           parameters=params, in_place=args.in_place)
     print(table.to_string(index=False))
     return 0
