@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 from .checkpoint import TOKENIZER_FILES, AuditReport, Checkpoint, audit_checkpoint, expected_dtype
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError, InputError, StoreError
-from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
+from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, read_span
 from .store import (DENSE, EXPERTS_DIR, FORMAT, LABEL_TO_ST, MANIFEST, PROGRESS, ST_TO_LABEL, VERSION, FileDigest,
                     SafetensorsWriter, Store, copy_file_atomic, expert_file, fingerprint, fsync_dir, itemsize, numel,
-                    read_manifest, safetensors_header, sha256_file, tmp_path, with_text_dtype, write_bytes_atomic)
+                    read_journal, read_manifest, safetensors_header, sha256_file, tmp_path, with_text_dtype,
+                    write_bytes_atomic)
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 _CHUNK_BYTES = 4 << 20  # source bytes per read when streaming a dense tensor (the embedding is 623 MB)
@@ -213,13 +214,7 @@ def _open_journal(out: Path, ident: dict[str, Any], planned: set[str]) -> dict[s
             files[t["file"]]["tensors"][t["name"]] = t["sha256"]
         journal = {**fresh, "files": files}
     elif (out / PROGRESS).exists():
-        try:
-            journal = loads_strict((out / PROGRESS).read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise StoreError(f"{out / PROGRESS}: unreadable journal ({e}); remove the folder to start over") from None
-        if not isinstance(journal, dict) or journal.get("format") != _JOURNAL_FORMAT or \
-                not isinstance(journal.get("files"), dict):
-            raise StoreError(f"{out / PROGRESS}: not a q3lab extraction journal; remove the folder to start over")
+        journal = read_journal(out / PROGRESS, _JOURNAL_FORMAT)
         _same_source(journal, ident, out / PROGRESS)
     else:
         entries = sorted(p.name for p in out.iterdir())
@@ -245,7 +240,9 @@ def _audit_failure(report: AuditReport) -> str:
         lines.append(f"  {r['status']}: {r['key']} [{r['detail']}]")
     if len(probs) > 40:
         lines.append(f"  ... and {len(probs) - 40} more (run q3lab audit)")
-    lines += [f"  shard error: {e}" for e in report.errors]
+    lines += [f"  shard error: {e}" for e in report.errors[:40]]
+    if len(report.errors) > 40:
+        lines.append(f"  ... and {len(report.errors) - 40} more shard errors (run q3lab audit)")
     return "\n".join(lines)
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import jsonio
 from .errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -39,18 +41,13 @@ class TensorInfo:
         return self.end - self.start
 
 
-def _reject_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {k!r}")
-        seen[k] = v
-    return seen
-
-
 def loads_strict(text: str | bytes):
-    """json.loads that refuses duplicate keys instead of keeping the last one silently."""
-    return json.loads(text, object_pairs_hook=_reject_duplicates)
+    """json.loads that refuses duplicate keys instead of keeping the last one silently, and nesting deeper than
+    `jsonio.MAX_DEPTH` (json.loads would raise RecursionError); both raise ValueError."""
+    depth = jsonio.json_depth(text)
+    if depth > jsonio.MAX_DEPTH:
+        raise ValueError(f"nested {depth} levels deep, more than the {jsonio.MAX_DEPTH} q3lab accepts")
+    return json.loads(text, object_pairs_hook=jsonio._reject_duplicates)
 
 
 class SafetensorsFile:
@@ -58,26 +55,43 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"{self.path}: shard file not found")
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: not a regular file (expected a .safetensors shard)")
-        self.size = self.path.stat().st_size
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict = {}
-        self._parse()
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: shard file not found") from None
+        except (OSError, ValueError) as e:  # permissions, a name too long, a symlink loop, a NUL byte
+            raise CheckpointError(f"{self.path}: cannot open shard: {_reason(e)}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{self.path}: not a regular file (expected a .safetensors shard)")
+        try:
+            # O_NONBLOCK: a FIFO swapped in after the stat cannot block the open (fstat below refuses it)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open shard: {_reason(e)}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{self.path}: not a regular file (expected a .safetensors shard)")
+            self.size = st.st_size
+            self._parse(fd)
+        finally:
+            os.close(fd)
 
     def _fail(self, msg: str):
         raise CheckpointError(f"{self.path.name}: {msg} (file {self.path})")
 
-    def _parse(self) -> None:
+    def _parse(self, fd: int) -> None:
         if self.size < 8:
             self._fail(f"file is {self.size} bytes, too short for a safetensors header")
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(MAX_HEADER, self.size - 8):
-                self._fail(f"corrupt header: header length {n} exceeds the file's {self.size - 8} bytes after it")
-            raw = f.read(n)
+        head = bytearray(8)
+        pread_full(fd, memoryview(head), 0, self.path, "the header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, self.size - 8):
+            self._fail(f"corrupt header: header length {n} exceeds the file's {self.size - 8} bytes after it")
+        raw = bytearray(n)
+        pread_full(fd, memoryview(raw), 8, self.path, "the header")
         try:
             header = loads_strict(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
@@ -147,9 +161,9 @@ def read_span(path: Path, info: TensorInfo, out: torch.Tensor | None = None) -> 
         out = torch.empty(info.shape, dtype=dtype)
     buf = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot open to read tensor {info.name!r}: {e.strerror}") from None
+        raise CheckpointError(f"{path}: cannot open to read tensor {info.name!r}: {_reason(e)}") from None
     try:
         pread_full(fd, buf, info.start, path, f"tensor {info.name!r}")
     finally:
@@ -169,4 +183,8 @@ def pread_full(fd: int, buf: memoryview, start: int, path: Path, what: str) -> N
                                       f"{nbytes} bytes (file {path})")
             got += k
     except OSError as e:
-        raise CheckpointError(f"{path}: read of {what} failed: {e.strerror}") from None
+        raise CheckpointError(f"{path}: read of {what} failed: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    return jsonio.describe_os_error(e) if isinstance(e, OSError) else str(e)
