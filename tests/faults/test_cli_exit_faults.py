@@ -190,6 +190,7 @@ def test_unreadable_inputs_exit_2_naming_the_file(ck, capsys, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *a, **k)
     monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr("q3lab.safetensors_io._open_header", fake_open)   # shard headers' own descriptor
     for name, argv, status in [("config.json", ["audit", ck], 2), (INDEX, ["audit", ck], 2),
                                (shard, ["audit", ck], 1),
                                ("tokenizer_config.json", ["generate", ck, "--prompt", "hi", "--max-new-tokens", "1"], 2),
