@@ -1,5 +1,10 @@
+"""`python -m q3lab`: the command line (q3lab/cli.py), with its exit statuses."""
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while importing: the same status as during a command, without a traceback
+    print("q3lab: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

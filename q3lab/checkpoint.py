@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import jsonio
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError
 from .safetensors_io import (DTYPES, FLOAT_DTYPES, FileIdent, SafetensorsFile, TensorInfo, check_ident, loads_strict,
@@ -28,6 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "generation_config.json", "chat_template.json")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+MAX_LISTED = 50  # shard errors printed by the audit summary; the rest are counted
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
@@ -181,7 +183,8 @@ class ShardFiles:
 
     @property
     def tokenizer_dir(self) -> Path | None:
-        return self.path if (self.path / "tokenizer.json").exists() or (self.path / "vocab.json").exists() else None
+        return self.path if any(jsonio.exists(self.path / n, CheckpointError) for n in ("tokenizer.json", "vocab.json")) \
+            else None
 
     def close(self) -> None:
         """Close the files (a later read opens them again)."""
@@ -212,11 +215,8 @@ class Checkpoint(ShardFiles):
     # -- index and shards ----------------------------------------------------------------------
     def _read_index(self) -> dict[str, str]:
         idx = self.path / INDEX
-        if idx.exists():
-            try:
-                data = loads_strict(idx.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{idx}: invalid index JSON: {e}") from None
+        if jsonio.exists(idx, CheckpointError):
+            data = jsonio.read_json(idx, CheckpointError, kind="index", what="index JSON")
             wm = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise CheckpointError(f"{idx}: no weight_map of tensor name -> shard file")
@@ -225,7 +225,7 @@ class Checkpoint(ShardFiles):
                     raise CheckpointError(f"{idx}: shard name {shard!r} is not a plain file name")
             return dict(wm)
         single = self.path / SINGLE
-        if single.exists():
+        if jsonio.exists(single, CheckpointError):
             return {name: SINGLE for name in self.file(SINGLE).tensors}
         raise CheckpointError(f"{self.path}: neither {INDEX} nor {SINGLE} found")
 
@@ -236,13 +236,28 @@ class Checkpoint(ShardFiles):
     def _header(self, rel: str) -> SafetensorsFile:
         return self.file(rel)
 
+    @cached_property
+    def _shard_users(self) -> dict[str, tuple[int, str]]:
+        """shard -> (number of index entries in it, the first one): built in one pass, so that reporting every
+        missing shard of a large index stays linear (scanning the weight map per shard was quadratic)."""
+        users: dict[str, tuple[int, str]] = {}
+        for key, shard in self.weight_map.items():
+            n, first = users.get(shard, (0, key))
+            users[shard] = (n + 1, first)
+        return users
+
     def file(self, shard: str) -> SafetensorsFile:
         f = self._files.get(shard)
         if f is None:
-            if not (self.path / shard).exists():
-                users = [k for k, s in self.weight_map.items() if s == shard]
+            try:
+                found = jsonio.exists(self.path / shard, CheckpointError)
+            except CheckpointError as e:  # e.g. a 300-character name: "File name too long"
+                raise CheckpointError(f"shard {shard[:80]!r} of {self.path} cannot be opened: "
+                                      f"{str(e).rsplit(': ', 1)[-1]}") from None
+            if not found:
+                n, first = self._shard_users.get(shard, (0, "-"))
                 raise CheckpointError(f"shard {shard} is missing from {self.path}; the index lists "
-                                      f"{len(users)} tensors in it, e.g. {users[0] if users else '-'}")
+                                      f"{n} tensors in it, e.g. {first}")
             f = self._files[shard] = SafetensorsFile(self.path / shard)
         return f
 
@@ -391,8 +406,10 @@ class AuditReport:
                     lines.append(f"  {r['key']}  [{r['detail']}]")
                 if len(rows) > 20:
                     lines.append(f"  ... and {len(rows) - 20} more")
-        for e in self.errors:
+        for e in self.errors[:MAX_LISTED]:
             lines.append(f"\nerror: {e}")
+        if len(self.errors) > MAX_LISTED:   # an index naming 50k missing shards would print 50k paragraphs
+            lines.append(f"\n... and {len(self.errors) - MAX_LISTED} more errors ({len(self.errors)} in all)")
         if self.straddling:
             lines.append(f"\nlayers straddling shards: {len(self.straddling)}")
             for layer, shards in list(self.straddling.items())[:10]:

@@ -1,14 +1,49 @@
 """The `q3lab` command line. Each subcommand is a `_add_<name>(sub)` parser builder plus a `_cmd_<name>(args)`.
 
-Anticipated failures (`Q3LabError`) print one clear line to stderr and exit with status 2.
+Exit statuses mean one thing each (`main`): 0 success; 1 ran and found problems (audit, extract --verify);
+2 refused input: a `Q3LabError`, or what the environment did to a file (permissions, a folder or FIFO where a
+file should be, a name too long, a full disk, bytes that are not UTF-8), one line naming the file, tensor,
+option or layer; 3 an unexpected internal error (a bug: one line, the traceback with --debug or
+Q3LAB_DEBUG=1); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from .errors import Q3LabError
+from .errors import InputError, Q3LabError
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_REFUSED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+BUG_REPORT = "this is a bug in q3lab: please report it with the command line"
+# Smallest sampling temperature and top-p accepted: the model divides float32 logits by the temperature and
+# compares float32 sums with top-p, so values that round to 0 (or overflow the logits to inf) in float32 would
+# sample from NaN or all-zero probabilities.
+MIN_SAMPLING = 1e-30
+
+
+def _device(arg: str) -> str:
+    """`--device` checked before any work: a torch device that exists here and computes (not meta)."""
+    import torch
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InputError(f"--device {arg!r} is not a torch device: {str(e).splitlines()[0][:160]}") from None
+    if dev.type == "cpu":
+        return arg
+    if dev.type == "meta":
+        raise InputError(f"--device {arg!r} holds shapes but no data: give a device that computes (cpu, cuda)")
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        built = " (this torch is built without CUDA)" if dev.type == "cuda" and torch.version.cuda is None else ""
+        raise InputError(f"--device {arg!r}: no {dev.type} device is available{built}; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise InputError(f"--device {arg!r}: only {count()} {dev.type} device(s) here (indices 0..{count() - 1})")
+    return arg
 
 
 def _add_audit(sub) -> None:
@@ -97,14 +132,14 @@ def _add_synth(sub) -> None:
 
 
 def _cmd_synth(args) -> int:
-    import json
-
+    from .errors import CheckpointError
+    from .jsonio import read_json
     from .synth import synth
     out = synth(args.out, args.preset, seed=args.seed, layers=args.layers, dtype=args.dtype, stubs=not args.no_stubs,
                 shards=args.shards, progress=not args.no_progress)
-    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index = read_json(out / "model.safetensors.index.json", CheckpointError, kind="index")
     shards = sorted(set(index["weight_map"].values()))
-    cfg = json.loads((out / "config.json").read_text())["thinker_config"]["text_config"]
+    cfg = read_json(out / "config.json", CheckpointError, kind="config")["thinker_config"]["text_config"]
     print(f"wrote {out}: preset {args.preset}, {cfg['num_hidden_layers']} layers, {cfg['num_experts']} experts, "
           f"{args.dtype}, seed {args.seed}; {len(index['weight_map'])} tensors in {len(shards)} shards, "
           f"{index['metadata']['total_size'] / 2**20:.1f} MiB")
@@ -162,8 +197,11 @@ def _cmd_trace(args) -> int:
     from .model import load
     from .record import read_prompts, save_trace, trace_prompts
     from .tokenizer import load_tokenizer
+    from .record import check_trace_destination
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    _device(args.device)
+    check_trace_destination(args.out)   # before tracing every prompt, not after
     items = read_prompts(args.prompts)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model = load(args.checkpoint, device=args.device, dtype=dtype, progress=not args.no_progress)
@@ -218,9 +256,24 @@ def _cmd_generate(args) -> int:
     from .tokenizer import load_tokenizer
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates U+DC80..U+DCFF
+        c = ord(args.prompt[e.start])
+        byte = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise InputError(f"--prompt is not UTF-8 text: {byte} at character {e.start}") from None
+    if not args.greedy:
+        if not (args.temperature >= MIN_SAMPLING):   # also refuses nan
+            raise InputError(f"--temperature must be a number >= {MIN_SAMPLING:g} (or use --greedy), "
+                             f"got {args.temperature}")
+        if not MIN_SAMPLING <= args.top_p <= 1:
+            raise InputError(f"--top-p must be a number in [{MIN_SAMPLING:g}, 1], got {args.top_p}")
+    _device(args.device)
     cache = None
     if args.expert_cache is not None:
-        cap = int(args.expert_cache) if args.expert_cache.strip().isdigit() else args.expert_cache
+        # ASCII digits only: "²".isdigit() is True, yet int("²") fails; other text goes to parse_bytes
+        digits = args.expert_cache.strip()
+        cap = int(digits) if digits.isascii() and digits.isdigit() else args.expert_cache
         cache = ExpertCache(cap, policy=args.policy, per_layer=args.per_layer)
     elif args.per_layer or args.policy != "lru":
         raise InputError("--policy and --per-layer apply to the expert cache: add --expert-cache N")
@@ -261,24 +314,58 @@ def _cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="q3lab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="q3lab", description=__doc__.splitlines()[0],
+                                     epilog="exit status: 0 success; 1 ran and found problems (audit, extract "
+                                            "--verify); 2 refused input (one line naming it); 3 internal error "
+                                            "(a bug: please report it); 130 interrupted")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an internal error (also: Q3LAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in sorted(globals().items()):
         if name.startswith("_add_") and callable(fn):
             fn(sub)
+    for p in sub.choices.values():  # --debug also after the subcommand; SUPPRESS keeps the value given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+def _os_error_line(e: OSError) -> str:
+    """One line for what the environment did to a file: `<file>: <reason>` (both files for a rename)."""
+    from .jsonio import describe_os_error
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {describe_os_error(e)}" if names else describe_os_error(e)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `q3lab ARGV`; returns the exit status (see the module docstring), never raises but SystemExit."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("Q3LAB_DEBUG", "") not in ("", "0")
+    cmd = f"q3lab {args.command}"
     try:
         return int(args.func(args) or 0)
     except Q3LabError as e:
-        print(f"q3lab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"{cmd}: error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as e:  # permissions, folders, FIFOs, names too long, full disks: the environment, not a bug
+        print(f"{cmd}: error: {_os_error_line(e)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except UnicodeError as e:  # bytes that are not UTF-8 where text was expected
+        print(f"{cmd}: error: text that is not valid UTF-8: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except MemoryError:
+        print(f"{cmd}: error: out of memory", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
-        print(f"q3lab {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{cmd}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: say so, in one line, without the traceback
+        if debug:
+            traceback.print_exc()
+        what = (str(e).splitlines() or [""])[0][:300]
+        print(f"{cmd}: internal error: {type(e).__name__}: {what} ({BUG_REPORT}; "
+              f"{'the traceback is above' if debug else 'rerun with --debug or Q3LAB_DEBUG=1 for the traceback'})",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

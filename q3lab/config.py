@@ -1,17 +1,22 @@
 """ThinkerConfig: the thinker text model's hyper-parameters, read from a checkpoint's config.json."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import jsonio
 from .errors import CheckpointError
 
 # The real thinker text model has 18,531 tensors. A config implying more than this is corrupt, and listing its
 # tensors (the audit does) would exhaust memory instead of failing.
 MAX_TENSORS = 1 << 20
+SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "num_experts", "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings")
+FLAGS = ("norm_topk_prob", "mrope_interleaved", "tie_word_embeddings")
+# Tensor dimensions stay within int32 (the real model's largest is 152,064); positions within int64.
+MAX_SIZE = {**{k: 2**31 - 1 for k in SIZES}, "max_position_embeddings": 2**63 - 1}
 
 
 @dataclass
@@ -35,14 +40,29 @@ class ThinkerConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings")
-        bad = [f"{k} {getattr(self, k)}" for k in sizes if getattr(self, k) < 1]
-        bad += [f"{k} {getattr(self, k)}" for k in ("rms_norm_eps", "rope_theta") if not 0 < getattr(self, k) < math.inf]
-        if len(self.mrope_section) != 3 or min(self.mrope_section) < 0:
+        bad = [f"{k} {getattr(self, k)!r} (expected an integer)" for k in SIZES if type(getattr(self, k)) is not int]
+        bad += [f"{k} {getattr(self, k)!r} (expected true or false)" for k in FLAGS
+                if type(getattr(self, k)) is not bool]
+        bad += [f"{k} {getattr(self, k)!r} (expected a number)" for k in ("rms_norm_eps", "rope_theta")
+                if type(getattr(self, k)) not in (int, float)]
+        if not (isinstance(self.mrope_section, list) and len(self.mrope_section) == 3
+                and all(type(s) is int for s in self.mrope_section)):
+            bad.append(f"mrope_section {self.mrope_section!r} (expected a list of 3 integers)")
+        if type(self.hidden_act) is not str:
+            bad.append(f"hidden_act {self.hidden_act!r} (expected a string)")
+        if bad:  # types first: a float size would be silently truncated, true read as 1 (rms_norm_eps: true)
+            raise CheckpointError("invalid thinker text config: wrong type: " + ", ".join(bad))
+        bad = [f"{k} {getattr(self, k)}" for k in SIZES if not 1 <= getattr(self, k) <= MAX_SIZE[k]]
+        for k in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, k)
+            if not 0 < (float(v) if abs(v) < 1e308 else math.inf) < math.inf:
+                bad.append(f"{k} {v}")
+            else:
+                setattr(self, k, float(v))
+        if min(self.mrope_section) < 0:
             bad.append(f"mrope_section {self.mrope_section} (expected 3 sizes >= 0)")
         if bad:  # checked first: a zero head count would divide by zero below
-            raise CheckpointError("invalid thinker text config: not positive: " + ", ".join(bad))
+            raise CheckpointError("invalid thinker text config: not positive, or out of range: " + ", ".join(bad))
         count = 3 + self.num_hidden_layers * (9 + 3 * self.num_experts)
         if count > MAX_TENSORS:
             raise CheckpointError(f"invalid thinker text config: {self.num_hidden_layers} layers of {self.num_experts} "
@@ -51,7 +71,9 @@ class ThinkerConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads {self.num_key_value_heads}")
-        if sum(self.mrope_section) != self.head_dim // 2:
+        if self.head_dim % 2:  # rotary embeddings rotate pairs of dimensions
+            problems.append(f"head_dim {self.head_dim} is odd; rotary embeddings need an even head_dim")
+        elif sum(self.mrope_section) != self.head_dim // 2:
             problems.append(f"mrope_section {self.mrope_section} sums to {sum(self.mrope_section)}, "
                             f"expected head_dim/2 = {self.head_dim // 2}")
         if not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -69,47 +91,64 @@ class ThinkerConfig:
     # -- reading -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], *, where: str = "config.json") -> "ThinkerConfig":
-        """Accept the nested Qwen3-Omni config, a thinker config, or a bare text config."""
+        """Accept the nested Qwen3-Omni config, a thinker config, or a bare text config.
+
+        Values are checked field by field, never converted: sizes must be JSON integers (not 64.9, true or
+        "4"), eps and theta positive finite numbers, flags true/false; anything else raises CheckpointError
+        naming the field."""
         text = find_text_config(cfg, where=where)
         required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size"]
         missing = [k for k in required if k not in text]
         if missing:
             raise CheckpointError(f"{where}: thinker text config lacks {', '.join(missing)}")
-        try:
-            rope = dict(text.get("rope_scaling") or {})
-            rope.update(text.get("rope_parameters") or {})
-            theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
-            head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-            section = list(rope.get("mrope_section") or [head_dim // 2, 0, 0])
-            interleaved = bool(rope.get("mrope_interleaved", rope.get("interleaved", True)))
-        except (TypeError, ValueError, ZeroDivisionError) as e:
-            raise CheckpointError(f"{where}: malformed rope_scaling or head_dim in the thinker text config: "
-                                  f"{type(e).__name__}: {e}") from None
-        if text.get("mlp_only_layers") or text.get("decoder_sparse_step", 1) != 1:
+        rope: dict[str, Any] = {}
+        for key in ("rope_scaling", "rope_parameters"):
+            part = text.get(key)
+            if part is not None and not isinstance(part, dict):
+                raise CheckpointError(f"{where}: malformed {key} in the thinker text config: expected an object, "
+                                      f"found {part!r:.80}")
+            rope.update(part or {})
+        theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
+        head_dim = text.get("head_dim")
+        if head_dim is None:  # older configs leave it implied
+            hidden, heads = text["hidden_size"], text["num_attention_heads"]
+            if not (type(hidden) is int and type(heads) is int and heads > 0 and hidden % heads == 0):
+                raise CheckpointError(f"{where}: no head_dim in the thinker text config, and hidden_size {hidden!r} "
+                                      f"is not a multiple of num_attention_heads {heads!r}")
+            head_dim = hidden // heads
+        section = rope.get("mrope_section")
+        if section is None:
+            section = [head_dim // 2, 0, 0] if type(head_dim) is int else None
+        interleaved = rope.get("mrope_interleaved", rope.get("interleaved", True))
+        mlp_only, step = text.get("mlp_only_layers"), text.get("decoder_sparse_step", 1)
+        if not isinstance(mlp_only, (list, type(None))) or type(step) is not int:
+            raise CheckpointError(f"{where}: malformed mlp_only_layers {mlp_only!r:.80} or decoder_sparse_step "
+                                  f"{step!r:.80} in the thinker text config")
+        if mlp_only or step != 1:
             raise CheckpointError(f"{where}: dense (mlp_only) layers are not supported: "
-                                  f"mlp_only_layers={text.get('mlp_only_layers')}, "
-                                  f"decoder_sparse_step={text.get('decoder_sparse_step')}")
+                                  f"mlp_only_layers={mlp_only}, decoder_sparse_step={step}")
         if text.get("shared_expert_intermediate_size"):
             raise CheckpointError(f"{where}: shared experts are not supported "
-                                  f"(shared_expert_intermediate_size={text['shared_expert_intermediate_size']})")
-        tie = cfg.get("thinker_config", {}).get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+                                  f"(shared_expert_intermediate_size={text['shared_expert_intermediate_size']!r:.80})")
+        thinker = cfg.get("thinker_config")
+        tie = (thinker if isinstance(thinker, dict) else {}).get("tie_word_embeddings",
+                                                                 text.get("tie_word_embeddings", False))
         try:
             return cls(
-                vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
-                num_hidden_layers=int(text["num_hidden_layers"]),
-                num_attention_heads=int(text["num_attention_heads"]),
-                num_key_value_heads=int(text["num_key_value_heads"]), head_dim=int(head_dim),
-                num_experts=int(text["num_experts"]), num_experts_per_tok=int(text["num_experts_per_tok"]),
-                moe_intermediate_size=int(text["moe_intermediate_size"]),
-                norm_topk_prob=bool(text.get("norm_topk_prob", True)),
-                rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-                mrope_section=[int(s) for s in section], mrope_interleaved=interleaved,
-                max_position_embeddings=int(text.get("max_position_embeddings", 65536)),
-                tie_word_embeddings=bool(tie), hidden_act=text.get("hidden_act", "silu"),
+                vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
+                num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
+                num_key_value_heads=text["num_key_value_heads"], head_dim=head_dim,
+                num_experts=text["num_experts"], num_experts_per_tok=text["num_experts_per_tok"],
+                moe_intermediate_size=text["moe_intermediate_size"],
+                norm_topk_prob=text.get("norm_topk_prob", True),
+                rms_norm_eps=text.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                mrope_section=section, mrope_interleaved=interleaved,
+                max_position_embeddings=text.get("max_position_embeddings", 65536),
+                tie_word_embeddings=tie, hidden_act=text.get("hidden_act", "silu"),
             )
-        except (TypeError, ValueError, OverflowError) as e:
-            raise CheckpointError(f"{where}: malformed thinker text config: {e}") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ThinkerConfig":
@@ -182,9 +221,5 @@ def find_text_config(cfg: dict[str, Any], *, where: str = "config.json") -> dict
 
 
 def read_json(path: Path, error=CheckpointError) -> Any:
-    if not path.exists():
-        raise error(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: invalid JSON: {e}") from None
+    """A config-like JSON file, read within q3lab's bounds (`q3lab.jsonio`); failures raise `error`."""
+    return jsonio.read_json(path, error, kind="config")

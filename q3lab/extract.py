@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from .checkpoint import INDEX, TOKENIZER_FILES, Checkpoint, expected_dtype
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError, InputError, StoreError
-from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
+from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, read_span
 from .store import (DENSE, EXPERTS_DIR, FORMAT, LABEL_TO_ST, MANIFEST, PROGRESS, ST_TO_LABEL, VERSION, FileDigest,
-                    SafetensorsWriter, Store, expert_file, fingerprint, fsync_dir, itemsize, numel, read_manifest,
-                    safetensors_header, sha256_file, tmp_path, with_text_dtype, write_atomic)
+                    SafetensorsWriter, Store, expert_file, fingerprint, fsync_dir, itemsize, numel, read_journal,
+                    read_manifest, safetensors_header, sha256_file, tmp_path, with_text_dtype, write_atomic)
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 _CHUNK_BYTES = 4 << 20  # source bytes per read when streaming a dense tensor (the embedding is 623 MB)
@@ -280,13 +280,7 @@ def _open_journal(out: Path, ident: dict[str, Any], planned: set[str]) -> tuple[
             files[t["file"]]["tensors"][t["name"]] = t["sha256"]
         journal = {**fresh, "files": files}
     elif (out / PROGRESS).exists():
-        try:
-            journal = loads_strict((out / PROGRESS).read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise StoreError(f"{out / PROGRESS}: unreadable journal ({e}); remove the folder to start over") from None
-        if not isinstance(journal, dict) or journal.get("format") != _JOURNAL_FORMAT or \
-                not isinstance(journal.get("files"), dict):
-            raise StoreError(f"{out / PROGRESS}: not a q3lab extraction journal; remove the folder to start over")
+        journal = read_journal(out / PROGRESS, _JOURNAL_FORMAT)
         _same_source(journal, ident, out / PROGRESS)
     else:
         entries = sorted(p.name for p in out.iterdir())

@@ -308,19 +308,49 @@ def record(model, *, probs: bool = False, prompt: Any = None, domain: str | None
 
 
 # -- saving and loading ----------------------------------------------------------------------------
+TRACE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def trace_format(path: str | Path) -> str:
+    """"parquet" or "csv", from the file name; InputError for any other (checked before tracing, not after)."""
+    fmt = TRACE_SUFFIXES.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise InputError(f"{path}: unknown trace format {Path(path).suffix!r}; use .parquet or .csv")
+    return fmt
+
+
+def check_trace_destination(path: str | Path) -> Path:
+    """Refuse, before any work, a trace path that cannot be written: an unknown format, a folder, a parent
+    that is a file. InputError names the path."""
+    path = Path(path)
+    trace_format(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a trace file name ending in .parquet or .csv")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{path}: cannot write the trace: {parent} is not a folder")
+            break
+    return path
+
+
 def save_trace(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write a trace frame to `.parquet` (pyarrow) or `.csv` (a first comment line keeps frame.attrs).
 
     Atomic (q3lab.outdir.write_file): a failed or interrupted write leaves an existing file as it was, and an
-    existing file is replaced only when it is a q3lab trace (anything else there is an `OutputError`)."""
+    existing file is replaced only when it is a q3lab trace (anything else there is an `OutputError`). A
+    destination that cannot be written (a folder, a file as parent, no permission, a full disk) raises
+    InputError naming it."""
+    from .jsonio import describe_os_error
     from .outdir import write_file
     path = Path(path)
+    fmt = trace_format(path)
     _check_trace(frame, str(path))
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
+    check_trace_destination(path)
+    if fmt == "parquet":
         def write(f) -> None:
             frame.to_parquet(f, engine="pyarrow", index=False)
-    elif suffix == ".csv":
+    else:
         def write(f) -> None:
             text = io.TextIOWrapper(f, encoding="utf-8", newline="")
             # the header keeps what CSV loses: attrs, and which columns hold text or categories
@@ -330,9 +360,10 @@ def save_trace(frame: pd.DataFrame, path: str | Path) -> Path:
             frame.to_csv(text, index=False)
             text.flush()
             text.detach()   # the binary file stays open for write_atomic's fsync and rename
-    else:
-        raise InputError(f"{path}: unknown trace format {path.suffix!r}; use .parquet or .csv")
-    return write_file(path, write, what="trace", is_ours=_is_trace_file)
+    try:
+        return write_file(path, write, what="trace", is_ours=_is_trace_file)
+    except OSError as e:
+        raise InputError(f"{e.filename or path}: cannot write the trace: {describe_os_error(e)}") from None
 
 
 def _is_trace_file(path: Path) -> bool:
@@ -351,35 +382,62 @@ def _is_trace_file(path: Path) -> bool:
 
 _DTYPES = {"token_index": np.int32, "position": np.int32, "token": np.int32, "layer": np.int16,
            "rank": np.int16, "expert": np.int16, "weight": np.float32, "prob": np.float32, "call": np.int32}
+_KINDS = ("category", "str", "num")
 
 
 def load_trace(path: str | Path) -> pd.DataFrame:
-    """Read a trace written by `save_trace`, checking its columns and restoring compact dtypes."""
+    """Read a trace written by `save_trace`, checking its columns and restoring compact dtypes.
+
+    A file that is missing, not a regular file, corrupt, truncated or not a trace raises InputError naming it
+    (pyarrow's and pandas' own exceptions never escape)."""
+    import stat
+
+    from . import jsonio
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such trace file")
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path, engine="pyarrow")
-    elif suffix == ".csv":
-        with open(path) as f:
-            first = f.readline()
-        head = json.loads(first[len(_CSV_MAGIC):]) if first.startswith(_CSV_MAGIC) else {}
-        kinds = head.get("kinds", {})
-        frame = pd.read_csv(path, skiprows=1 if head else 0,
-                            dtype={c: str for c, kind in kinds.items() if kind != "num"})
-        for col, kind in kinds.items():
-            if kind == "category" and col in frame:
-                frame[col] = frame[col].astype("category")
-        frame.attrs.update(head.get("attrs", {}))
-    else:
-        raise InputError(f"{path}: unknown trace format {path.suffix!r}; use .parquet or .csv")
+    fmt = trace_format(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such trace file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the trace: {jsonio.describe_os_error(e)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file (expected a .parquet or .csv trace)")
+    try:
+        if fmt == "parquet":
+            frame = pd.read_parquet(path, engine="pyarrow")
+        else:
+            with open(path, "rb") as f:
+                first = f.readline(jsonio.CAPS["trace"] + 1)
+            head = {}
+            if first.startswith(_CSV_MAGIC.encode()):
+                head = jsonio.loads(first[len(_CSV_MAGIC):], f"{path}: line 1", InputError, what="trace header")
+                if not (isinstance(head, dict) and isinstance(head.get("attrs", {}), dict)
+                        and isinstance(head.get("kinds", {}), dict)
+                        and all(k in _KINDS for k in head.get("kinds", {}).values())):
+                    raise InputError(f"{path}: line 1: malformed trace header: expected attrs (object) and kinds "
+                                     f"(column -> one of {list(_KINDS)})")
+            kinds = head.get("kinds", {})
+            frame = pd.read_csv(path, skiprows=1 if head else 0, encoding="utf-8",
+                                dtype={c: str for c, kind in kinds.items() if kind != "num"})
+            for col, kind in kinds.items():
+                if kind == "category" and col in frame:
+                    frame[col] = frame[col].astype("category")
+            frame.attrs.update(head.get("attrs", {}))
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow and pandas raise many types (ArrowInvalid, OSError, ...)
+        raise InputError(f"{path}: not a readable {fmt} trace: {type(e).__name__}: {str(e)[:200]}") from None
     _check_trace(frame, str(path))
-    if pd.api.types.is_integer_dtype(frame["prompt"]) and frame["prompt"].dtype != np.int32:
-        frame["prompt"] = frame["prompt"].astype(np.int32)
-    for col, dt in _DTYPES.items():
-        if col in frame and frame[col].dtype != dt:
-            frame[col] = frame[col].astype(dt)
+    col, dt = "prompt", np.int32
+    try:
+        if pd.api.types.is_integer_dtype(frame["prompt"]) and frame["prompt"].dtype != np.int32:
+            frame["prompt"] = frame["prompt"].astype(np.int32)
+        for col, dt in _DTYPES.items():
+            if col in frame and frame[col].dtype != dt:
+                frame[col] = frame[col].astype(dt)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InputError(f"{path}: column {col!r} is not {np.dtype(dt).name}: {str(e)[:200]}") from None
     return frame
 
 
@@ -396,26 +454,38 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Prompts from a file: `.jsonl` (objects with `prompt`, optional `domain`, `id`, `expected` and any other
     fields, kept), else one per line.
 
-    Blank lines are skipped; each prompt's id is `id` when given, else its 0-based index among the prompts.
+    Blank lines are skipped; each prompt's id is `id` when given (an integer or a string), else its 0-based
+    index among the prompts. Ids must be unique, also across types: a trace stores mixed ids as text, so `1`
+    and `"1"` would become one prompt. The file is read within `q3lab.jsonio`'s bounds (a regular UTF-8 file,
+    capped size and nesting); every problem raises InputError naming the file and line.
     """
+    from . import jsonio
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such prompts file")
+    text = jsonio.read_text(path, InputError, kind="prompts", missing="no such prompts file")
     items: list[dict[str, Any]] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
+    seen: dict[str, tuple[Any, int]] = {}
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix.lower() == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{path}:{n}: not a JSON object: {e}") from None
+            obj = jsonio.loads(line, f"{path}:{n}", InputError, what="JSON line")
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise InputError(f"{path}:{n}: expected an object with a string 'prompt', got {line[:80]!r}")
-            items.append({**obj, "id": obj.get("id", len(items)), "domain": obj.get("domain"), "line": n})
+            pid, domain = obj.get("id", len(items)), obj.get("domain")
+            if not (type(pid) is int or isinstance(pid, str)):
+                raise InputError(f"{path}:{n}: 'id' must be an integer or a string, got {pid!r:.80}")
+            if not (domain is None or isinstance(domain, str)):
+                raise InputError(f"{path}:{n}: 'domain' must be a string, got {domain!r:.80}")
+            item = {**obj, "id": pid, "domain": domain, "line": n}
         else:
-            items.append({"id": len(items), "prompt": line, "domain": None, "line": n})
+            item = {"id": len(items), "prompt": line, "domain": None, "line": n}
+        key = str(item["id"])
+        if key in seen:
+            other, where = seen[key]
+            raise InputError(f"{path}:{n}: prompt id {item['id']!r} repeats the id {other!r} of line {where}"
+                             f"{' (a trace stores mixed ids as text)' if other != item['id'] else ''}")
+        seen[key] = (item["id"], n)
+        items.append(item)
     if not items:
         raise InputError(f"{path}: no prompts (the file is empty or blank)")
     return items

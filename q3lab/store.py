@@ -22,10 +22,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import jsonio
 from .config import ThinkerConfig, expert_key, find_text_config, read_json
 from .errors import CheckpointError, Q3LabError, StoreError
 from .checkpoint import ExpertPlan, ShardFiles, plan_expert, read_expert, read_expert_into
-from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, loads_strict, read_span
+from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, read_span
 
 FORMAT = "q3lab-store"
 VERSION = 1
@@ -313,35 +314,73 @@ class SafetensorsWriter:
 
 
 # -- the reader -----------------------------------------------------------------------------------
+def _is_size(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _check_files(files: Any, where: Path, *, journal: bool) -> None:
+    """A manifest's or journal's `files`: relative path -> {sha256, bytes[, tensors: name -> sha256]}."""
+    if not isinstance(files, dict):
+        raise StoreError(f"{where}: malformed: 'files' is {type(files).__name__}, expected an object")
+    for rel, d in files.items():
+        ok = isinstance(d, dict) and isinstance(d.get("sha256"), str) and _is_size(d.get("bytes"))
+        if ok and journal:
+            tensors = d.get("tensors", {})
+            ok = isinstance(tensors, dict) and all(isinstance(v, str) for v in tensors.values())
+        if not ok:
+            raise StoreError(f"{where}: malformed entry for file {rel}: {str(d)[:120]}")
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise StoreError(f"{where}: file {rel!r} is not a path inside the store")
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a complete store; StoreError if absent (saying whether an extraction is under way)."""
+    """The manifest of a complete store; StoreError if absent (saying whether an extraction is under way).
+
+    Read within `q3lab.jsonio`'s bounds (a regular file, capped size and nesting), then checked field by field:
+    a hostile manifest raises StoreError naming it, never a TypeError in a later step."""
     mpath = path / MANIFEST
-    if not mpath.exists():
-        if (path / PROGRESS).exists():
+    if not jsonio.exists(mpath, StoreError):
+        if jsonio.exists(path / PROGRESS, StoreError):
             raise StoreError(f"{path}: incomplete extraction ({PROGRESS} but no {MANIFEST}), rerun q3lab extract")
         raise StoreError(f"{path}: no {MANIFEST}: not a q3lab store")
-    try:
-        m = loads_strict(mpath.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{mpath}: invalid JSON: {e}") from None
+    m = jsonio.read_json(mpath, StoreError, kind="manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise StoreError(f"{mpath}: format is {m.get('format') if isinstance(m, dict) else m!r}, expected {FORMAT!r}")
+        raise StoreError(f"{mpath}: format is {m.get('format') if isinstance(m, dict) else m!r:.80}, "
+                         f"expected {FORMAT!r}")
     if m.get("version") != VERSION:
-        raise StoreError(f"{mpath}: version {m.get('version')}, this q3lab reads version {VERSION}")
+        raise StoreError(f"{mpath}: version {m.get('version')!r:.80}, this q3lab reads version {VERSION}")
     files, tensors = m.get("files"), m.get("tensors")
     if not isinstance(files, dict) or not isinstance(tensors, list):
         raise StoreError(f"{mpath}: malformed: expected 'files' (object) and 'tensors' (list)")
-    for rel, d in files.items():
-        if not isinstance(d, dict) or not isinstance(d.get("sha256"), str) or not isinstance(d.get("bytes"), int):
-            raise StoreError(f"{mpath}: malformed entry for file {rel}: {str(d)[:120]}")
-        if rel.startswith("/") or ".." in Path(rel).parts:
-            raise StoreError(f"{mpath}: file {rel!r} is not a path inside the store")
+    _check_files(files, mpath, journal=False)
+    for key in ("fingerprint", "dtype", "source", "source_id"):
+        if not isinstance(m.get(key, ""), str):
+            raise StoreError(f"{mpath}: malformed: {key!r} is {m[key]!r:.80}, expected a string")
     for t in tensors:
-        if not isinstance(t, dict) or not all(k in t for k in ("name", "file", "shape", "dtype", "sha256")):
+        if not (isinstance(t, dict) and all(isinstance(t.get(k), str) for k in ("name", "file", "dtype", "sha256"))
+                and isinstance(t.get("shape"), list) and all(_is_size(s) for s in t["shape"])
+                and isinstance(t.get("source_key", ""), str)):
             raise StoreError(f"{mpath}: malformed tensor entry: {str(t)[:120]}")
         if t["file"] not in files:
             raise StoreError(f"{mpath}: tensor {t['name']} is in {t['file']}, which the manifest's files lack")
     return m
+
+
+def read_journal(path: Path, fmt: str) -> dict[str, Any]:
+    """An extraction journal (`.progress.json`) of format `fmt`, read within `q3lab.jsonio`'s bounds and checked
+    field by field; anything else raises StoreError naming it."""
+    hint = "; remove the folder to start over"
+    try:
+        journal = jsonio.read_json(path, StoreError, kind="journal")
+    except StoreError as e:
+        raise StoreError(f"unreadable journal: {e}{hint}") from None
+    if not isinstance(journal, dict) or journal.get("format") != fmt or not isinstance(journal.get("files"), dict):
+        raise StoreError(f"{path}: not a q3lab extraction journal{hint}")
+    try:
+        _check_files(journal["files"], path, journal=True)
+    except StoreError as e:
+        raise StoreError(f"{e}{hint}") from None
+    return journal
 
 
 class Store(ShardFiles):

@@ -14,6 +14,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
+from . import jsonio
 from .errors import CheckpointError, InputError
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -35,8 +36,23 @@ class Tokenizer:
         self.path = path
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings in the text map to their ids (no BOS is added)."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special-token strings in the text map to their ids (no BOS is added).
+
+        Text that is not a string of Unicode characters (a lone surrogate: how Python hands over command-line
+        bytes that are not UTF-8) raises InputError, as tokenizers' own refusals do."""
+        if not isinstance(text, str):
+            raise InputError(f"cannot tokenize {type(text).__name__} {text!r:.60}: expected text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            c = ord(text[e.start])
+            byte = f" (byte 0x{c - 0xDC00:02x} of input that is not UTF-8)" if 0xDC80 <= c <= 0xDCFF else ""
+            raise InputError(f"text is not valid Unicode: lone surrogate U+{c:04X} at character {e.start}{byte}; "
+                             f"give UTF-8 text") from None
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain exceptions from Rust
+            raise InputError(f"the tokenizer cannot encode {text[:60]!r}: {e}") from None
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; keeps special tokens by default so that decode(encode(t)) == t."""
@@ -154,70 +170,103 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(f"{folder}: not a directory (expected a folder with tokenizer.json, or "
                               f"vocab.json + merges.txt)")
     cfg = _read_config(folder / "tokenizer_config.json")
-    decoder_cfg = cfg.get("added_tokens_decoder") or {}
-    if (folder / "tokenizer.json").exists():
+    decoder_cfg = _added_tokens(cfg, folder / "tokenizer_config.json")
+    if jsonio.exists(folder / "tokenizer.json", CheckpointError):
+        path = folder / "tokenizer.json"
+        text = jsonio.read_text(path, CheckpointError, kind="tokenizer")
+        depth = jsonio.json_depth(text)
+        if depth > jsonio.MAX_DEPTH:
+            raise CheckpointError(f"{path}: cannot be read as a tokenizer: nested {depth} levels deep, more than "
+                                  f"the {jsonio.MAX_DEPTH} q3lab accepts")
         try:
-            hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # the Rust side raises plain Exception for any malformed file
-            raise CheckpointError(f"{folder / 'tokenizer.json'}: cannot be read as a tokenizer: {e}") from None
-    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            hf = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exception for any malformed file
+            raise CheckpointError(f"{path}: cannot be read as a tokenizer: {e}") from None
+    elif jsonio.exists(folder / "vocab.json", CheckpointError) and jsonio.exists(folder / "merges.txt", CheckpointError):
         hf = _from_vocab_merges(folder, decoder_cfg)
     else:
         present = sorted(p.name for p in folder.iterdir())[:12]
         raise CheckpointError(f"{folder}: no tokenizer found: looked for tokenizer.json, or vocab.json + "
                               f"merges.txt; the folder holds {present}")
 
+    where = folder / "tokenizer_config.json"
     if decoder_cfg:
         specials = {}
         for sid, entry in decoder_cfg.items():
-            content = entry.get("content") if isinstance(entry, dict) else None
-            if not isinstance(content, str):
-                raise CheckpointError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder[{sid}] has no "
-                                      f"content string")
-            got = hf.token_to_id(content)
-            if got != int(sid):
-                raise CheckpointError(f"{folder}: tokenizer_config.json says {content!r} has id {sid}, the "
+            got = hf.token_to_id(entry["content"])
+            if got != sid:
+                raise CheckpointError(f"{folder}: tokenizer_config.json says {entry['content']!r} has id {sid}, the "
                                       f"tokenizer gives {got}")
             if entry.get("special", True):
-                specials[content] = int(sid)
+                specials[entry["content"]] = sid
     else:
         specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
 
     eos = cfg.get("eos_token")
     if isinstance(eos, dict):  # older configs store AddedToken dicts
         eos = eos.get("content")
+    if eos is not None and not isinstance(eos, str):
+        raise CheckpointError(f"{where}: eos_token is {eos!r:.80}, expected a string")
     if eos is not None and hf.token_to_id(eos) is None:
-        raise CheckpointError(f"{folder / 'tokenizer_config.json'}: eos_token {eos!r} is not in the vocabulary")
+        raise CheckpointError(f"{where}: eos_token {eos!r} is not in the vocabulary")
     return Tokenizer(hf, special_tokens=dict(sorted(specials.items(), key=lambda kv: kv[1])), eos_token=eos,
                      path=folder)
 
 
 def _read_config(path: Path) -> dict:
-    if not path.exists():
+    if not jsonio.exists(path, CheckpointError):
         return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
-    return cfg
+    return jsonio.read_json_object(path, CheckpointError, kind="tokenizer_config")
 
 
-def _from_vocab_merges(folder: Path, decoder_cfg: dict) -> tokenizers.Tokenizer:
+def _added_tokens(cfg: dict, where: Path) -> dict[int, dict]:
+    """tokenizer_config.json's added_tokens_decoder, checked field by field: id (a decimal string) -> entry with
+    a `content` string and true/false flags."""
+    raw = cfg.get("added_tokens_decoder") or {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: added_tokens_decoder is {type(raw).__name__}, expected an object of "
+                              f"id -> token")
+    out = {}
+    for sid, entry in raw.items():
+        if not (sid.isascii() and sid.isdigit()) or len(sid) > 12:
+            raise CheckpointError(f"{where}: added_tokens_decoder key {sid[:40]!r} is not a token id")
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise CheckpointError(f"{where}: added_tokens_decoder[{sid}] has no content string")
+        flags = [k for k in ("special", "normalized", "lstrip", "rstrip", "single_word")
+                 if k in entry and not isinstance(entry[k], bool)]
+        if flags:
+            raise CheckpointError(f"{where}: added_tokens_decoder[{sid}]: {', '.join(flags)} must be true or false")
+        out[int(sid)] = entry
+    return out
+
+
+def _from_vocab_merges(folder: Path, decoder_cfg: dict[int, dict]) -> tokenizers.Tokenizer:
+    vocab = jsonio.read_json_object(folder / "vocab.json", CheckpointError, kind="tokenizer")
+    if not all(type(v) is int for v in vocab.values()):
+        raise CheckpointError(f"{folder / 'vocab.json'}: expected an object of token -> integer id")
+    merges = []
+    text = jsonio.read_text(folder / "merges.txt", CheckpointError, kind="tokenizer")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise CheckpointError(f"{folder / 'merges.txt'}:{n}: expected two tokens separated by a space, "
+                                  f"got {line[:80]!r}")
+        merges.append(tuple(pair))
     try:
-        bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    except Exception as e:
+        bpe = models.BPE(vocab, merges)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain exceptions from Rust
         raise CheckpointError(f"{folder}: vocab.json + merges.txt cannot be read as BPE: {e}") from None
     hf = tokenizers.Tokenizer(bpe)
     hf.pre_tokenizer = qwen_pre_tokenizer()
     hf.decoder = decoders.ByteLevel()
     # Added tokens are appended in id order; for a well-formed folder they land on the ids the config names
     # (load_tokenizer checks each one afterwards).
-    for sid, entry in sorted(decoder_cfg.items(), key=lambda kv: int(kv[0])):
+    for sid, entry in sorted(decoder_cfg.items()):
         if hf.token_to_id(entry["content"]) is None:
-            hf.add_tokens([AddedToken(entry["content"], special=bool(entry.get("special", True)),
-                                      normalized=bool(entry.get("normalized", False)))])
+            hf.add_tokens([AddedToken(entry["content"], special=entry.get("special", True),
+                                      normalized=entry.get("normalized", False))])
     return hf
 
 

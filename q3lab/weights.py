@@ -98,6 +98,8 @@ def audit_failure(report: AuditReport, problems=None) -> str:
     lines += [f"  {r['status']}: {r['key']}  [{r['detail']}]" for _, r in probs.head(40).iterrows()]
     if len(probs) > 40:
         lines.append(f"  ... and {len(probs) - 40} more")
-    lines += [f"  shard error: {e}" for e in report.errors]
+    lines += [f"  shard error: {e}" for e in report.errors[:40]]
+    if len(report.errors) > 40:
+        lines.append(f"  ... and {len(report.errors) - 40} more shard errors")
     lines.append("FAILED: the thinker text model is incomplete or inconsistent")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ import random
 import signal
 import struct
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,8 +249,100 @@ def config_json_mutation(rng: random.Random, data: bytes) -> tuple[bytes, Mutati
     return json.dumps(cfg).encode(), Mutation("config.json", "config_json", detail)
 
 
-def make_case(rng: random.Random, files: dict[str, bytes], shards: list[str]) -> tuple[str, bytes, Mutation]:
-    target = rng.choices(["shard", "index", "config"], weights=[6, 2, 2])[0]
+DEPTHS = [50, 99, 100, 101, 500, 5_000, 100_000]   # around the reader's MAX_DEPTH (100) and far beyond it
+
+
+def _deep(depth: int, rng: random.Random) -> str:
+    open_, close = rng.choice([("[", "]"), ('{"a":', "}")])
+    return open_ * depth + "1" + close * depth
+
+
+def nest_mutation(rng: random.Random, file: str, data: bytes) -> tuple[bytes, Mutation]:
+    """Deep nesting where a JSON value may stand: an extra config or index key, a header's __metadata__ or one of
+    its entries' fields, or the whole file."""
+    depth = rng.choice(DEPTHS)
+    deep = _deep(depth, rng)
+    if file.endswith(".safetensors"):
+        n, header, rest = _header_split(data)
+        where = rng.choice(["__metadata__", "entry"])
+        if where == "__metadata__":
+            header["__metadata__"] = {"x": "DEEP"}
+        else:
+            header[rng.choice([k for k in header if k != "__metadata__"])]["x"] = "DEEP"
+        raw = json.dumps(header).replace('"DEEP"', deep).encode()
+        return struct.pack("<Q", len(raw)) + raw + rest, Mutation(file, "nest", f"{where} nested {depth} deep")
+    obj = json.loads(data)
+    if rng.random() < 0.2:
+        return deep.encode(), Mutation(file, "nest", f"the whole file nested {depth} deep")
+    target = obj["thinker_config"]["text_config"] if file == "config.json" and rng.random() < 0.5 else obj
+    target[rng.choice(["x", "rope_scaling" if file == "config.json" else "metadata"])] = "DEEP"
+    return json.dumps(obj).replace('"DEEP"', deep).encode(), Mutation(file, "nest", f"a value nested {depth} deep")
+
+
+def type_mutation(rng: random.Random, data: bytes) -> tuple[bytes, Mutation]:
+    """Same value, other JSON type: 64 -> 64.0, 64.9, "64", true; 1e-6 -> true, "1e-06"; [6, 5, 5] -> ["6", 5, 5]."""
+    cfg = json.loads(data)
+    text = cfg["thinker_config"]["text_config"]
+    field = rng.choice([k for k in TEXT_FIELDS if k in text and k != "rope_scaling"] + ["mrope_section"])
+    if field == "mrope_section":
+        sec = text["rope_scaling"]["mrope_section"]
+        i = rng.randrange(len(sec))
+        sec[i] = rng.choice([str(sec[i]), float(sec[i]), sec[i] + 0.5, bool(sec[i])])
+        return json.dumps(cfg).encode(), Mutation("config.json", "type", f"mrope_section = {sec!r}")
+    old = text[field]
+    if type(old) is bool:
+        new = rng.choice([int(old), str(old).lower(), [old]])
+    elif type(old) is int:
+        new = rng.choice([float(old), old + 0.9, str(old), old == 1 or bool(old), [old]])
+    elif type(old) is float:
+        new = rng.choice([True, False, str(old), [old], int(old) if old >= 1 else 0])
+    else:
+        new = rng.choice([[old], {"x": old}, 1, True])
+    text[field] = new
+    return json.dumps(cfg).encode(), Mutation("config.json", "type", f"{field}: {old!r} -> {new!r}")
+
+
+SPECIALS = ["fifo", "dev_zero", "directory", "symlink_loop", "dangling_symlink", "symlink_to_other"]
+
+
+def make_special(path: Path, kind: str, other: Path) -> None:
+    """Replace `path` by a special file (its bytes are restored by `restore`)."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "symlink_loop":
+        path.symlink_to(path.name)
+    elif kind == "dangling_symlink":
+        path.symlink_to("nowhere-" + path.name)
+    else:
+        path.symlink_to(other.name)
+
+
+def restore(path: Path, data: bytes) -> None:
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    elif path.is_symlink() or path.exists() and not path.is_file():
+        path.unlink()
+    path.write_bytes(data)
+
+
+def make_case(rng: random.Random, files: dict[str, bytes], shards: list[str]) -> tuple[str, bytes | str, Mutation]:
+    """(file, new bytes or the name of a special file to put there, mutation)."""
+    target = rng.choices(["shard", "index", "config", "nest", "type", "special"], weights=[6, 2, 2, 1, 1, 1])[0]
+    if target == "nest":
+        file = rng.choice([*shards, INDEX, "config.json"])
+        new, m = nest_mutation(rng, file, files[file])
+        return file, new, m
+    if target == "type":
+        new, m = type_mutation(rng, files["config.json"])
+        return "config.json", new, m
+    if target == "special":
+        file, kind = rng.choice([*shards, INDEX, "config.json"]), rng.choice(SPECIALS)
+        return file, kind, Mutation(file, "special", kind)
     if target == "shard":
         file = rng.choice(shards)
         data = files[file]
@@ -347,6 +439,7 @@ def test_random_mutations_end_in_q3lab_errors_or_verified_reads(pristine, capsys
     path, shards, files, original = pristine
     old = signal.signal(signal.SIGALRM, _alarm)
     outcomes: Counter = Counter()
+    by_kind: defaultdict[str, Counter] = defaultdict(Counter)
     t0 = time.monotonic()
     ran = 0
     try:
@@ -355,7 +448,10 @@ def test_random_mutations_end_in_q3lab_errors_or_verified_reads(pristine, capsys
                 break
             rng = random.Random(f"{SEED}:{case}")
             file, data, m = make_case(rng, files, shards)
-            (path / file).write_bytes(data)
+            if isinstance(data, str):
+                make_special(path / file, data, path / rng.choice([f for f in files if f != file]))
+            else:
+                (path / file).write_bytes(data)
             where = f"case {case} (Q3LAB_FUZZ_SEED={SEED}): {m}"
             try:
                 signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT_S)
@@ -371,10 +467,11 @@ def test_random_mutations_end_in_q3lab_errors_or_verified_reads(pristine, capsys
                 pytest.fail(f"{type(e).__name__}: {e} escaped instead of a Q3LabError: {where}")
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-                (path / file).write_bytes(files[file])
+                restore(path / file, files[file])
             want_rc = {"error": {2}, "rejected": {1}, "read_error": {0}, "identical": {0}, "undetectable": {0}}[outcome]
             assert rc in want_rc, f"q3lab audit exited {rc} for outcome {outcome}: {where}"
             outcomes[("shards" if m.file.startswith("model-0") else m.file, m.kind, outcome)] += 1
+            by_kind[m.kind][outcome] += 1
             ran += 1
     finally:
         signal.signal(signal.SIGALRM, old)
@@ -385,6 +482,8 @@ def test_random_mutations_end_in_q3lab_errors_or_verified_reads(pristine, capsys
         print(f"\nfuzz: {ran} cases in {time.monotonic() - t0:.1f} s (seed {SEED}); outcomes per mutated file:")
         for target, c in sorted(per_target.items()):
             print(f"  {target:<29}" + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
+        for kind in ("nest", "type", "special"):
+            print(f"  {kind + ' mutations':<29}" + "  ".join(f"{k} {v}" for k, v in sorted(by_kind[kind].items())))
     assert ran >= min(CASES, 200), f"only {ran} cases ran before the {DEADLINE_S} s deadline"
     by_outcome = Counter()
     for (_, _, outcome), n in outcomes.items():
@@ -392,3 +491,176 @@ def test_random_mutations_end_in_q3lab_errors_or_verified_reads(pristine, capsys
     # the mix proves the fuzzer reaches every branch: errors, audit rejections, clean and undetectable reads
     assert by_outcome["error"] > 0 and by_outcome["rejected"] > 0
     assert by_outcome["identical"] > 0 and by_outcome["undetectable"] > 0
+    kinds = {kind for (_, kind, _) in outcomes}
+    assert {"nest", "type", "special"} <= kinds
+
+
+# -- the property: no CLI command ends in a traceback --------------------------------------------------------
+# A corpus of a checkpoint, its store, an interrupted store (journal), prompt files and traces; hypothesis picks
+# a file, a mutation (random bytes, a JSON value replaced by any other, deep nesting, a special file) and a
+# command. Whatever the input, the command exits 0, 1 or 2, with its own message; never 3 or a traceback.
+# Examples are derandomized (the same on every machine) and bounded by Q3LAB_PROPERTY_EXAMPLES (default 150).
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY_EXAMPLES = int(os.environ.get("Q3LAB_PROPERTY_EXAMPLES", "150"))
+NASTY = ["", "1", "\udce9", "x" * 300, "../x", "model.norm.weight", "BF16", "NaN"]
+JSON_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6) | st.sampled_from(NASTY),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+
+
+class ExampleTimeout(BaseException):
+    """A hang inside one example (SIGALRM)."""
+
+
+def _timeout(signum, frame):
+    raise ExampleTimeout()
+
+
+def _json_slots(obj, limit: int = 5000) -> list[tuple[object, object]]:
+    """(container, key) of every value in a parsed JSON document (iterative: no recursion), at most `limit`."""
+    slots, stack = [], [obj]
+    while stack and len(slots) < limit:
+        cur = stack.pop()
+        items = cur.items() if isinstance(cur, dict) else enumerate(cur) if isinstance(cur, list) else []
+        for k, v in items:
+            slots.append((cur, k))
+            stack.append(v)
+    return slots
+
+
+def _mutate_json(data: bytes, rng: random.Random, value) -> tuple[bytes, str]:
+    obj = json.loads(data)
+    slots = _json_slots(obj)
+    if not slots:
+        return json.dumps(value).encode(), "whole document replaced"
+    cont, key = rng.choice(slots)
+    cont[key] = value
+    return json.dumps(obj).encode(), f"[{key!r}] = {value!r:.60}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import shutil
+
+    import q3lab
+    from q3lab.extract import extract
+    from q3lab.record import save_trace, trace_prompts
+    from q3lab.synth import synth
+    from q3lab.tokenizer import load_tokenizer
+    root = tmp_path_factory.mktemp("property")
+    ck = synth(root / "ck", "tiny", seed=5, layers=2, progress=False)
+    store = extract(ck, root / "store", progress=False)
+    frame = trace_prompts(q3lab.load(store), load_tokenizer(store), [{"id": "a", "prompt": "hi there", "line": 1}],
+                          progress=False).to_frame()
+    traces = {"t.parquet": save_trace(frame, root / "t.parquet"), "t.csv": save_trace(frame, root / "t.csv")}
+    prompts = {"p.jsonl": root / "p.jsonl", "p.txt": root / "p.txt"}
+    prompts["p.jsonl"].write_text('{"prompt": "hello", "id": 1, "domain": "d"}\n{"prompt": "yo", "id": "b"}\n')
+    prompts["p.txt"].write_text("hello\nworld\n")
+    journal = root / "journal-template"
+    shutil.copytree(store, journal)
+    m = json.loads((journal / "manifest.json").read_text())
+    (journal / "manifest.json").unlink()
+    files = {rel: {"sha256": d["sha256"], "bytes": d["bytes"], "tensors": {}} for rel, d in m["files"].items()}
+    (journal / ".progress.json").write_text(json.dumps(
+        {"format": "q3lab-store-progress", "version": 1, "source": m["source"], "source_id": m["source_id"],
+         "fingerprint": m["fingerprint"], "dtype": m["dtype"], "files": files}))
+    return dict(root=root, ck=ck, store=store, journal=journal, traces=traces, prompts=prompts)
+
+
+TARGETS = [("ck", "config.json"), ("ck", INDEX), ("ck", "model-00001-of-00003.safetensors"),
+           ("ck", "model-00003-of-00003.safetensors"), ("ck", "tokenizer.json"), ("ck", "tokenizer_config.json"),
+           ("store", "manifest.json"), ("store", "config.json"), ("store", "dense.safetensors"),
+           ("store", "experts/layer_001.safetensors"), ("store", "tokenizer_config.json"),
+           ("journal", ".progress.json"), ("prompts", "p.jsonl"), ("prompts", "p.txt"),
+           ("traces", "t.parquet"), ("traces", "t.csv")]
+
+
+def _commands(kind: str, c: dict, target: Path, out: Path) -> list[list]:
+    prompt = ["--prompt", "hi", "--max-new-tokens", "1", "--greedy"]
+    if kind == "ck":
+        return [["audit", c["ck"]], ["extract", c["ck"], out, "--no-progress"], ["generate", c["ck"], *prompt]]
+    if kind == "store":
+        return [["extract", "--verify", c["store"], "--no-progress"], ["generate", c["store"], *prompt],
+                ["trace", c["store"], "--prompts", c["prompts"]["p.txt"], "--out", out / "t.parquet", "--no-progress"]]
+    if kind == "journal":
+        return [["extract", c["ck"], target.parent, "--no-progress"], ["generate", target.parent, *prompt]]
+    if kind == "prompts":
+        return [["trace", c["store"], "--prompts", target, "--out", out / "t.csv", "--no-progress"]]
+    return []
+
+
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(target=st.sampled_from(TARGETS), how=st.sampled_from(["bytes", "json", "nest", "special", "lines"]),
+       seed=st.integers(0, 2**32), value=JSON_ANY, which=st.integers(0, 2),
+       lines=st.lists(st.one_of(JSON_ANY, st.fixed_dictionaries({"prompt": st.text(max_size=8)},
+                                                                  optional={"id": JSON_ANY, "domain": JSON_ANY})),
+                      min_size=1, max_size=4),
+       raw=st.binary(max_size=40))
+def test_no_cli_command_ends_in_a_traceback_on_mutated_inputs(corpus, tmp_path_factory, target, how, seed, value,
+                                                                which, lines, raw):
+    import shutil
+
+    from q3lab.errors import InputError
+    from q3lab.record import load_trace
+    kind, rel = target
+    work = tmp_path_factory.mktemp("example")
+    if kind == "journal":
+        folder = Path(shutil.copytree(corpus["journal"], work / "journal"))
+        path = folder / rel
+    elif kind in ("prompts", "traces"):
+        path = Path(shutil.copy(corpus[kind][rel], work / rel))
+    else:
+        path = corpus[kind] / rel
+    original = path.read_bytes()
+    rng = random.Random(seed)
+    is_json = rel.endswith((".json", ".jsonl")) and how != "bytes"
+    if how == "special":
+        make_special(path, rng.choice(SPECIALS), path.parent / "config.json")
+        detail = "special file"
+    else:
+        if how == "lines" and kind == "prompts":
+            data = b"\n".join(json.dumps(x).encode() for x in lines) + b"\n" + raw
+        elif how == "nest" and (is_json or rel.endswith(".safetensors")) and not rel.endswith(".jsonl"):
+            data = nest_mutation(rng, rel, original)[0] if rel != "tokenizer.json" and rel != "tokenizer_config.json" \
+                else _deep(rng.choice(DEPTHS), rng).encode()
+        elif is_json and rel.endswith(".json"):
+            data = _mutate_json(original, rng, value)[0]
+        else:
+            data = byte_mutation(rng, rel, original, min(len(original), 400))[0]
+        path.write_bytes(data)
+        detail = f"{how}: {data[:80]!r}"
+    where = f"{kind}/{rel} {detail}"
+    old = signal.signal(signal.SIGALRM, _timeout)
+    try:
+        signal.alarm(30)
+        if kind == "traces":
+            try:
+                frame = load_trace(path)
+                assert {"prompt", "token_index", "layer", "expert"} <= set(frame.columns)
+                event("traces: loaded")
+            except InputError:
+                event("traces: InputError")
+        else:
+            commands = _commands(kind, corpus, path, work / "out")
+            argv = [str(a) for a in commands[which % len(commands)]]
+            err = io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                rc = main(argv)
+            text = err.getvalue()
+            assert rc in (0, 1, 2) and "Traceback" not in text and "internal error" not in text, \
+                f"q3lab {' '.join(argv)} exited {rc} after {where}:\n{text[-2000:]}"
+            event(f"{kind}: q3lab {argv[0]}{' --verify' if '--verify' in argv else ''} exit {rc}")
+            if rc == 2:
+                assert f"q3lab {argv[0]}: error: " in text, f"exit 2 without its error line after {where}: {text!r}"
+    except ExampleTimeout:
+        pytest.fail(f"hang (> 30 s) after {where}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        restore(path, original)
+        shutil.rmtree(work, ignore_errors=True)
