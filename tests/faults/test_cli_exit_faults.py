@@ -116,7 +116,7 @@ def test_os_errors_outside_q3lab_readers_exit_2_naming_the_file(ck, capsys, monk
         raise PermissionError(13, "Permission denied", str(tmp_path / "x.csv"))
     monkeypatch.setattr(pd.DataFrame, "to_csv", denied)
     rc, _, err = cli(capsys, "audit", ck, "--csv", tmp_path / "x.csv")
-    assert rc == 2 and one_line(err) == f"q3lab audit: error: {tmp_path / 'x.csv'}: Permission denied"
+    assert rc == 2 and one_line(err) == f"q3lab audit: error: {tmp_path / 'x.csv'}: cannot write: Permission denied"
 
 
 # -- 2. what the environment can do to a file ------------------------------------------------------------
