@@ -140,6 +140,7 @@ class StaticDecoder:
         self.rec_logits: torch.Tensor | None = None
         self.graph = None
         self._captured = None
+        self._set_recording(*self._recording)
 
     def _set_recording(self, ids: bool, logits: bool) -> None:
         if logits and (self.rec_logits is None):
