@@ -120,6 +120,7 @@ class StaticDecoder:
         self._use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
         self._recording = (False, False)       # (ids and weights, router logits) written by the step
         self._alloc(batch)
+        self._ready()
 
     # -- device state -----------------------------------------------------------------------------
     def _alloc(self, batch: int) -> None:
@@ -134,6 +135,7 @@ class StaticDecoder:
         self.n = torch.zeros(1, dtype=torch.long, device=dev)                         # steps run since prefill
         self.valid = torch.ones(B, S, dtype=torch.bool, device=dev)                   # False: padding keys
         self.logits = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=dev)   # the step's output
+        self.out = torch.zeros(S + 1, B, dtype=torch.long, device=dev)                # greedy tokens: prefill's, steps'
         self.no_experts = torch.zeros(B, A, c.hidden_size, dtype=torch.float32, device=dev)  # layer 0's "previous"
         self.rec_ids = torch.zeros(S, L, B, A, dtype=torch.long, device=dev)          # routing per step, layer
         self.rec_w = torch.zeros(S, L, B, A, dtype=torch.float32, device=dev)
@@ -183,6 +185,10 @@ class StaticDecoder:
         x = x + y.sum(1).to(x.dtype).view(x.shape)
         x = rms_norm(x, self.model.model.norm.weight, self.config.rms_norm_eps)
         self.logits.copy_(F.linear(x, self.model.lm_head.weight).float().view(self.batch, -1))
+        # the greedy choice stays on the device too, so `step()` alone decodes greedily (bench/gpu_decode.py);
+        # generate feeds its own pick (sampling, eos) into `tok` before each step
+        self.tok.copy_(self.logits.argmax(-1))
+        self.out.index_copy_(0, self.n + 1, self.tok.view(1, -1))
         self.pos.add_(1)
         self.slot.add_(1)
         self.n.add_(1)
@@ -220,7 +226,8 @@ class StaticDecoder:
         self.graph = self._warm_and_capture({"step": self._step})["step"]
 
     def _ready(self) -> None:
-        """Capture (again) when the recording mode changed since the last capture."""
+        """Capture (again) when the recording mode changed since the last capture (this resets the step's state:
+        call it before `prefill`)."""
         if self._use_graph and self._captured != self._recording:
             self._capture()
             self._captured = self._recording
@@ -258,6 +265,8 @@ class StaticDecoder:
             self.pos.fill_(T)
         self.slot.fill_(T)
         self.n.zero_()
+        self.tok.copy_(logits.argmax(-1))
+        self.out[0] = self.tok
         return logits
 
     @torch.inference_mode()
@@ -280,13 +289,15 @@ class StaticDecoder:
             raise InputError(f"{T} + {max_new_tokens} tokens exceed this decoder's max_len={self.max_len}")
         _refuse_hooks(m)
         recorders = active_recorders(m)
+        if B != self.batch:
+            self._alloc(B)
         self._set_recording(bool(recorders), any(r.probs for r in recorders))
+        self._ready()                   # (re)capture before prefill: the warm-up writes the step's state
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         gen = torch.Generator(device=self.device)
         if seed is not None:
             gen.manual_seed(seed)
         logits = self.prefill(input_ids, attention_mask)
-        self._ready()
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         eos_t = torch.tensor(sorted(eos), device=self.device) if eos else None
@@ -440,7 +451,7 @@ class OffloadedDecoder(StaticDecoder):
                          compile=compile, fused=fused, fused_router=fused_router)
 
     def _alloc(self, batch: int) -> None:
-        super()._alloc(batch)
+        super()._alloc(batch)     # (the base __init__ calls this before capturing)
         c, dev, dt = self.config, self.device, self.dtype
         B, A, D = self.batch, c.num_experts_per_tok, c.hidden_size
         pin = dev.type == "cuda"
