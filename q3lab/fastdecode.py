@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from .record import active_recorders
 from . import step
 from .errors import InputError
-from .experts import ExpertProvider, ResidentExperts
-from .model import KVCache, Thinker, hook_dicts, mrope_freqs, rope_cos_sin, rms_norm
+from .experts import ExpertProvider
+from .model import KVCache, Thinker, hook_dicts, mrope_freqs, rms_norm, rope_cos_sin, stacked_experts
 from .step import KV, Rope
 
 
@@ -94,10 +94,10 @@ class StaticDecoder:
         self.device, self.dtype = dev, dt
         if layer_experts is None:
             p = model.experts_provider
-            if not isinstance(p, ResidentExperts):
+            if stacked_experts(p, 0) is None:
                 raise InputError(f"StaticDecoder needs stacked resident experts (ResidentExperts), got "
                                  f"{type(p).__name__}; pass layer_experts= or use OffloadedDecoder")
-            layer_experts = lambda layer: (p.gate[layer], p.up[layer], p.down[layer])  # noqa: E731
+            layer_experts = lambda layer: stacked_experts(p, layer)  # noqa: E731
         self.layer_experts = layer_experts
         self.dims = step.Dims.of(c)
         self.fused = fused
@@ -167,7 +167,10 @@ class StaticDecoder:
         x = F.embedding(self.tok.view(B, 1), self.model.model.embed_tokens.weight)      # [B, 1, D]
         rope = Rope(self.cos_table.index_select(0, self.pos).view(B, 1, 1, hd),
                     self.sin_table.index_select(0, self.pos).view(B, 1, 1, hd))
-        bias = torch.where(self.valid & (self.slots <= self.slot), 0.0, float("-inf"))  # [B, S]
+        # in the activations' dtype: SDPA wants an additive mask of the query's dtype (a float32 one with bf16
+        # queries gave wrong attention on CUDA, tests/gpu)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        bias = torch.where(self.valid & (self.slots <= self.slot), zero, float("-inf"))  # [B, S]
         return x, rope, bias.view(B, 1, 1, -1)
 
     def _pre(self, layer: int, x, y_prev, rope, bias):
@@ -465,7 +468,7 @@ class OffloadedDecoder(StaticDecoder):
         self.slot_host = torch.zeros(B, A, dtype=torch.long, pin_memory=pin)
         hd = c.head_dim
         self.rope_buf = torch.zeros(2, B, 1, 1, hd, device=dev, dtype=dt)
-        self.bias_buf = torch.zeros(B, 1, 1, self.max_len, device=dev, dtype=torch.float32)
+        self.bias_buf = torch.zeros(B, 1, 1, self.max_len, device=dev, dtype=dt)
         self._graphs: dict = {}
 
     def _segments(self) -> dict:

@@ -161,6 +161,18 @@ class Attention(nn.Module):
 
 
 # -- mixture of experts ------------------------------------------------------------------------
+def stacked_experts(provider, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(gate [E, I, D], up [E, I, D], down [E, D, I]) of a layer when the provider stacks its experts per layer
+    (`ResidentExperts`, `reference`'s views over transformers' tensors), else None (a cache serves them)."""
+    g = getattr(provider, "gate", None)
+    if g is None or getattr(provider, "up", None) is None or getattr(provider, "down", None) is None:
+        return None
+    gl = g[layer]
+    if not (isinstance(gl, torch.Tensor) and gl.dim() == 3):   # a cache's slab [slots, I, D] is not per layer
+        return None
+    return gl, provider.up[layer], provider.down[layer]
+
+
 class Experts(nn.Module):
     """One layer's experts, whose weights come from a provider (resident or an on-demand cache)."""
 
@@ -172,8 +184,9 @@ class Experts(nn.Module):
     def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """h [N, D]; idx, w [N, A] -> [N, D]: each token's weighted sum of its experts' outputs (`step.moe_torch`)."""
         p, layer = self.provider, self.layer_idx
-        if isinstance(p, ResidentExperts):     # stacked [E, ...] per layer: the ids index them on the device
-            return step.expert_sum(step.moe_torch(h, idx, w, p.gate[layer], p.up[layer], p.down[layer]), h.dtype)
+        stacked = stacked_experts(p, layer)
+        if stacked is not None:                # stacked [E, ...] per layer: the ids index them on the device
+            return step.expert_sum(step.moe_torch(h, idx, w, *stacked), h.dtype)
         # any other provider: prepare() with the call's experts, then each asked for once, in ascending id
         flat = idx.reshape(-1).tolist()
         used = sorted(set(flat))
