@@ -167,10 +167,9 @@ def stacked_experts(provider, layer: int) -> tuple[torch.Tensor, torch.Tensor, t
     g = getattr(provider, "gate", None)
     if g is None or getattr(provider, "up", None) is None or getattr(provider, "down", None) is None:
         return None
-    gl = g[layer]
-    if not (isinstance(gl, torch.Tensor) and gl.dim() == 3):   # a cache's slab [slots, I, D] is not per layer
+    if isinstance(g, torch.Tensor) and g.dim() != 4:       # a cache's slab [slots, I, D] is not per layer
         return None
-    return gl, provider.up[layer], provider.down[layer]
+    return g[layer], provider.up[layer], provider.down[layer]
 
 
 class Experts(nn.Module):
