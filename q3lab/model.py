@@ -199,6 +199,19 @@ class Experts(nn.Module):
         return step.expert_sum(step.moe_torch(h, slots, w, fetch), h.dtype)
 
 
+    def step_fn(self):
+        """What `step.layer` calls for this layer's experts: `forward`, with a stacked provider's slabs looked up
+        once (a plan serves every step of a generation; same arithmetic, so bit-equal to `forward`)."""
+        stacked = stacked_experts(self.provider, self.layer_idx)
+        if stacked is None or type(self).forward is not Experts.forward:   # a cache, or a subclass's own forward
+            return self.forward
+        gate, up, down = stacked
+
+        def experts(h, idx, w):
+            return step.expert_sum(step.moe_torch(h, idx, w, gate, up, down), h.dtype)
+        return experts
+
+
 class SparseMoeBlock(nn.Module):
     def __init__(self, config: ThinkerConfig, layer_idx: int):
         super().__init__()
@@ -287,7 +300,7 @@ class Thinker(nn.Module):
     def plan(self) -> list[tuple[step.LayerWeights, object]]:
         """Per layer, what `step.layer` reads: the layer's weights and its experts' forward. Gathered once per
         call (generate: once per generation)."""
-        return [(lay.weights(), lay.mlp.experts.forward) for lay in self.model.layers]
+        return [(lay.weights(), lay.mlp.experts.step_fn()) for lay in self.model.layers]
 
     # -- forward -------------------------------------------------------------------------------
     def _check_ids(self, input_ids: torch.Tensor) -> None:

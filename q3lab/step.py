@@ -198,9 +198,16 @@ def moe_torch(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None
             served = {s: fetch(s) for s in sorted(set(host))}
             g, u, dn = (torch.stack(t) for t in zip(*(served[s] for s in host)))
         dt = g.dtype
-        x = h.to(dt).view(N, 1, -1, 1)                                            # [N, 1, D, 1]
-        act = F.silu(g.view(N, A, *g.shape[1:]) @ x) * (u.view(N, A, *u.shape[1:]) @ x)   # [N, A, I, 1]
-        y = (dn.view(N, A, *dn.shape[1:]) @ act)[..., 0]                          # [N, A, D]
+        if N == 1:   # a decode step: matrix-vector products, without the broadcasting matmul's reshapes
+            x = h.to(dt)[0]                                                       # [D]
+            act = F.silu(g @ x) * (u @ x)                                         # [A, I]
+            y = torch.bmm(dn, act[:, :, None]).view(1, A, -1)                     # [1, A, D]
+        else:
+            x = h.to(dt).view(N, 1, -1, 1)                                        # [N, 1, D, 1]
+            act = F.silu(g.view(N, A, *g.shape[1:]) @ x) * (u.view(N, A, *u.shape[1:]) @ x)   # [N, A, I, 1]
+            y = (dn.view(N, A, *dn.shape[1:]) @ act)[..., 0]                      # [N, A, D]
+        if dt == torch.float32:                                   # the same numbers, two dispatches fewer
+            return y * w.view(N, A, 1)
         return y.float() * w.to(dt).float()[..., None]
     fetch = fetch or (lambda s: (gate[s], up[s], down[s]))
     sid, perm = ids.sort(dim=1)                                    # each token's experts, ascending
