@@ -143,7 +143,7 @@ def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
         from q3lab.decode_kernels import route_torch, route_triton
         hr = torch.randn(D, device=DEV, generator=g).bfloat16()
         wr = (torch.randn(E, D, device=DEV, generator=g) * 0.02).bfloat16()
-        (ri1, rw1), (ri2, rw2) = route_triton(hr, wr, A, True), route_torch(hr, wr, A, True)
+        (_, ri1, rw1), (_, ri2, rw2) = route_triton(hr, wr, A, True), route_torch(hr, wr, A, True)
         log(f"fused router vs torch: ids equal {torch.equal(ri1, ri2)}, weights max diff "
             f"{(rw1.float() - rw2.float()).abs().max().item():.1e}")
         log(f"fused decode attention vs torch: rel. error {attn_err:.1e}; fused top-k ids equal "

@@ -121,10 +121,11 @@ if triton is not None:
 
 
 def route_torch(h: torch.Tensor, w_router: torch.Tensor, k: int, renorm: bool):
-    """The router of one token: h [D], w_router [E, D] -> (ids [k], weights [k] in h's dtype); softmax in
-    float32 over the (rounded) logits, top-k, renormalised."""
-    probs = torch.softmax(torch.nn.functional.linear(h, w_router), dim=-1, dtype=torch.float32)
-    return topk_renorm_torch(probs, k, renorm, h.dtype)
+    """The router of one token: h [D], w_router [E, D] -> (logits [E] float32, ids [k], weights [k] in h's dtype);
+    softmax in float32 over the (rounded) logits, top-k, renormalised."""
+    logits = torch.nn.functional.linear(h, w_router)
+    idx, w = topk_renorm_torch(torch.softmax(logits, dim=-1, dtype=torch.float32), k, renorm, h.dtype)
+    return logits.float(), idx, w
 
 
 def route_triton(h: torch.Tensor, w_router: torch.Tensor, k: int, renorm: bool, *, block_e: int = 4,
@@ -137,11 +138,12 @@ def route_triton(h: torch.Tensor, w_router: torch.Tensor, k: int, renorm: bool, 
     w = torch.empty(k, dtype=h.dtype, device=h.device)
     _softmax_topk_kernel[(1,)](logits, idx, w, E=E, A=k, BLOCK_E=triton.next_power_of_2(E),
                                BLOCK_A=triton.next_power_of_2(k), RENORM=renorm, num_warps=4)
-    return idx, w
+    return logits, idx, w
 
 
 def route(h, w_router, k, renorm):
-    """The router's choice for one token: Triton on CUDA (E a multiple of 4, D of 512), torch elsewhere."""
+    """The router's choice for one token, (logits, ids, weights): Triton on CUDA (E a multiple of 4, D of 512),
+    torch elsewhere."""
     E, D = w_router.shape
     if fused_available(h) and E % 4 == 0 and D % 512 == 0 and E <= 4096 and w_router.is_contiguous():
         return route_triton(h, w_router, k, renorm)

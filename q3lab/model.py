@@ -6,6 +6,9 @@ hd head dim, E experts, A active experts per token (top-k), I expert intermediat
 Module names follow Hugging Face (`model.layers.{i}.self_attn.q_norm`, `model.layers.{i}.mlp.gate`) so
 that checkpoint keys, hooks and tools such as nnsight line up. Hook points (`HookPoint`) are identities
 that cost one attribute check when nobody listens.
+
+The layer's math lives in `q3lab.step`, written once: each module's forward calls the step function for its part,
+and a forward that no hook listens to runs `step.layer` over the same weights without the modules.
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ from torch.nn.modules import module as _mm
 from .config import ThinkerConfig
 from .errors import CheckpointError, InputError
 from .experts import ExpertProvider, ResidentExperts
+from . import step
+from .step import KV, Rope, rms_norm
+
+_rms = rms_norm   # the old private name
 
 
 _GLOBAL_HOOKS = (_mm._global_forward_pre_hooks, _mm._global_forward_hooks, _mm._global_backward_pre_hooks,
@@ -32,15 +39,6 @@ def hook_dicts(model: nn.Module) -> list[dict]:
     return [d for m in model.modules()
             for d in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
             ] + list(_GLOBAL_HOOKS)
-
-
-def _call(m: nn.Module, *args):
-    """`m(*args)`, skipping nn.Module.__call__'s bookkeeping (about 1 us a call, ~15 calls per layer) when no
-    hook would run: the condition `Module._call_impl` uses for its own shortcut, so hooks still run."""
-    if (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
-            or any(_GLOBAL_HOOKS)):
-        return m(*args)
-    return m.forward(*args)
 
 
 class HookPoint(nn.Module):
@@ -62,7 +60,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 # -- rotary ------------------------------------------------------------------------------------
@@ -99,7 +97,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def rope_cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin [..., hd] from angles [..., hd/2], for `_rotate`.
+    """cos and sign-folded sin [..., hd] from angles [..., hd/2], for `step.rotate`.
 
     sin comes with its first half negated: `x*cos + cat(x2, x1)*sin` then equals `apply_rotary`'s
     `x*cos + cat(-x2, x1)*sin` bit for bit (a sign flip is exact) with one op fewer per call."""
@@ -113,30 +111,12 @@ def rope_matrix(cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
     """R [hd, hd] with x @ R = x*cos + cat(x2, x1)*sin_folded, for one position (cos, folded sin [hd]).
 
     A one-token step rotates q and k of every layer with one matmul each instead of six elementwise ops;
-    each output sums two products, so it may differ from `_rotate` in the last bit (fused multiply-add)."""
+    each output sums two products, so it may differ from the folded form in the last bit (fused multiply-add)."""
     h = cos.shape[-1] // 2
     r = torch.diag_embed(cos)
     r.diagonal(-h).copy_(sin_folded[:h])     # r[k + h, k]: x2 feeds output k < h
     r.diagonal(h).copy_(sin_folded[h:])      # r[k - h, k]: x1 feeds output k >= h
     return r
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
-    """Rotary on x [B, T, heads, hd] with cos / folded sin [B, T, 1, hd] (see `rope_cos_sin`)."""
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_folded
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight [dim] (or
-    one row per head, [heads, dim]: `Thinker._decode_step` norms q and k heads together)."""
-    # F.rms_norm runs the reference's explicit formula in the same order (bit-equal, checked in
-    # tests/test_decode_fast.py) in fewer dispatched ops.
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        if weight.dim() == 1:
-            return F.rms_norm(x, weight.shape, weight, eps)
-        return F.rms_norm(x, weight.shape[-1:], eps=eps) * weight
-    return weight * F.rms_norm(x.float(), weight.shape[-1:], eps=eps).to(x.dtype)
 
 
 # -- KV cache ----------------------------------------------------------------------------------
@@ -154,14 +134,6 @@ class KVCache(nn.Module):
         self.next_pos: torch.Tensor | None = None  # [B] next text position per row
         self.rope: tuple | None = None  # (maker's key, cos, folded sin [1, max_len, 1, hd]): Thinker._rope_table
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, K, T, hd] at the current length; return all keys/values so far [B, K, S, hd]."""
-        s, t = self.length, k.shape[2]
-        kl, vl = self.k[layer], self.v[layer]          # narrow + copy_: a third of the cost of slice assignment
-        kl.narrow(2, s, t).copy_(k)
-        vl.narrow(2, s, t).copy_(v)
-        return kl.narrow(2, 0, s + t), vl.narrow(2, 0, s + t)
-
 
 # -- attention ---------------------------------------------------------------------------------
 class Attention(nn.Module):
@@ -169,6 +141,7 @@ class Attention(nn.Module):
         super().__init__()
         D, H, K, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.layer_idx, self.n_heads, self.n_kv, self.head_dim = layer_idx, H, K, hd
+        self.dims = step.Dims.of(config)
         self.q_proj = nn.Linear(D, H * hd, bias=False)
         self.k_proj = nn.Linear(D, K * hd, bias=False)
         self.v_proj = nn.Linear(D, K * hd, bias=False)
@@ -176,29 +149,29 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
-        """x [B, T, D]; cos / folded sin [B or 1, T, 1, hd] (`rope_cos_sin`) or a rotation matrix and None
-        (`rope_matrix`); mask [B, 1, T, S] or None. `Thinker._decode_step` repeats these ops without modules."""
-        B, T, _ = x.shape
-        H, K, hd = self.n_heads, self.n_kv, self.head_dim
-        q = _call(self.q_norm, _call(self.q_proj, x).view(B, T, H, hd))                # [B, T, H, hd]
-        k = _call(self.k_norm, _call(self.k_proj, x).view(B, T, K, hd))                # [B, T, K, hd]
-        if sin is None:   # one rotation matrix: q and k heads in one matmul, as Thinker._decode_step does
-            qk = torch.cat((q, k), dim=2) @ cos
-            q, k = qk[:, :, :H], qk[:, :, H:]
-        else:
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = _call(self.v_proj, x).view(B, T, K, hd).transpose(1, 2)                    # q [B, H, T, hd], k/v K
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)                                  # [B, K, S, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           scale=hd ** -0.5, enable_gqa=True)            # [B, H, T, hd]
-        return _call(self.o_proj, y.transpose(1, 2).reshape(B, T, H * hd))
+    def qk_norm(self) -> torch.Tensor:
+        """The q and k norm weights as one row per head [H+K, hd] (`step.qkv` norms the heads together)."""
+        return torch.cat((self.q_norm.weight.expand(self.n_heads, -1), self.k_norm.weight.expand(self.n_kv, -1)))
+
+    def forward(self, h: torch.Tensor, rope: Rope, kv: KV) -> torch.Tensor:
+        """h [B, T, D] (normed) -> [B, T, D]: `step.attention`."""
+        w = step.LayerWeights(None, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.qk_norm(),
+                              self.o_proj.weight, None, None)
+        return step.attention(h, w, self.dims, rope, kv, step.TORCH)
 
 
 # -- mixture of experts ------------------------------------------------------------------------
+def stacked_experts(provider, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(gate [E, I, D], up [E, I, D], down [E, D, I]) of a layer when the provider stacks its experts per layer
+    (`ResidentExperts`, `reference`'s views over transformers' tensors), else None (a cache serves them)."""
+    g = getattr(provider, "gate", None)
+    if g is None or getattr(provider, "up", None) is None or getattr(provider, "down", None) is None:
+        return None
+    if isinstance(g, torch.Tensor) and g.dim() != 4:       # a cache's slab [slots, I, D] is not per layer
+        return None
+    return g[layer], provider.up[layer], provider.down[layer]
+
+
 class Experts(nn.Module):
     """One layer's experts, whose weights come from a provider (resident or an on-demand cache)."""
 
@@ -208,80 +181,35 @@ class Experts(nn.Module):
         self.provider: ExpertProvider | None = None
 
     def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """h [N, D]; idx, w [N, A] -> [N, D]: each token's weighted sum of its experts' outputs."""
-        N, A = idx.shape
-        if N == 1:
-            return self._one_token(h, idx, w)
-        idx, perm = idx.sort(dim=1)                                    # each token's experts, ascending
-        flat = idx.reshape(-1)                                         # [N*A] slots
-        order = torch.argsort(flat, stable=True)                       # slots grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        used = [e for e, c in enumerate(counts) if c]
-        self.provider.prepare(self.layer_idx, used)
-        xs = h.index_select(0, order // A)                             # [N*A, D] token rows, grouped
-        ys, start = [], 0
-        for e in used:
-            x = xs[start:start + counts[e]]                            # [c, D] the tokens routed to e
-            start += counts[e]
-            gate, up, down = self.provider.weights(self.layer_idx, e)
-            ys.append(F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))  # [c, D]
-        y = torch.cat(ys) * w.gather(1, perm).reshape(-1)[order, None]  # weighted, grouped by expert
-        # Back to [N, A] slots (ascending expert per token) and summed in that order: in float32 the sums an
-        # index_add_ per expert made (bit-equal, tested), with one gather and one reduction instead of a
-        # scatter per expert; half precision now accumulates in float32 and rounds once.
-        return y.index_select(0, torch.argsort(order)).view(N, A, -1).sum(1)
-
-    # Experts this small (3*I*D*A elements, 192 KiB in fp32) are gathered into one block and computed with
-    # three matrix-vector products: copying them costs less than the ~30 dispatched ops of the loop.
-    STACK_MAX_ELEMENTS = 48 * 1024
-
-    def _one_token(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Decode step (one token, h [1, D]), experts served in ascending id as `forward` does."""
+        """h [N, D]; idx, w [N, A] -> [N, D]: each token's weighted sum of its experts' outputs (`step.moe_torch`)."""
         p, layer = self.provider, self.layer_idx
-        stacked = self.expert_numel * idx.shape[1] <= self.STACK_MAX_ELEMENTS
-        if stacked and type(p) is ResidentExperts:      # no prepare to call: stays on the tensors
-            sel = idx[0]
-            return self._one_token_stacked(h, w[0], p.gate[layer].index_select(0, sel),
-                                           p.up[layer].index_select(0, sel), p.down[layer].index_select(0, sel))
-        ids = idx[0].tolist()
-        experts = sorted(ids)
-        p.prepare(layer, experts)
-        if stacked:
-            served = {e: p.weights(layer, e) for e in experts}            # accessed in ascending id
-            g, u, d = zip(*(served[e] for e in ids))                       # blocks in rank order, as above
-            return self._one_token_stacked(h, w[0], torch.stack(g), torch.stack(u), torch.stack(d))
-        ws = w[0].tolist()
-        ws = [ws[r] for r in sorted(range(len(ids)), key=ids.__getitem__)]
-        if h.dtype == torch.float32:
-            # down @ act, times the weight, added to the sum: one addmv_ instead of three ops; float32 only,
-            # where its single rounding stays within float rounding of the reference's order.
-            if type(p) is ResidentExperts:   # the same views as p.weights, with a third of the indexing
-                g, u, d = p.gate[layer], p.up[layer], p.down[layer]
-                served = [(g[e], u[e], d[e]) for e in experts]
-            else:
-                served = [p.weights(layer, e) for e in experts]
-            x, out = h[0], torch.zeros_like(h[0])
-            for (gate, up, down), we in zip(served, ws):
-                out.addmv_(down, F.silu(torch.mv(gate, x)) * torch.mv(up, x), alpha=we)
-            return out.view(1, -1)
-        # Half precision: rounded after each product and sum, in ascending expert order, as before.
-        out = None
-        for e, we in zip(experts, ws):
-            gate, up, down = p.weights(layer, e)
-            y = F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down) * we
-            out = y if out is None else out.add_(y)
-        return out
+        stacked = stacked_experts(p, layer)
+        if stacked is not None:                # stacked [E, ...] per layer: the ids index them on the device
+            return step.expert_sum(step.moe_torch(h, idx, w, *stacked), h.dtype)
+        # any other provider: prepare() with the call's experts, then each asked for once, in ascending id
+        flat = idx.reshape(-1).tolist()
+        used = sorted(set(flat))
+        p.prepare(layer, used)
+        where = {e: s for s, e in enumerate(used)}
+        slots = torch.tensor([where[e] for e in flat], device=idx.device).view(idx.shape)
 
-    @staticmethod
-    def _one_token_stacked(h: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                           down: torch.Tensor) -> torch.Tensor:
-        """sum_a w_a * down_a @ (silu(gate_a @ h) * up_a @ h) for h [1, D], w [A] and the chosen experts
-        stacked in rank order, gate/up [A, I, D], down [A, D, I]: three batched products instead of a loop of
-        7 ops per expert. Resident experts (index_select) and the cache (torch.stack of its views) build
-        equal blocks, so they give bit-equal outputs."""
-        x = h[0]                                                              # [D]
-        act = F.silu(gate @ x) * (up @ x) * w[:, None]                        # [A, I]
-        return torch.bmm(down, act[:, :, None]).sum(0).view(1, -1)            # [A, D, 1] -> [1, D]
+        def fetch(s: int):
+            return p.weights(layer, used[s])
+        fetch.numel = self.expert_numel // 3
+        return step.expert_sum(step.moe_torch(h, slots, w, fetch), h.dtype)
+
+
+    def step_fn(self):
+        """What `step.layer` calls for this layer's experts: `forward`, with a stacked provider's slabs looked up
+        once (a plan serves every step of a generation; same arithmetic, so bit-equal to `forward`)."""
+        stacked = stacked_experts(self.provider, self.layer_idx)
+        if stacked is None or type(self).forward is not Experts.forward:   # a cache, or a subclass's own forward
+            return self.forward
+        gate, up, down = stacked
+
+        def experts(h, idx, w):
+            return step.expert_sum(step.moe_torch(h, idx, w, gate, up, down), h.dtype)
+        return experts
 
 
 class SparseMoeBlock(nn.Module):
@@ -297,14 +225,11 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         h = x.reshape(-1, D)                                                         # [N, D]
-        logits = self.hook_router_logits(_call(self.gate, h))                        # [N, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)                   # per token, float32
-        w, idx = torch.topk(probs, self.top_k, dim=-1)                               # [N, A]
-        if self.norm_topk_prob:
-            w = w / w.sum(dim=-1, keepdim=True)
+        logits = self.hook_router_logits(self.gate(h))                               # [N, E]
+        idx, w = step.select(logits, self.top_k, self.norm_topk_prob, h.dtype)       # [N, A], float32 softmax
         idx = self.hook_topk_ids(idx)
-        w = self.hook_topk_weights(w.to(h.dtype))
-        return _call(self.experts, h, idx, w).view(B, T, D)
+        w = self.hook_topk_weights(w)
+        return self.experts(h, idx, w).view(B, T, D)
 
 
 class DecoderLayer(nn.Module):
@@ -318,10 +243,18 @@ class DecoderLayer(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.hook_attn_out(_call(self.self_attn, _call(self.input_layernorm, x), cos, sin, mask, cache))
-        x = x + self.hook_mlp_out(_call(self.mlp, _call(self.post_attention_layernorm, x)))
+    def forward(self, x: torch.Tensor, rope: Rope, kv: KV) -> torch.Tensor:
+        """`step.layer` through the modules, so that every hook point and module hook runs."""
+        x = x + self.hook_attn_out(self.self_attn(self.input_layernorm(x), rope, kv))
+        x = x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
         return self.hook_resid_post(x)
+
+    def weights(self) -> step.LayerWeights:
+        """The layer's dense tensors, for `step.layer` (the same tensors the modules hold)."""
+        at = self.self_attn
+        return step.LayerWeights(self.input_layernorm.weight, at.q_proj.weight, at.k_proj.weight, at.v_proj.weight,
+                                 at.qk_norm(), at.o_proj.weight, self.post_attention_layernorm.weight,
+                                 self.mlp.gate.weight)
 
 
 class TextModel(nn.Module):
@@ -364,6 +297,11 @@ class Thinker(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, device=self.device, dtype=self.dtype)
 
+    def plan(self) -> list[tuple[step.LayerWeights, object]]:
+        """Per layer, what `step.layer` reads: the layer's weights and its experts' forward. Gathered once per
+        call (generate: once per generation)."""
+        return [(lay.weights(), lay.mlp.experts.step_fn()) for lay in self.model.layers]
+
     # -- forward -------------------------------------------------------------------------------
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:
@@ -390,8 +328,10 @@ class Thinker(nn.Module):
         return self._forward(input_ids, position_ids, cache, attention_mask, last_only)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache | None,
-                 attention_mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:
-        """`forward` after the token-id check (generate's decode steps feed ids it picked itself)."""
+                 attention_mask: torch.Tensor | None, last_only: bool, plan: list | None = None) -> torch.Tensor:
+        """`forward` after the token-id check (generate's decode steps feed ids it picked itself). With `plan`
+        (`Thinker.plan()`, given when no hook listens) the layers run as `step.layer` without their modules;
+        without it, through the modules unless no hook is registered anywhere."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
@@ -415,33 +355,49 @@ class Thinker(nn.Module):
             q_pos = torch.arange(past, past + T, device=dev)
             mask = (torch.arange(past + T, device=dev)[None, :] <= q_pos[:, None])[None, None]
         model = self.model
-        x = model.hook_embed(_call(model.embed_tokens, input_ids))                   # [B, T, D]
+        if plan is None and not any(hook_dicts(self)):
+            plan = self.plan()
+        x = model.embed_tokens(input_ids) if plan is None else F.embedding(input_ids, model.embed_tokens.weight)
+        x = model.hook_embed(x)                                                           # [B, T, D]
+        rope = self._rope(x, T, past, position_ids, attention_mask, cache)
+        kvs = [KV(None, None, 0, mask)] * len(model.layers) if cache is None else \
+            [KV(k, v, past, mask) for k, v in zip(cache.k.unbind(0), cache.v.unbind(0))]
+        if plan is None:
+            for layer, kv in zip(model.layers, kvs):
+                x = layer(x, rope, kv)
+        else:
+            d = model.layers[0].self_attn.dims
+            for (w, experts), kv in zip(plan, kvs):
+                x = step.layer(x, w, d, rope, kv, step.TORCH, experts)
+        if cache is not None:
+            cache.length += T
+        x = x if not last_only else x[:, -1:]
+        if plan is None:
+            return self.lm_head(model.hook_final_norm(model.norm(x))).float()
+        return F.linear(rms_norm(x, model.norm.weight, self.config.rms_norm_eps), self.lm_head.weight).float()
+
+    def _rope(self, x, T, past, position_ids, attention_mask, cache) -> Rope:
+        """The new tokens' rotary: rows of the cache's table (text positions), else from the positions."""
+        B, dev = x.shape[0], x.device
         if position_ids is None and attention_mask is None and cache is not None:
             cos, sin = self._rope_table(cache, x.dtype)                               # text positions 0..max_len
             if T == 1:   # every row at the same position: one rotation matrix for all layers
-                cos, sin = rope_matrix(cos[0, past, 0], sin[0, past, 0]), None
+                return Rope(rope_matrix(cos[0, past, 0], sin[0, past, 0]), None)
+            return Rope(cos.narrow(1, past, T), sin.narrow(1, past, T))
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                cos, sin = cos.narrow(1, past, T), sin.narrow(1, past, T)
-        else:
-            if position_ids is None:
-                if attention_mask is not None:
-                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-                else:
-                    position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
-            if position_ids.dim() == 2:
-                position_ids = position_ids[None].expand(3, B, T)
-            if position_ids.shape != (3, B, T):
-                raise InputError(f"position_ids must be [B, T] or [3, B, T] = [3, {B}, {T}], "
-                                 f"got {list(position_ids.shape)}")
-            freqs = mrope_freqs(position_ids.to(dev), self.inv_freq, self.config.mrope_section,
-                                self.config.mrope_interleaved)                      # [B, T, hd/2]
-            cos, sin = (t[:, :, None] for t in rope_cos_sin(freqs, x.dtype))        # [B, T, 1, hd]
-        for layer in model.layers:
-            x = _call(layer, x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += T
-        x = model.hook_final_norm(_call(model.norm, x if not last_only else x[:, -1:]))
-        return _call(self.lm_head, x).float()
+                position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
+        if position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, B, T)
+        if position_ids.shape != (3, B, T):
+            raise InputError(f"position_ids must be [B, T] or [3, B, T] = [3, {B}, {T}], "
+                             f"got {list(position_ids.shape)}")
+        freqs = mrope_freqs(position_ids.to(dev), self.inv_freq, self.config.mrope_section,
+                            self.config.mrope_interleaved)                          # [B, T, hd/2]
+        cos, sin = (t[:, :, None] for t in rope_cos_sin(freqs, x.dtype))            # [B, T, 1, hd]
+        return Rope(cos, sin)
 
     def _rope_table(self, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / folded sin [1, max_len, 1, hd] of text positions 0..max_len-1, made once per cache: a decode
@@ -455,52 +411,6 @@ class Thinker(nn.Module):
             freqs = mrope_freqs(pos, self.inv_freq, c.mrope_section, c.mrope_interleaved)
             cache.rope = (key, *(t[:, :, None] for t in rope_cos_sin(freqs, dtype)))
         return cache.rope[1], cache.rope[2]
-
-    def _decode_plan(self) -> tuple[list, list]:
-        """What `_decode_step` reads per layer (weights and the experts module), gathered once per generate
-        call, and every hook dict of the model (any hook anywhere sends a step through the modules)."""
-        plan = []
-        for lay in self.model.layers:
-            at, mlp = lay.self_attn, lay.mlp
-            H, K = at.n_heads, at.n_kv
-            qk_norm = torch.cat((at.q_norm.weight.expand(H, -1), at.k_norm.weight.expand(K, -1)))   # [H+K, hd]
-            plan.append((lay.input_layernorm.weight, at.q_proj.weight, at.k_proj.weight, at.v_proj.weight,
-                         qk_norm, at.o_proj.weight, lay.post_attention_layernorm.weight, mlp.gate.weight,
-                         mlp.experts))
-        return plan, hook_dicts(self)
-
-    def _decode_step(self, plan: list, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, V] of one new token per row (ids [B, 1], text positions, no padding): the ops of
-        `_forward` in the same order on the same tensors, without modules, hook points or shape plumbing
-        (bit-equal to it, tests/test_decode_fast.py), for generate's loop when no hook is registered."""
-        c = self.config
-        B, eps, H, K, hd, D = ids.shape[0], c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, \
-            c.head_dim, c.hidden_size
-        s, top_k, renorm = cache.length, c.num_experts_per_tok, c.norm_topk_prob
-        x = F.embedding(ids, self.model.embed_tokens.weight)                          # [B, 1, D]
-        cos, sin = self._rope_table(cache, x.dtype)
-        rot = rope_matrix(cos[0, s, 0], sin[0, s, 0])
-        for (ln1, qw, kw, vw, qk_norm, ow, ln2, gw, experts), kc, vc in zip(plan, cache.k.unbind(0),
-                                                                             cache.v.unbind(0)):
-            h = _rms(x, ln1, eps)
-            # q and k heads normed and rotated together: each head's row sees the ops q_norm / k_norm and the
-            # rotation would apply to it alone (bit-equal, tested)
-            qk = torch.cat((F.linear(h, qw).view(B, 1, H, hd), F.linear(h, kw).view(B, 1, K, hd)), dim=2)
-            qk = _rms(qk, qk_norm, eps) @ rot                                             # [B, 1, H+K, hd]
-            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)            # [B, H|K, 1, hd]
-            kc.narrow(2, s, 1).copy_(k)                                                 # KVCache.update's ops
-            vc.narrow(2, s, 1).copy_(F.linear(h, vw).view(B, 1, K, hd).transpose(1, 2))
-            k, v = kc.narrow(2, 0, s + 1), vc.narrow(2, 0, s + 1)                          # [B, K, S, hd]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=hd ** -0.5,
-                                               enable_gqa=True)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * hd), ow)
-            h = _rms(x, ln2, eps).reshape(-1, D)                                       # [B, D]
-            w, idx = torch.topk(torch.softmax(F.linear(h, gw), dim=-1, dtype=torch.float32), top_k, dim=-1)
-            if renorm:
-                w = w / w.sum(dim=-1, keepdim=True)
-            x = x + experts.forward(h, idx, w.to(h.dtype)).view(B, 1, D)
-        cache.length += 1
-        return F.linear(_rms(x, self.model.norm.weight, eps), self.lm_head.weight).float()[:, -1]
 
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -517,15 +427,9 @@ class Thinker(nn.Module):
             input_ids = input_ids[None]
         input_ids = input_ids.to(self.device)
         self._check_ids(input_ids)
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
-            raise InputError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         B, T = input_ids.shape
+        self._check_generate(B, T, max_new_tokens, do_sample, temperature, top_p, attention_mask)
         total = T + max_new_tokens
-        if total > self.config.max_position_embeddings:
-            raise InputError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                             f"max_position_embeddings {self.config.max_position_embeddings}")
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         gen = torch.Generator(device=self.device)
         if seed is not None:
@@ -534,12 +438,6 @@ class Thinker(nn.Module):
         mask = attention_mask.to(self.device).bool() if attention_mask is not None else None
         next_pos = None
         if mask is not None:
-            if mask.shape != (B, T):
-                raise InputError(f"attention_mask must be [batch, tokens] = [{B}, {T}], got {list(mask.shape)}")
-            if not bool(mask[:, -1].all()):  # the next token would be predicted from a pad: garbage, silently
-                rows = (~mask[:, -1]).nonzero().flatten().tolist()
-                raise InputError(f"attention_mask: row(s) {rows} end in padding; generate needs left padding "
-                                 f"(pad before the prompt, real tokens last)")
             next_pos = mask.long().sum(-1)                                           # [B]
             full = torch.ones(B, total, dtype=torch.bool, device=self.device)
             full[:, :T] = mask
@@ -549,11 +447,12 @@ class Thinker(nn.Module):
         from .finite import check_logits   # nan/inf: stop, naming the first layer where they appear
         check_logits(self, logits, input_ids, attention_mask=None if mask is None else full[:, :T])
         finite = torch.ones((), dtype=torch.bool, device=self.device)   # every later step, without a sync
-        plan, hook_dicts = self._decode_plan() if mask is None else (None, None)
+        registry = hook_dicts(self)            # live dicts: a hook added during generation shows at the next step
+        plan = self.plan()
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         eos_t = torch.tensor(sorted(eos), device=self.device) if eos else None
-        for step in range(max_new_tokens):
+        for step_n in range(max_new_tokens):
             finite &= torch.isfinite(logits).all()
             nxt = self._pick(logits, do_sample, temperature, top_p, gen) if not do_sample or bool(finite) \
                 else logits.argmax(-1)   # [B] (multinomial would raise on nan; the check below names the cause)
@@ -563,28 +462,45 @@ class Thinker(nn.Module):
             out.append(nxt[:, None])
             if streamer is not None:
                 streamer(nxt)
-            if step == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
+            if step_n == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
                 break
-            # ids from argmax/multinomial over the vocabulary need no range check; hooks on the Thinker
-            # (q3lab.record) still see every call.
-            if mask is None and not any(hook_dicts):
-                logits = self._decode_step(plan, nxt[:, None], cache)
-                continue
-            hooked = self._forward_pre_hooks or self._forward_hooks or any(_GLOBAL_HOOKS)
+            # ids from argmax/multinomial over the vocabulary need no range check. No hook anywhere: step.layer
+            # over the plan; else through the modules (hooks on the Thinker itself, e.g. q3lab.record, see the call)
+            hooked = any(registry)
+            pos, m = None, None
             if mask is not None:
-                pos = next_pos[:, None]
+                pos, m = next_pos[:, None], full[:, :cache.length + 1]
                 next_pos = next_pos + 1
-                m = full[:, :cache.length + 1]
-                logits = (self(nxt[:, None], pos, cache=cache, attention_mask=m, last_only=True) if hooked
-                          else self._forward(nxt[:, None], pos, cache, m, True))[:, -1]
+            if hooked and (self._forward_pre_hooks or self._forward_hooks or any(_GLOBAL_HOOKS)):
+                logits = self(nxt[:, None], pos, cache=cache, attention_mask=m, last_only=True)[:, -1]
             else:
-                logits = (self(nxt[:, None], cache=cache, last_only=True) if hooked
-                          else self._forward(nxt[:, None], None, cache, None, True))[:, -1]
+                logits = self._forward(nxt[:, None], pos, cache, m, True, None if hooked else plan)[:, -1]
         if not bool(finite):   # some step's logits held nan/inf: find the first layer over every token fed
             from .finite import diagnose
             ids = torch.cat(out, dim=1)[:, :-1]
             diagnose(self, ids, attention_mask=None if mask is None else full[:, :ids.shape[1]])
         return torch.cat(out, dim=1)
+
+    def _check_generate(self, B: int, T: int, max_new_tokens: int, do_sample: bool, temperature: float,
+                        top_p: float, attention_mask: torch.Tensor | None) -> None:
+        """generate's argument checks (shared with the fast decoders' generate)."""
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and (not temperature > 0 or not 0 < top_p <= 1):   # `not >` refuses nan too
+            raise InputError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        total = T + max_new_tokens
+        if total > self.config.max_position_embeddings:
+            raise InputError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, T):
+                raise InputError(f"attention_mask must be [batch, tokens] = [{B}, {T}], "
+                                 f"got {list(attention_mask.shape)}")
+            last = attention_mask[:, -1].bool()
+            if not bool(last.all()):  # the next token would be predicted from a pad: garbage, silently
+                rows = (~last).nonzero().flatten().tolist()
+                raise InputError(f"attention_mask: row(s) {rows} end in padding; generate needs left padding "
+                                 f"(pad before the prompt, real tokens last)")
 
     @staticmethod
     def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

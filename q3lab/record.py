@@ -9,6 +9,10 @@ calls per layer and no device synchronisation.
 Prompts: a forward call without a cache (or with an empty one) starts one new prompt per batch row; a call
 whose cache already holds tokens continues the prompts of the call that filled that cache, with
 `token_index` going on from `cache.length`. Left-padding tokens (attention_mask 0) are dropped from frames.
+
+The fast decoders (`q3lab.fastdecode`) do not call hooks in their steps: they write each step's routing on the
+device into preallocated buffers, and hand them over with `Recorder.add_steps` after the generation, as the
+calls `Thinker.generate` would have made (`active_recorders(model)` tells them who records).
 """
 from __future__ import annotations
 
@@ -27,6 +31,12 @@ from .errors import InputError
 
 TRACE_COLUMNS = ("prompt", "token_index", "position", "token", "layer", "rank", "expert", "weight", "call")
 _CSV_MAGIC = "# q3lab-trace "
+_ACTIVE: dict[int, list["Recorder"]] = {}     # id(model) -> recorders attached to it, innermost last
+
+
+def active_recorders(model) -> list["Recorder"]:
+    """The recorders currently attached to `model` (inside `with record(model)`)."""
+    return list(_ACTIVE.get(id(model), ()))
 
 
 @dataclass
@@ -99,12 +109,47 @@ class Recorder:
             self._handles.append(mlp.hook_topk_weights.register_forward_hook(self._keeper("topk_weights", i)))
             if self.probs:
                 self._handles.append(mlp.hook_router_logits.register_forward_hook(self._keeper("logits", i)))
+        _ACTIVE.setdefault(id(self.model), []).append(self)
 
     def _detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._current = None
+        recs = _ACTIVE.get(id(self.model), [])
+        if self in recs:
+            recs.remove(self)
+        if not recs:
+            _ACTIVE.pop(id(self.model), None)
+
+    def add_steps(self, cache, tokens: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor, logits: torch.Tensor | None = None, *, masked: bool = False) -> None:
+        """Record `n` one-token decode steps that ran without hooks (a fast decoder), continuing the last recorded
+        call on `cache`: tokens and positions [n, B] (the steps' inputs), ids and weights [n, L, B, A] (renormalised
+        weights), logits [n, L, B, E] (router logits, needed when recording probs). Each step becomes one call,
+        as `Thinker.generate` makes one forward call per step. Tensors may stay on the device (read in to_frame)."""
+        n = tokens.shape[0]
+        prev = next((c for c in reversed(self.calls) if c.cache is cache and c.done), None)
+        if prev is None:
+            raise InputError("record: decode steps continue a cache that no recorded call filled (start recording "
+                             "before the prompt's first call)")
+        if tokens.shape[1] != len(prev.prompts):
+            raise InputError(f"record: decode steps of batch {tokens.shape[1]} continue a call of batch "
+                             f"{len(prev.prompts)}")
+        if self.probs and logits is None:
+            raise InputError("record(probs=True): the decoder handed no router logits")
+        start = prev.start + prev.ids.shape[1]
+        B = tokens.shape[1]
+        valid = torch.ones(B, 1, dtype=torch.bool) if masked else None
+        for i in range(n):
+            call = _Call(prev.prompts, start + i, tokens[i].view(B, 1), positions[i].view(B, 1), valid, cache)
+            L = ids.shape[1]
+            call.topk_ids = {layer: ids[i, layer] for layer in range(L)}
+            call.topk_weights = {layer: weights[i, layer] for layer in range(L)}
+            if self.probs:
+                call.logits = {layer: logits[i, layer] for layer in range(L)}
+            call.done = True
+            self.calls.append(call)
 
     def _keeper(self, what: str, layer: int):
         def hook(module, args, out):

@@ -2,7 +2,7 @@
 
 - `_rms` (F.rms_norm) against the reference's explicit RMSNorm formula: bit-equal.
 - folded-sin rotary against `apply_rotary`: bit-equal; the one-token rotation matrix: within float rounding.
-- `Thinker._decode_step` (generate's loop without modules) against `_forward` through the modules: bit-equal.
+- `step.layer` over `Thinker.plan()` (forward/generate without hooks) against the modules: bit-equal.
 - generate with and without a hook (module path vs flat step), against transformers' generate.
 - one-token experts: the stacked block against the per-expert loop, and ExpertCache against resident experts.
 """
@@ -13,8 +13,9 @@ import torch
 
 import q3lab
 from q3lab.checkpoint import Checkpoint
-from q3lab.model import (Experts, _rms, _rotate, apply_rotary, mrope_freqs, rope_cos_sin, rope_inv_freq,
-                         rope_matrix)
+from q3lab import step
+from q3lab.model import _rms, apply_rotary, mrope_freqs, rope_cos_sin, rope_inv_freq, rope_matrix
+from q3lab.step import Rope
 
 pytest.importorskip("transformers")
 import hf_reference as R  # noqa: E402
@@ -34,7 +35,7 @@ def ckpt(tmp_path_factory):
 def expert_path(request, monkeypatch):
     """Run a test with the one-token experts gathered into one block (default here) or served one by one."""
     if request.param == "loop":
-        monkeypatch.setattr(Experts, "STACK_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(step, "GATHER_MAX_ELEMENTS", 0)
     return request.param
 
 
@@ -66,7 +67,7 @@ def test_folded_rotary_is_bit_equal_and_the_matrix_is_close():
     x = torch.randn(1, 4, T, hd, generator=torch.Generator().manual_seed(0))   # [B, heads, T, hd]
     want = apply_rotary(x, emb.cos(), emb.sin())
     cos, sin = rope_cos_sin(freqs, torch.float32)                              # [1, T, hd]
-    got = _rotate(x.transpose(1, 2), cos[:, :, None], sin[:, :, None]).transpose(1, 2)
+    got = step.rotate(x.transpose(1, 2), Rope(cos[:, :, None], sin[:, :, None])).transpose(1, 2)
     assert torch.equal(got, want)
     for t in range(T):
         by_matrix = x[:, :, t] @ rope_matrix(cos[0, t], sin[0, t])
@@ -77,18 +78,19 @@ def test_decode_step_is_bit_equal_to_the_module_path(ckpt, expert_path):
     _, path, vocab = ckpt
     model = q3lab.load(Checkpoint(path))
     ids = _ids(vocab, 7, seed=1)
-    plan, hooks = model._decode_plan()
-    assert not any(hooks)
+    plan = model.plan()
     with torch.inference_mode():
         a, b = model.new_cache(1, 20), model.new_cache(1, 20)
-        model(ids, cache=a)
+        model._forward(ids, None, a, None, False, plan)
+        h = model.model.layers[0].hook_attn_out.register_forward_hook(lambda m, i, o: None)   # the module path
         model(ids, cache=b)
         tok = torch.tensor([[3]])
         for _ in range(6):
-            fast = model._decode_step(plan, tok, a)
+            fast = model._forward(tok, None, a, None, True, plan)[:, -1]
             slow = model(tok, cache=b)[:, -1]
             assert torch.equal(fast, slow)
             tok = fast.argmax(-1, keepdim=True)
+        h.remove()
     assert a.length == b.length == 13
     assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
@@ -118,7 +120,7 @@ def test_stacked_experts_match_the_loop_within_rounding(ckpt, monkeypatch):
     w, idx = torch.topk(torch.softmax(torch.randn(1, model.config.num_experts, generator=g), -1), 4)
     w = w / w.sum(-1, keepdim=True)
     stacked = experts.forward(h, idx, w)
-    monkeypatch.setattr(Experts, "STACK_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(step, "GATHER_MAX_ELEMENTS", 0)
     loop = experts.forward(h, idx, w)
     assert not torch.equal(stacked, torch.zeros_like(stacked))
     torch.testing.assert_close(stacked, loop, rtol=1e-5, atol=1e-6)
@@ -140,8 +142,8 @@ def test_cache_decodes_bit_equal_to_resident(ckpt, expert_path):
         resident(ids, cache=a)
         cached(ids, cache=b)
         tok = torch.tensor([[1]])
-        assert torch.equal(resident._decode_step(resident._decode_plan()[0], tok, a),
-                           cached._decode_step(cached._decode_plan()[0], tok, b))
+        assert torch.equal(resident._forward(tok, None, a, None, True, resident.plan()),
+                           cached._forward(tok, None, b, None, True, cached.plan()))
 
 
 def test_prefill_experts_equal_a_scatter_per_expert(ckpt):
