@@ -300,11 +300,16 @@ class Kernels:
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
 TRITON = Kernels("triton", attend_triton, route_triton, moe_triton)
+# the decoders' unfused set: torch attention and router, but the experts read in place by the Triton kernel on
+# CUDA (a gathered copy of 8 experts per layer costs more than the rest of the step: 58% of its kernel time on
+# an H200); off CUDA moe_triton is moe_torch, so this set is TORCH there
+DECODE = Kernels("torch+triton-moe", attend_torch, route_torch, moe_triton)
 
 
 def kernels(fused: bool = False, fused_router: bool = True) -> Kernels:
-    """TORCH, or the Triton set (fused attention, experts and, with fused_router, the router's GEMV + softmax +
-    top-k; without it only the top-k). The Triton set falls back to TORCH's functions where Triton cannot run."""
+    """The decoders' kernel set: DECODE, or the Triton set (fused attention, experts and, with fused_router, the
+    router's GEMV + softmax + top-k; without it only the top-k). The Triton set falls back to TORCH's functions
+    where Triton cannot run."""
     if not fused:
-        return TORCH
+        return DECODE
     return TRITON if fused_router else Kernels("triton-topk", attend_triton, route_triton_topk, moe_triton)
