@@ -41,6 +41,51 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
 
 
 # -- the worker: one engine, one dtype, in its own process ---------------------------------------------
+def timed(prefill, decode, repeats: int) -> dict:
+    """Fastest of `repeats` prefills and decodes after one warm-up prefill: with other jobs on the cores, the
+    fastest run is the one least disturbed (the median over rounds of these is what the table reports)."""
+    prefill()
+    pre, dec, tokens = [], [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        prefill()
+        pre.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out = decode()
+        dec.append(time.perf_counter() - t)
+        if tokens is not None and out != tokens:
+            raise SystemExit(f"greedy tokens differ between repeats of one process: {tokens} vs {out}")
+        tokens = out
+    return dict(prefill_s=min(pre), decode_s=min(dec), tokens=tokens, load_avg=os.getloadavg()[0])
+def install_kernels(m) -> None:
+    """Route q3lab's bf16 decode through q3lab.cpu_kernels, in this process only (a bench-side patch: the
+    library's layer step is not edited here). The call sites: `Experts._one_token` for resident experts, and
+    every bf16 nn.Linear called with one row (q/k/v/o projections, router, lm_head)."""
+    import torch
+    from torch import nn
+
+    from q3lab import cpu_kernels as K
+    from q3lab.experts import ResidentExperts
+    from q3lab.model import Experts
+    K.lib()
+    orig = Experts._one_token
+
+    def one_token(self, h, idx, w):
+        p = self.provider
+        if h.dtype == torch.bfloat16 and type(p) is ResidentExperts:
+            L = self.layer_idx
+            return K.moe_decode_bf16(h.contiguous(), p.gate[L], p.up[L], p.down[L], idx[0], w[0])
+        return orig(self, h, idx, w)
+    Experts._one_token = one_token
+    for mod in m.modules():
+        if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.bfloat16 and mod.bias is None:
+            def fwd(x, _orig=mod.forward, _w=mod.weight):
+                if x.numel() == x.shape[-1]:   # one row: the decode GEMV
+                    return K.linear_bf16(x.reshape(1, -1).contiguous(), _w).view(*x.shape[:-1], -1)
+                return _orig(x)
+            mod.forward = fwd
+
+
 def work_q3lab(a) -> dict:
     import torch
 
@@ -49,6 +94,8 @@ def work_q3lab(a) -> dict:
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     t0 = time.perf_counter()
     m = q3lab.load(a.model, dtype=dtype, progress=False)
+    if a.engine == "q3lab+kernels":
+        install_kernels(m)
     load_s = time.perf_counter() - t0
     prompt = torch.tensor([a.prompt])
     long = torch.tensor([a.long])
@@ -61,14 +108,7 @@ def work_q3lab(a) -> dict:
         return m.generate(prompt, a.new_tokens)[0, len(a.prompt):].tolist()
 
     m.generate(prompt, 4)   # warm-up
-    prefill()
-    t = time.perf_counter()
-    prefill()
-    prefill_s = time.perf_counter() - t
-    t = time.perf_counter()
-    tokens = decode()
-    decode_s = time.perf_counter() - t
-    return dict(load_s=load_s, prefill_s=prefill_s, decode_s=decode_s, tokens=tokens)
+    return dict(load_s=load_s, **timed(prefill, decode, a.repeats))
 
 
 def work_llama(a) -> dict:
@@ -98,14 +138,7 @@ def work_llama(a) -> dict:
 
     llm.reset()
     llm.eval(a.prompt[:4])   # warm-up
-    prefill()
-    t = time.perf_counter()
-    prefill()
-    prefill_s = time.perf_counter() - t
-    t = time.perf_counter()
-    tokens = decode()
-    decode_s = time.perf_counter() - t
-    return dict(load_s=load_s, prefill_s=prefill_s, decode_s=decode_s, tokens=tokens)
+    return dict(load_s=load_s, **timed(prefill, decode, a.repeats))
 
 
 def worker(a) -> None:
@@ -115,12 +148,12 @@ def worker(a) -> None:
 
 
 def run_worker(engine: str, model: Path, dtype: str, prompt: list[int], long: list[int], new_tokens: int,
-               threads: int) -> dict:
+               threads: int, repeats: int) -> dict:
     spec = json.dumps(dict(prompt=prompt, long=long))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--dtype", dtype,
-           "--new-tokens", str(new_tokens), "--threads", str(threads), "--spec", spec]
+           "--new-tokens", str(new_tokens), "--threads", str(threads), "--repeats", str(repeats), "--spec", spec]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:
@@ -137,7 +170,7 @@ def first_divergence(a: list[int], b: list[int]) -> str:
 
 
 def bench(ckpt: Path, dtypes: list[str], rounds: int, threads: int, new_tokens: int, prefill: int,
-          work: Path) -> tuple[list[dict], list[str]]:
+          work: Path, kernels: bool = False, repeats: int = 3) -> tuple[list[dict], list[str]]:
     import q3lab
     from q3lab.llamacpp import export_gguf
     cfg = q3lab.open_weights(ckpt).config
@@ -155,22 +188,25 @@ def bench(ckpt: Path, dtypes: list[str], rounds: int, threads: int, new_tokens: 
     res: dict[tuple[str, str], list[dict]] = {}
     for r in range(rounds):
         for dt in dtypes:
-            engines = ["llama.cpp", "q3lab"] if r % 2 == 0 else ["q3lab", "llama.cpp"]
+            engines = ["llama.cpp", "q3lab"] + (["q3lab+kernels"] if kernels and dt == "bf16" else [])
+            if r % 2:
+                engines.reverse()
             for eng in engines:
                 model = ggufs[dt] if eng == "llama.cpp" else ckpt
-                one = run_worker(eng, model, dt, prompt, long, new_tokens, threads)
+                one = run_worker(eng, model, dt, prompt, long, new_tokens, threads, repeats)
                 res.setdefault((eng, dt), []).append(one)
                 print(f"  round {r + 1} {ckpt.name} {dt:>4} {eng:>9}: decode {new_tokens / one['decode_s']:7.1f} "
-                      f"tok/s, prefill {prefill / one['prefill_s']:7.1f} tok/s, rss {one['peak_rss_mib']:.0f} MiB",
+                      f"tok/s, prefill {prefill / one['prefill_s']:7.1f} tok/s, rss {one['peak_rss_mib']:.0f} MiB, "
+                      f"load {one['load_avg']:.1f}",
                       flush=True)
     rows = []
-    for dt in dtypes:
-        L, Q = res[("llama.cpp", dt)], res[("q3lab", dt)]
+    for (eng, dt) in [k for k in res if k[0] != "llama.cpp"]:
+        L, Q = res[("llama.cpp", dt)], res[(eng, dt)]
         same = all(x["tokens"] == L[0]["tokens"] for x in L) and all(x["tokens"] == Q[0]["tokens"] for x in Q)
         for what, key, n in (("decode", "decode_s", new_tokens), ("prefill", "prefill_s", prefill)):
             lt = [n / x[key] for x in L]
             qt = [n / x[key] for x in Q]
-            rows.append(dict(checkpoint=ckpt.name, dtype=dt,
+            rows.append(dict(checkpoint=ckpt.name, dtype=dt, q3lab=eng,
                              what=f"decode {n} tok" if what == "decode" else f"prefill T={n}",
                              llama_cpp_tok_s=statistics.median(lt), q3lab_tok_s=statistics.median(qt),
                              ratio=statistics.median(qt) / statistics.median(lt),
@@ -192,11 +228,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per process; the fastest counts")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--work", type=Path, default=Path("/tmp/q3lab-cpu-peer"), help="where the GGUF files go")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     # the worker (internal)
-    ap.add_argument("--worker", choices=["llama.cpp", "q3lab"], help=argparse.SUPPRESS)
+    ap.add_argument("--kernels", action="store_true",
+                    help="also time q3lab with q3lab.cpu_kernels patched into its bf16 decode (bf16 only)")
+    ap.add_argument("--worker", choices=["llama.cpp", "q3lab", "q3lab+kernels"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -220,11 +259,14 @@ def main() -> None:
             q3lab.synth(a.synth_medium, "medium", seed=0)
         paths.append(a.synth_medium)
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.kernels:   # build once here, not inside a timed worker
+        from q3lab import cpu_kernels
+        cpu_kernels.lib()
     dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     load0, t0 = os.getloadavg(), time.perf_counter()
     rows, notes = [], []
     for p in paths:
-        r, n = bench(p, dtypes, a.rounds, a.threads, a.new_tokens, a.prefill, a.work)
+        r, n = bench(p, dtypes, a.rounds, a.threads, a.new_tokens, a.prefill, a.work, a.kernels, a.repeats)
         rows += r
         notes += n
     load1 = os.getloadavg()
@@ -232,8 +274,9 @@ def main() -> None:
     print(text)
     cmd = " ".join([".venv/bin/python bench/cpu_peer.py", *(f"--checkpoint {p}" for p in a.checkpoint or []),
                     *([f"--synth-medium {a.synth_medium}"] if a.synth_medium else []),
-                    f"--dtypes {a.dtypes} --rounds {a.rounds} --threads {a.threads} --new-tokens {a.new_tokens}",
-                    f"--prefill {a.prefill}"])
+                    f"--dtypes {a.dtypes} --rounds {a.rounds} --repeats {a.repeats} --threads {a.threads} "
+                    f"--new-tokens {a.new_tokens}",
+                    f"--prefill {a.prefill}", *(["--kernels"] if a.kernels else [])])
     import torch
     sysinfo = llama_cpp.llama_print_system_info().decode().strip()
     header = (f"\n## CPU: q3lab vs llama.cpp on the same weights ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
@@ -242,11 +285,13 @@ def main() -> None:
               f"(llama.cpp built from source: {sysinfo}). Load average (1/5/15 min) {load0[0]:.1f}/{load0[1]:.1f}/"
               f"{load0[2]:.1f} at the start, {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} at the end. "
               f"Took {time.perf_counter() - t0:.0f} s.\n\n    {cmd}\n\n"
-              f"Batch 1, greedy. Medians of {a.rounds} interleaved rounds, each engine and dtype in a fresh process; "
+              f"Batch 1, greedy. Medians of {a.rounds} interleaved rounds, each engine and dtype in a fresh process "
+              f"that times {a.repeats} runs and keeps its fastest; "
               f"ratio = q3lab tok/s / llama.cpp tok/s in this run; ranges = slowest-fastest round (tok/s); "
               f"rss = peak resident set of the process (load included; llama.cpp maps the GGUF); "
               f"first_divergence = first greedy step where q3lab's token differs from llama.cpp's. "
-              f"KV cache in the dtype of the weights for both.\n\n")
+              f"KV cache in the dtype of the weights for both. q3lab+kernels: q3lab with q3lab.cpu_kernels patched into "
+              f"its bf16 decode (bench-side, see install_kernels).\n\n")
     with open(a.results, "a") as f:
         f.write(header + "```\n" + text + "\n```\n\n" + "".join(f"- {n}\n" for n in notes))
     print("\n".join(notes))

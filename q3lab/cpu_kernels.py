@@ -92,6 +92,14 @@ class KernelError(Q3LabError):
 
 
 _LIB: ctypes.CDLL | None = None
+# Below this many weight elements a call runs on one thread: an OpenMP fork/join costs a few microseconds
+# idle and a scheduler time slice (milliseconds) when another process holds the second core, which the data
+# of a small matrix does not repay (data/mini's 48 layers of 96-wide matrices ran 8x slower threaded).
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+def _threads(elements: int) -> int:
+    return torch.get_num_threads() if elements >= PARALLEL_MIN_ELEMENTS else 1
 
 
 def _build() -> ctypes.CDLL:
@@ -138,7 +146,7 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.shape[0] != 1 or x.shape[1] != w.shape[1]:
         raise KernelError(f"linear_bf16: x {list(x.shape)} and w {list(w.shape)}: expected [1, K] and [N, K]")
     y = torch.empty(1, w.shape[0], dtype=torch.bfloat16)
-    lib().linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
+    lib().linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], _threads(w.numel()))
     return y
 
 
@@ -161,7 +169,7 @@ def moe_decode_bf16(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
         raise KernelError(f"moe_decode_bf16: expert ids {ids.tolist()} outside 0..{E - 1}")
     out = torch.empty(1, D, dtype=torch.bfloat16)
     lib().moe_decode_bf16(h.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), ids.data_ptr(),
-                          wts.data_ptr(), out.data_ptr(), ids.numel(), I, D, torch.get_num_threads())
+                          wts.data_ptr(), out.data_ptr(), ids.numel(), I, D, _threads(3 * ids.numel() * I * D))
     return out
 
 
