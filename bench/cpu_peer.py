@@ -11,7 +11,8 @@ thread count and the same prompt ids; rounds are interleaved (round r runs every
 engine order alternating) so that load from other jobs hits both alike: the table gives medians and ratios.
 KV caches are matched to the dtype (llama.cpp's default is f16: type_k/type_v are set to F32 or BF16).
 
-decode = N greedy tokens after a 16-token prompt (the prompt's prefill included, for both), tok/s = N / time.
+decode = N greedy tokens after a 16-token prompt (the prompt's prefill included, for both), tok/s = N / time;
+decode steps = the N-1 one-token steps after the first new token (prompt excluded), tok/s = (N-1) / time.
 prefill = one forward over T tokens, logits of the last only.
 """
 from __future__ import annotations
@@ -41,11 +42,11 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
 
 
 # -- the worker: one engine, one dtype, in its own process ---------------------------------------------
-def timed(prefill, decode, repeats: int) -> dict:
+def timed(prefill, decode, repeats: int, stamps: list[float]) -> dict:
     """Fastest of `repeats` prefills and decodes after one warm-up prefill: with other jobs on the cores, the
     fastest run is the one least disturbed (the median over rounds of these is what the table reports)."""
     prefill()
-    pre, dec, tokens = [], [], None
+    pre, dec, steps, tokens = [], [], [], None
     for _ in range(repeats):
         t = time.perf_counter()
         prefill()
@@ -53,10 +54,12 @@ def timed(prefill, decode, repeats: int) -> dict:
         t = time.perf_counter()
         out = decode()
         dec.append(time.perf_counter() - t)
+        steps.append(stamps[-1] - stamps[0])   # the N-1 one-token steps after the first token
         if tokens is not None and out != tokens:
             raise SystemExit(f"greedy tokens differ between repeats of one process: {tokens} vs {out}")
         tokens = out
-    return dict(prefill_s=min(pre), decode_s=min(dec), tokens=tokens, load_avg=os.getloadavg()[0])
+    return dict(prefill_s=min(pre), decode_s=min(dec), steps_s=min(steps), tokens=tokens,
+                load_avg=os.getloadavg()[0])
 def install_kernels(m) -> None:
     """Route q3lab's bf16 decode through q3lab.cpu_kernels, in this process only (a bench-side patch: the
     library's layer step is not edited here). The call sites: `Experts._one_token` for resident experts, and
@@ -99,16 +102,19 @@ def work_q3lab(a) -> dict:
     load_s = time.perf_counter() - t0
     prompt = torch.tensor([a.prompt])
     long = torch.tensor([a.long])
+    stamps: list[float] = []   # when each new token came out (the first one after the prompt's forward)
 
     def prefill():
         with torch.inference_mode():
             m(long, last_only=True)
 
     def decode():
-        return m.generate(prompt, a.new_tokens)[0, len(a.prompt):].tolist()
+        stamps.clear()
+        out = m.generate(prompt, a.new_tokens, streamer=lambda tok: stamps.append(time.perf_counter()))
+        return out[0, len(a.prompt):].tolist()
 
     m.generate(prompt, 4)   # warm-up
-    return dict(load_s=load_s, **timed(prefill, decode, a.repeats))
+    return dict(load_s=load_s, **timed(prefill, decode, a.repeats, stamps))
 
 
 def work_llama(a) -> dict:
@@ -125,20 +131,24 @@ def work_llama(a) -> dict:
         llm.reset()
         llm.eval(a.long)
 
+    stamps: list[float] = []
+
     def decode():
+        stamps.clear()
         llm.reset()
         llm.eval(a.prompt)
         out = []
         for i in range(a.new_tokens):
             logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
             out.append(int(logits.argmax()))
+            stamps.append(time.perf_counter())
             if i + 1 < a.new_tokens:    # as q3lab's generate: no forward after the last token
                 llm.eval([out[-1]])
         return out
 
     llm.reset()
     llm.eval(a.prompt[:4])   # warm-up
-    return dict(load_s=load_s, **timed(prefill, decode, a.repeats))
+    return dict(load_s=load_s, **timed(prefill, decode, a.repeats, stamps))
 
 
 def worker(a) -> None:
@@ -196,18 +206,20 @@ def bench(ckpt: Path, dtypes: list[str], rounds: int, threads: int, new_tokens: 
                 one = run_worker(eng, model, dt, prompt, long, new_tokens, threads, repeats)
                 res.setdefault((eng, dt), []).append(one)
                 print(f"  round {r + 1} {ckpt.name} {dt:>4} {eng:>9}: decode {new_tokens / one['decode_s']:7.1f} "
-                      f"tok/s, prefill {prefill / one['prefill_s']:7.1f} tok/s, rss {one['peak_rss_mib']:.0f} MiB, "
+                      f"tok/s, steps {(new_tokens - 1) / one['steps_s']:7.1f} tok/s, prefill {prefill / one['prefill_s']:7.1f} tok/s, rss {one['peak_rss_mib']:.0f} MiB, "
                       f"load {one['load_avg']:.1f}",
                       flush=True)
     rows = []
     for (eng, dt) in [k for k in res if k[0] != "llama.cpp"]:
         L, Q = res[("llama.cpp", dt)], res[(eng, dt)]
         same = all(x["tokens"] == L[0]["tokens"] for x in L) and all(x["tokens"] == Q[0]["tokens"] for x in Q)
-        for what, key, n in (("decode", "decode_s", new_tokens), ("prefill", "prefill_s", prefill)):
+        for what, key, n in (("decode", "decode_s", new_tokens), ("steps", "steps_s", new_tokens - 1),
+                             ("prefill", "prefill_s", prefill)):
             lt = [n / x[key] for x in L]
             qt = [n / x[key] for x in Q]
             rows.append(dict(checkpoint=ckpt.name, dtype=dt, q3lab=eng,
-                             what=f"decode {n} tok" if what == "decode" else f"prefill T={n}",
+                             what={"decode": f"decode {n} tok", "steps": f"decode steps ({n})",
+                                   "prefill": f"prefill T={n}"}[what],
                              llama_cpp_tok_s=statistics.median(lt), q3lab_tok_s=statistics.median(qt),
                              ratio=statistics.median(qt) / statistics.median(lt),
                              llama_range=f"{min(lt):.0f}-{max(lt):.0f}", q3lab_range=f"{min(qt):.0f}-{max(qt):.0f}",
@@ -289,6 +301,8 @@ def main() -> None:
               f"that times {a.repeats} runs and keeps its fastest; "
               f"ratio = q3lab tok/s / llama.cpp tok/s in this run; ranges = slowest-fastest round (tok/s); "
               f"rss = peak resident set of the process (load included; llama.cpp maps the GGUF); "
+              f"decode = {a.new_tokens} tokens after a {PROMPT_LEN}-token prompt, its forward included; decode steps = "
+              f"the one-token steps only (from the first new token to the last); "
               f"first_divergence = first greedy step where q3lab's token differs from llama.cpp's. "
               f"KV cache in the dtype of the weights for both. q3lab+kernels: q3lab with q3lab.cpu_kernels patched into "
               f"its bf16 decode (bench-side, see install_kernels).\n\n")
