@@ -146,6 +146,25 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the thinker text model as a llama.cpp GGUF (qwen3moe architecture)")
+    p.add_argument("checkpoint", help="checkpoint folder or extracted store (with its tokenizer)")
+    p.add_argument("out", help="GGUF file to write (replaced atomically when complete)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"],
+                   help="type of the matrices (default %(default)s); norms and the router are always f32")
+    p.add_argument("--no-tokenizer", action="store_true", help="leave the vocabulary out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .llamacpp import export_gguf
+    out = export_gguf(args.checkpoint, args.out, dtype=args.dtype, progress=not args.no_progress,
+                      tokenizer=not args.no_tokenizer)
+    print(f"exported {args.checkpoint} -> {out} (qwen3moe, {args.dtype}, {out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def _add_notebooks(sub) -> None:
     p = sub.add_parser("notebooks", help="run every numbered notebook headless (papermill) on a checkpoint")
     p.add_argument("--checkpoint", help="checkpoint folder or extracted store (default: the embedded data/mini)")
