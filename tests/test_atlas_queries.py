@@ -189,6 +189,10 @@ def test_adaptive_capacities_by_hand():
     assert a["hit_rate"].tolist() == [0.90, 0.80]
     assert a["uniform_capacity"].tolist() == [4, 4]
     assert a["uniform_hit_rate"].tolist() == [0.90, 0.40]
+    # a convex start (layer 0 gains only past 4): the exact allocation still finds 8 / 4
+    curves["hits"] = [10, 20, 90, 10, 40, 50]
+    curves["hit_rate"] = curves["hits"] / 100
+    assert Q.adaptive_capacities(curves, 12)["capacity"].tolist() == [8, 4]
 
 
 def test_export_routed_experts(small, tmp_path):

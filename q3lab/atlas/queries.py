@@ -41,6 +41,7 @@ def connect(memory_limit: str = "1GB", threads: int | None = None):
     con = duckdb.connect()
     con.execute(f"SET memory_limit='{memory_limit}'")
     con.execute("SET preserve_insertion_order=true")
+    con.execute("SET enable_progress_bar=false")   # its bar would land in notebook outputs
     if threads:
         con.execute(f"SET threads={int(threads)}")
     return con
@@ -613,41 +614,47 @@ def hit_rate_curves(ds: Dataset | str | Path, capacities: Sequence[int],
 def adaptive_capacities(curves: pd.DataFrame, budget: int, *, policy: str = "lru") -> pd.DataFrame:
     """Per-layer capacities for a total budget of experts, from per-layer hit-rate curves of the trace.
 
-    Greedy on the curves' capacity grid: every layer starts at the smallest capacity; the next step goes to
-    the layer whose hits grow most per expert added, while the budget lasts (optimal when the curves are
-    concave). Columns layer, capacity, hit_rate, accesses, uniform_capacity, uniform_hit_rate (the budget
-    split evenly, at the grid point at or below it).
+    Picks one capacity of each layer's grid (the curves' capacities) so that the total is at most `budget`
+    and the total hits are the largest (exact: a dynamic programme over layers and budget, so the result is
+    never worse than the even split, whatever the curves' shape). Columns layer, capacity, hit_rate,
+    accesses, uniform_capacity, uniform_hit_rate (the budget split evenly, at the grid point at or below it).
     """
     c = curves[curves["policy"] == policy]
     if c.empty or "layer" not in c:
         raise InputError(f"atlas: adaptive_capacities needs per-layer curves of policy {policy!r}")
-    grid = {int(k): g.sort_values("capacity") for k, g in c.groupby("layer")}
+    grid = [(int(k), g.sort_values("capacity").reset_index(drop=True)) for k, g in c.groupby("layer")]
     L = len(grid)
-    caps = {k: 0 for k in grid}                         # index into each layer's grid
-    used = sum(int(g["capacity"].iloc[0]) for g in grid.values())
-    if used > budget:
-        raise InputError(f"atlas: budget {budget} is below the smallest capacities ({used} over {L} layers)")
-    while True:
-        best, gain = None, 0.0
-        for k, g in grid.items():
-            i = caps[k]
-            if i + 1 >= len(g):
+    need = sum(int(g["capacity"].iloc[0]) for _, g in grid)
+    if need > budget:
+        raise InputError(f"atlas: budget {budget} is below the smallest capacities ({need} over {L} layers)")
+    neg = -np.inf
+    best = np.full(budget + 1, neg)
+    best[0] = 0.0                                  # best[b]: most hits of the layers so far using exactly b
+    choice = []
+    for _, g in grid:
+        caps, hits = g["capacity"].to_numpy(int), g["hits"].to_numpy(float)
+        new = np.full(budget + 1, neg)
+        arg = np.full(budget + 1, -1)
+        for j, (cap, h) in enumerate(zip(caps, hits)):
+            if cap > budget:
                 continue
-            dc = int(g["capacity"].iloc[i + 1] - g["capacity"].iloc[i])
-            if used + dc > budget:
-                continue
-            dh = (g["hits"].iloc[i + 1] - g["hits"].iloc[i]) / dc
-            if best is None or dh > gain:
-                best, gain = k, dh
-        if best is None:
-            break
-        g = grid[best]
-        used += int(g["capacity"].iloc[caps[best] + 1] - g["capacity"].iloc[caps[best]])
-        caps[best] += 1
+            cand = np.full(budget + 1, neg)
+            cand[cap:] = best[:budget + 1 - cap] + h
+            better = cand > new
+            new[better], arg[better] = cand[better], j
+        best = new
+        choice.append(arg)
+    b = int(np.argmax(best))
+    picks = []
+    for (_, g), arg in zip(reversed(grid), reversed(choice)):
+        j = int(arg[b])
+        picks.append(j)
+        b -= int(g["capacity"].iloc[j])
+    picks.reverse()
     even = budget // L
     rows = []
-    for k, g in grid.items():
-        r = g.iloc[caps[k]]
+    for (k, g), j in zip(grid, picks):
+        r = g.iloc[j]
         below = g[g["capacity"] <= even]
         u = below.iloc[-1] if len(below) else g.iloc[0]
         rows.append(dict(layer=k, capacity=int(r["capacity"]), hit_rate=float(r["hit_rate"]),
