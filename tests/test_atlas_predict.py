@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 import q3lab
 from q3lab.atlas.predict import _forward, _topk_hits, expert_prediction

@@ -101,7 +101,8 @@ def expert_prediction(model, tokenizer, corpus: str | Path, *, max_tokens: int =
             mlp, pan = layers[layer].mlp, layers[layer].post_attention_layernorm
             own = _rms(pre[layer], pan.weight.float(), pan.eps) @ mlp.gate.weight.float().T
             hits["own_router_pre"][layer] += _topk_hits(own, act, A).sum().item()
-            hits["fitted_pre"][layer] += _topk_hits((features(layer, pre[layer]) @ W[layer]).float(), act, A).sum().item()
+            fitted = (features(layer, pre[layer]) @ W[layer]).float()
+            hits["fitted_pre"][layer] += _topk_hits(fitted, act, A).sum().item()
             if layer > 0:
                 prev_mid = mid[layer - 1]
                 nxt = _rms(prev_mid, pan.weight.float(), pan.eps) @ mlp.gate.weight.float().T
