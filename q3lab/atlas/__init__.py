@@ -16,6 +16,11 @@ _EXPORTS = {
     "Document": "corpus", "read_corpus": "corpus", "corpus_sha256": "corpus",
     "trace": "tracing", "trace_corpus": "tracing", "windows": "tracing",
     "export_routed_experts": "export",
+    "expert_prediction": "predict", "synthetic_dataset": "synthetic",
+    **{name: "queries" for name in (
+        "atlas", "sql", "stream", "layer_load", "layer_summary", "coactivation", "domain_specialisation",
+        "vocab_specialisation", "token_specialisation", "consecutive_overlap", "overlap_summary",
+        "reuse_distance", "hit_rate_curves", "adaptive_capacities", "uniform_overlap")},
 }
 
 
