@@ -198,15 +198,50 @@ def _cmd_notebooks(args) -> int:
 def _add_trace(sub) -> None:
     p = sub.add_parser("trace", help="record routing (experts, weights) of every prompt in a file to a trace")
     p.add_argument("checkpoint", help="checkpoint folder or extracted store (with its tokenizer)")
-    p.add_argument("--prompts", required=True, help="one prompt per line, or .jsonl with 'prompt' [, 'domain', 'id']")
-    p.add_argument("--out", default="data/trace.parquet", help="trace file, .parquet or .csv (default %(default)s)")
+    p.add_argument("--prompts", help="one prompt per line, or .jsonl with 'prompt' [, 'domain', 'id']")
+    p.add_argument("--out", help="trace file, .parquet or .csv (default data/trace.parquet); with --corpus: "
+                                 "the dataset folder (required)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="greedy tokens generated after each prompt")
     p.add_argument("--full-probs", action="store_true",
                    help="also write all router probabilities to OUT's name + '.probs' (and a prob column)")
     p.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_trace)
+    # corpus form (the routing atlas, q3lab.atlas): teacher-forced windows into a resumable Parquet dataset
+    p.add_argument("--corpus", help="text file, folder of them, .jsonl with 'text' [, 'domain', 'id'], or "
+                                    ".parquet with a 'text' column: trace it into the dataset folder --out")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (--corpus; default %(default)s)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window (--corpus; default %(default)s)")
+    p.add_argument("--stride", type=int, help="window advance for long documents (--corpus; default window/2)")
+    p.add_argument("--max-tokens", type=int, help="trace at most N tokens of the corpus (--corpus)")
+    p.add_argument("--logits", action="store_true", help="also write router log-probabilities (--corpus)")
+    p.add_argument("--shard", help="trace only shard i of n (i/n) without torchrun (--corpus)")
+    p.add_argument("--part-tokens", type=int, default=65536, help="tokens per part (--corpus; default %(default)s)")
+    p.set_defaults(func=_cmd_trace, parser=p)
+
+
+def _cmd_trace_corpus(args) -> int:
+    import torch
+
+    from .atlas.tracing import trace
+    if not args.out:
+        args.parser.error("--corpus needs --out DATASET (a folder)")
+    _device(args.device)
+    if args.prompts or args.max_new_tokens or args.full_probs:
+        args.parser.error("--corpus traces teacher-forced windows: it takes no --prompts, --max-new-tokens or "
+                          "--full-probs (use --logits)")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    s = trace(args.checkpoint, args.corpus, args.out, device=args.device, dtype=dtype, shard=args.shard,
+              batch_size=args.batch_size, window=args.window, stride=args.stride, max_tokens=args.max_tokens,
+              logits=args.logits, part_tokens=args.part_tokens, progress=not args.no_progress)
+    line = (f"{args.out}: rank {s['rank']}/{s['world']}: {s['written']} parts written, {s['already_complete']} "
+            f"already complete, of {s['mine']} ({s['parts']} in the plan); {s['tokens']:,} tokens in "
+            f"{s['seconds']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s)")
+    if "complete" in s:
+        line += (f"; dataset {'complete' if s['complete'] else 'INCOMPLETE'}: {s['dataset_tokens']:,} tokens, "
+                 f"{s['bytes_per_token']:.0f} bytes/token")
+    print(line)
+    return 0
 
 
 def _cmd_trace(args) -> int:
@@ -217,6 +252,11 @@ def _cmd_trace(args) -> int:
     from .record import read_prompts, save_trace, trace_prompts
     from .tokenizer import load_tokenizer
     from .record import check_trace_destination
+    if args.corpus:
+        return _cmd_trace_corpus(args)
+    if not args.prompts:
+        args.parser.error("expected --prompts FILE or --corpus PATH")
+    args.out = args.out or "data/trace.parquet"
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     _device(args.device)
