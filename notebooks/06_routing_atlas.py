@@ -26,8 +26,10 @@ corpus = "../data/heldout.jsonl"        # text, folder, JSONL ('text', 'domain')
 max_tokens = 60000                      # tokens traced (CI budget on 2 CPU cores: about 25 s)
 window = 512
 batch_size = 8
-dataset_dir = "../out/atlas/heldout"    # the traced dataset (rewritten on each run)
+out_dir = "../out/notebooks"
+dataset_dir = ""                        # the traced dataset (rewritten on each run); "" = OUT_DIR/atlas_heldout
 figures_dir = "../figures"
+model_name = ""                         # set for a second model's run: figures get _NAME, titles say it
 cache_tokens = 512                      # tokens replayed through the cache simulator
 predict_tokens = 6000                   # tokens run again for the expert predictors
 dtype = "float32"
@@ -47,11 +49,12 @@ from q3lab import notebooks as nbk
 from q3lab.atlas import open_dataset, plots as aplots, queries as Q
 from q3lab.atlas.predict import expert_prediction
 from q3lab.atlas.tracing import trace_corpus
-from q3lab.plots import save_figure
 
 pd.set_option("display.precision", 3)
 figures = Path(figures_dir)
 figures.mkdir(parents=True, exist_ok=True)
+save = nbk.FigureSaver(figures, model_name)
+dataset_dir = dataset_dir or str(Path(out_dir) / "atlas_heldout")
 src = nbk.open_checked(checkpoint)
 model = q3lab.load(src, dtype=getattr(torch, dtype))
 tok = q3lab.load_tokenizer(src.path)
@@ -83,7 +86,7 @@ A, E = ds.top_k, ds.num_experts
 
 # %%
 fig = aplots.layer_load(res["layers"])
-save_figure(fig, figures / "06_layer_load.png")
+save(fig, "06_layer_load.png")
 L = res["layers"]
 print(f"entropy {L['normalised_entropy'].min():.3f}-{L['normalised_entropy'].max():.3f} of uniform; experts for 90%: "
       f"{L['experts_for_mass'].min()}-{L['experts_for_mass'].max()} (uniform {L['uniform_experts_for_mass'].iloc[0]})")
@@ -95,7 +98,7 @@ fig
 
 # %%
 fig = aplots.load_heatmap(res["load"])
-save_figure(fig, figures / "06_load_heatmap.png")
+save(fig, "06_load_heatmap.png")
 fig
 
 # %% [markdown]
@@ -109,7 +112,7 @@ fig
 co = res["coactivation"]
 mid = cfg.num_hidden_layers // 2
 fig = aplots.coactivation(co, mid)
-save_figure(fig, figures / "06_coactivation.png")
+save(fig, "06_coactivation.png")
 top = co.groupby("layer")["lift"].max()
 print(f"largest lift of P(b|a) over uniform ({co['uniform'].iloc[0]:.3f}) per layer: median {top.median():.1f}x")
 fig
@@ -123,7 +126,7 @@ fig
 
 # %%
 fig = aplots.domain_specialisation(res["domains"])
-save_figure(fig, figures / "06_domains.png")
+save(fig, "06_domains.png")
 display(res["domains"].groupby("domain")["lift"].max().rename("largest lift").to_frame())
 fig
 
@@ -136,7 +139,7 @@ fig
 
 # %%
 fig = aplots.vocab_specialisation(res["vocab"])
-save_figure(fig, figures / "06_vocab.png")
+save(fig, "06_vocab.png")
 v = res["vocab"][res["vocab"]["rank"] == 1]
 display(v.groupby("by")["specialisation"].median().rename("median top-token specialisation").to_frame())
 fig
@@ -147,7 +150,7 @@ fig
 
 # %%
 fig = aplots.token_specialisation(res["tokens"])
-save_figure(fig, figures / "06_token_ids.png")
+save(fig, "06_token_ids.png")
 display(res["tokens"].groupby("by")[["top_share", "uniform_top_share"]].mean())
 fig
 
@@ -160,7 +163,7 @@ fig
 
 # %%
 fig = aplots.consecutive_overlap(res["overlap_summary"])
-save_figure(fig, figures / "06_overlap.png")
+save(fig, "06_overlap.png")
 s = res["overlap_summary"]
 print(f"any overlap {s['any_overlap'].mean():.3f} (uniform {s['uniform_any_overlap'].iloc[0]:.3f}); "
       f"mean overlap {s['mean_overlap'].mean():.3f} (uniform {s['uniform_mean_overlap'].iloc[0]:.3f})")
@@ -171,7 +174,7 @@ fig
 
 # %%
 fig = aplots.reuse_distance(res["reuse"], [0, mid, cfg.num_hidden_layers - 1])
-save_figure(fig, figures / "06_reuse.png")
+save(fig, "06_reuse.png")
 r1 = res["reuse"][res["reuse"]["distance"] == 1]
 print(f"share of reuses at distance 1: {r1['share'].mean():.3f} (uniform {r1['uniform_share'].iloc[0]:.3f})")
 fig
@@ -185,7 +188,7 @@ fig
 
 # %%
 fig = aplots.cache_curves(res["cache"])
-save_figure(fig, figures / "06_cache.png")
+save(fig, "06_cache.png")
 display(res["cache"].groupby(["policy", "capacity"])["hit_rate"].mean().unstack("capacity"))
 fig
 
@@ -196,7 +199,7 @@ fig
 # %%
 ad = res["adaptive"]
 fig = aplots.adaptive_capacities(ad)
-save_figure(fig, figures / "06_adaptive.png")
+save(fig, "06_adaptive.png")
 w = ad["accesses"]
 print(f"budget {ad.attrs['budget']} experts: hit rate {(ad['hit_rate'] * w).sum() / w.sum():.3f} adaptive, "
       f"{(ad['uniform_hit_rate'] * w).sum() / w.sum():.3f} even split")
@@ -214,7 +217,7 @@ fig
 # %%
 pred = expert_prediction(model, tok, corpus, max_tokens=predict_tokens, window=window)
 fig = aplots.expert_prediction(pred)
-save_figure(fig, figures / "06_prediction.png")
+save(fig, "06_prediction.png")
 display(pred.groupby("predictor", sort=False)["accuracy"].mean().to_frame())
 fig
 
@@ -222,3 +225,26 @@ fig
 # Reading: the next layer's router on this layer's residual stream and the fitted pre-attention predictor
 # both find most of a layer's experts before its router runs, far above chance and above "the previous
 # token's experts".
+
+# %% [markdown]
+# ## Router saturation during training
+# Models trained in this repository with probe routing recorded during training (`data/mini128/probes`):
+# the share of each layer's top-k experts at a training checkpoint that the final model still picks for
+# the same probe tokens (OLMoE's saturation curve).
+
+# %%
+from q3lab.saturation import load_probes, plot_saturation, router_saturation
+probes_dir = Path(src.path) / "probes"
+if probes_dir.is_dir():
+    sat = router_saturation(load_probes(probes_dir))
+    fig = save(plot_saturation(sat), "06_saturation.png")
+    display(sat.groupby(["k", "step"])["saturation"].mean().unstack("k").round(3))
+else:
+    fig = None
+    print(f"{src.path} ships no router probes (data/mini128 does): no saturation curve for this model")
+fig
+
+# %% [markdown]
+# Reading (on `data/mini128`): agreement with the final routing rises through the whole run (top-8 about 0.6 of
+# the final choices at 40% of the steps, 0.86 at 80%), top-1 lags top-8, and the first layers settle before the
+# last ones: the router is not frozen early in this small model.

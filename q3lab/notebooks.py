@@ -21,7 +21,10 @@ FIGURES_DIR = REPO / "figures"
 # A folder `q3lab notebooks --out` made holds this file; the runner writes only into such a folder or an empty one.
 MARKER = ".q3lab-notebooks"
 # Second embedded models the routing notebooks run on too (default runs only): name -> (folder, notebooks).
-SECOND_MODELS = {"mini128": (REPO / "data" / "mini128", ("05", "06"))}
+# model name -> (folder, notebooks rerun on it, parameters overridden where a notebook declares them: the
+# 128-expert model is ~3x slower per token, so 06 traces fewer tokens on it to keep `make demo` in budget)
+SECOND_MODELS = {"mini128": (REPO / "data" / "mini128", ("05", "06"),
+                             {"max_tokens": 20000, "predict_tokens": 3000})}
 
 
 def notebook_paths(notebooks_dir: Path = NOTEBOOKS_DIR, names: list[str] | None = None) -> list[Path]:
@@ -167,7 +170,7 @@ def _second_model_runs(sources: list[Path], dest_dir: Path, params: dict) -> lis
     """(notebook, run name, parameters) for the routing notebooks on each second model; (None, name, why) when
     the model is absent or fails its audit."""
     runs = []
-    for model_name, (folder, prefixes) in SECOND_MODELS.items():
+    for model_name, (folder, prefixes, overrides) in SECOND_MODELS.items():
         chosen = [nb for nb in sources if nb.stem[:2] in prefixes]
         if not chosen:
             continue
@@ -180,8 +183,9 @@ def _second_model_runs(sources: list[Path], dest_dir: Path, params: dict) -> lis
                 runs.append((None, f"{nb.stem} on {model_name}", f"{nb.name} has no `model_name` parameter "
                              f"(it names the figures of a second model: see q3lab.notebooks.FigureSaver)"))
                 continue
+            extra = {k: v for k, v in overrides.items() if _declares(nb, k)}
             runs.append((nb, f"{nb.stem}_{model_name}",
-                         {**params, "checkpoint": str(folder), "model_name": model_name,
+                         {**params, **extra, "checkpoint": str(folder), "model_name": model_name,
                           "out_dir": str(dest_dir / model_name)}))
     return runs
 

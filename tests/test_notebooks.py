@@ -150,10 +150,10 @@ def test_routing_notebooks_run_again_on_a_second_model_or_say_why_not(tmp_path, 
     sources = [tmp_path / n for n in ("01_a.py", "05_b.py", "06_c.py")]
     for path in sources:
         path.write_text('# %% tags=["parameters"]\ncheckpoint = "x"\nmodel_name = ""\n')
-    monkeypatch.setattr(nbk, "SECOND_MODELS", {"mini128": (tmp_path / "absent", ("05", "06"))})
+    monkeypatch.setattr(nbk, "SECOND_MODELS", {"mini128": (tmp_path / "absent", ("05", "06"), {})})
     [(nb, name, why)] = nbk._second_model_runs(sources, tmp_path / "out", {})
     assert nb is None and name == "05+06 on mini128" and why == f"{tmp_path / 'absent'} is absent"
-    monkeypatch.setattr(nbk, "SECOND_MODELS", {"mini128": (tiny_ckpt, ("05", "06"))})
+    monkeypatch.setattr(nbk, "SECOND_MODELS", {"mini128": (tiny_ckpt, ("05", "06"), {})})
     runs = nbk._second_model_runs(sources, tmp_path / "out", {"figures_dir": "F"})
     assert [(nb.name, name) for nb, name, _ in runs] == [("05_b.py", "05_b_mini128"), ("06_c.py", "06_c_mini128")]
     assert runs[0][2] == {"figures_dir": "F", "checkpoint": str(tiny_ckpt), "model_name": "mini128",
