@@ -27,7 +27,7 @@ max_tokens = 60000                      # tokens traced (CI budget on 2 CPU core
 window = 512
 batch_size = 8
 out_dir = "../out/notebooks"
-dataset_dir = ""                        # the traced dataset (rewritten on each run); "" = OUT_DIR/atlas_heldout
+dataset_dir = ""                        # the traced dataset (rewritten on each run); empty: OUT_DIR/atlas_heldout
 figures_dir = "../figures"
 model_name = ""                         # set for a second model's run: figures get _NAME, titles say it
 cache_tokens = 512                      # tokens replayed through the cache simulator
