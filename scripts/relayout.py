@@ -81,6 +81,8 @@ class Rewriter:
             r"(?<![\w.])q3lab\.(%s)(?=\.[A-Za-z_])" % "|".join(map(re.escape, sorted(shadowed))))
         self.import_shadow = re.compile(
             r"^([ \t]*(?:from|import)[ \t]+)q3lab\.(%s)\b" % "|".join(map(re.escape, sorted(shadowed))), re.M)
+        # A quoted exact name (`import_module("q3lab.extract")`, `sys.modules["q3lab.record"]`) is the module.
+        self.quoted_shadow = re.compile(r"""(["'])q3lab\.(%s)\1""" % "|".join(map(re.escape, sorted(shadowed))))
         self.children = children
         self.path = re.compile(r"(?<![\w.])q3lab/(%s)\.py\b" % "|".join(map(re.escape, names)))
         self.from_pkg = re.compile(r"^([ \t]*)from q3lab import (?!\()([^#\n]+?)([ \t]*(?:#[^\n]*)?)$", re.M)
@@ -118,6 +120,7 @@ class Rewriter:
     def text(self, s: str) -> str:
         s = self.from_pkg.sub(self._from_pkg, s)
         s = self.import_shadow.sub(lambda m: m.group(1) + self.moved[f"q3lab.{m.group(2)}"], s)
+        s = self.quoted_shadow.sub(lambda m: m.group(1) + self.moved[f"q3lab.{m.group(2)}"] + m.group(1), s)
         s = self.dotted_shadow.sub(lambda m: self.moved[f"q3lab.{m.group(1)}"], s)
         s = self.dotted.sub(self._dotted, s)
         s = self.path.sub(lambda m: mod_path(self.moved[f"q3lab.{m.group(1)}"]), s)
