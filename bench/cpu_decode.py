@@ -4,7 +4,7 @@
         [--prefill 512] [--repeats 5] [--cache all,25%] [--threads 2] [--results bench/RESULTS.md]
 
 Both models hold the same float32 weights (q3lab.load, and transformers' thinker filled by
-q3lab.reference.load_reference_generator); greedy outputs are checked equal before anything is timed, and the
+q3lab.oracle.load_reference_generator); greedy outputs are checked equal before anything is timed, and the
 expert-cache models' outputs against the resident model's. Repeats are interleaved (reference, q3lab, each
 cache, in turn) so that load from other jobs on the machine hits all of them alike; the table gives medians
 and ratios measured in this run. Cache capacities: a count of experts, a percentage of all experts, or "all"
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import q3lab
-from q3lab.reference import load_reference_generator
+from q3lab.oracle import load_reference_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 

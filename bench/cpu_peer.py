@@ -4,7 +4,7 @@
         [--rounds 3] [--threads 2] [--new-tokens 64] [--prefill 512] [--work DIR] [--results bench/RESULTS.md]
 
 Needs llama-cpp-python (pip install llama-cpp-python==0.3.36: it builds llama.cpp from source; not in CI).
-Each checkpoint is exported with `q3lab export` (q3lab.llamacpp.export_gguf) once per dtype; llama.cpp reads
+Each checkpoint is exported with `q3lab export` (q3lab.weights.gguf.export_gguf) once per dtype; llama.cpp reads
 that file and q3lab reads the checkpoint itself, in the same dtype (bf16 source values are exact in both).
 Every measurement runs in a fresh process (so peak RSS belongs to one engine and one dtype), with the same
 thread count and the same prompt ids; rounds are interleaved (round r runs every dtype and both engines, the
@@ -61,15 +61,15 @@ def timed(prefill, decode, repeats: int, stamps: list[float]) -> dict:
     return dict(prefill_s=min(pre), decode_s=min(dec), steps_s=min(steps), tokens=tokens,
                 load_avg=os.getloadavg()[0])
 def install_kernels(m) -> None:
-    """Route q3lab's bf16 decode through q3lab.cpu_kernels, in this process only (a bench-side patch: the
+    """Route q3lab's bf16 decode through q3lab.kernels.cpu, in this process only (a bench-side patch: the
     library's layer step is not edited here). The call sites: `Experts._one_token` for resident experts, and
     every bf16 nn.Linear called with one row (q/k/v/o projections, router, lm_head)."""
     import torch
     from torch import nn
 
-    from q3lab import cpu_kernels as K
-    from q3lab.experts import ResidentExperts
-    from q3lab.model import Experts
+    from q3lab.kernels import cpu as K
+    from q3lab.runtime.experts import ResidentExperts
+    from q3lab.runtime.thinker import Experts
     K.lib()
     orig = Experts._one_token
 
@@ -182,7 +182,7 @@ def first_divergence(a: list[int], b: list[int]) -> str:
 def bench(ckpt: Path, dtypes: list[str], rounds: int, threads: int, new_tokens: int, prefill: int,
           work: Path, kernels: bool = False, repeats: int = 3) -> tuple[list[dict], list[str]]:
     import q3lab
-    from q3lab.llamacpp import export_gguf
+    from q3lab.weights.gguf import export_gguf
     cfg = q3lab.open_weights(ckpt).config
     notes = []
     ggufs = {}
@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     # the worker (internal)
     ap.add_argument("--kernels", action="store_true",
-                    help="also time q3lab with q3lab.cpu_kernels patched into its bf16 decode (bf16 only)")
+                    help="also time q3lab with q3lab.kernels.cpu patched into its bf16 decode (bf16 only)")
     ap.add_argument("--worker", choices=["llama.cpp", "q3lab", "q3lab+kernels"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -272,7 +272,7 @@ def main() -> None:
         paths.append(a.synth_medium)
     a.work.mkdir(parents=True, exist_ok=True)
     if a.kernels:   # build once here, not inside a timed worker
-        from q3lab import cpu_kernels
+        from q3lab.kernels import cpu as cpu_kernels
         cpu_kernels.lib()
     dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     load0, t0 = os.getloadavg(), time.perf_counter()
@@ -304,7 +304,7 @@ def main() -> None:
               f"decode = {a.new_tokens} tokens after a {PROMPT_LEN}-token prompt, its forward included; decode steps = "
               f"the one-token steps only (from the first new token to the last); "
               f"first_divergence = first greedy step where q3lab's token differs from llama.cpp's. "
-              f"KV cache in the dtype of the weights for both. q3lab+kernels: q3lab with q3lab.cpu_kernels patched into "
+              f"KV cache in the dtype of the weights for both. q3lab+kernels: q3lab with q3lab.kernels.cpu patched into "
               f"its bf16 decode (bench-side, see install_kernels).\n\n")
     with open(a.results, "a") as f:
         f.write(header + "```\n" + text + "\n```\n\n" + "".join(f"- {n}\n" for n in notes))

@@ -49,7 +49,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     import q3lab
-    from q3lab.experts import ExpertCache
+    from q3lab.runtime.experts import ExpertCache
 
     torch.set_num_threads(spec["threads"])
     base_import = rss_anon()
@@ -106,7 +106,7 @@ def hit_rates(path: Path, args, capacities: list[int]) -> list[dict]:
     import torch
 
     import q3lab
-    from q3lab.experts import ExpertCache
+    from q3lab.runtime.experts import ExpertCache
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
@@ -234,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     capacities = sorted(int(c) for c in args.capacities.split(","))
     command = ".venv/bin/python bench/expert_cache.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    from q3lab.config import ThinkerConfig
+    from q3lab.base.config import ThinkerConfig
     if args.checkpoint:
         path = args.checkpoint
     else:
-        from q3lab.synth import synth
+        from q3lab.weights.synthetic import synth
         path = args.out / f"{args.preset}-L{args.layers}-seed0"
         t0 = time.perf_counter()
         synth(path, args.preset, layers=args.layers, seed=0, progress=False)  # reuses complete shards

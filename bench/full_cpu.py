@@ -434,7 +434,7 @@ def main(argv=None) -> None:
         if getattr(a, n) < 1 or (n != "prompt_tokens" and getattr(a, n) < 2):
             ap.error(f"--{n.replace('_', '-')} must be at least 2 (one prefill token and one decode step)")
     t_start = time.perf_counter()
-    from q3lab.checkpoint import Checkpoint
+    from q3lab.weights.checkpoint import Checkpoint
     ckpt = Checkpoint.open(a.checkpoint)   # CheckpointError (a Q3LabError) on a folder that is not one
     cfg = ckpt.config
     L = cfg.num_hidden_layers
@@ -451,7 +451,7 @@ def main(argv=None) -> None:
 
     small = ref = small_q = dmap48 = None
     if a.reference:
-        from q3lab.experts import parse_bytes
+        from q3lab.runtime.experts import parse_bytes
         work = a.work or a.checkpoint.parent
         small = work / f"full{a.reference_layers}-bench"
         off = work / f"offload{a.reference_layers}-bench"

@@ -6,7 +6,7 @@ experts offloaded to pinned host memory with a GPU expert cache.
 Weights: random bf16 (std 0.02, norms 1) made on the GPU at the full thinker dimensions (hidden 2048, 48 layers,
 128 experts x 768, 32/4 heads of 128, vocab 152,064: about 61 GB), held ONCE by transformers'
 `Qwen3OmniMoeThinkerForConditionalGeneration`; q3lab's Thinker shares those very tensors
-(`q3lab.reference.thinker_sharing_weights`), so both run on identical weights, dtype and device.
+(`q3lab.oracle.thinker_sharing_weights`), so both run on identical weights, dtype and device.
 
 Rows (all measured in this run, on this card):
 - floor: bytes one decode token must read (attention + router + norms of every layer, the top-k experts, the
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from q3lab.fastdecode import DeviceExpertCache, OffloadedDecoder, StaticDecoder  # noqa: E402
-from q3lab.reference import build_reference_generator, text_model, thinker_sharing_weights  # noqa: E402
-from q3lab.synth import preset_config  # noqa: E402
+from q3lab.fast.decoders import DeviceExpertCache, OffloadedDecoder, StaticDecoder  # noqa: E402
+from q3lab.oracle import build_reference_generator, text_model, thinker_sharing_weights  # noqa: E402
+from q3lab.weights.synthetic import preset_config  # noqa: E402
 
 GB = 1e9
 DEV = "cuda"
@@ -88,7 +88,7 @@ def h2d_bandwidth(chunk: int, total: int = 2 * 2**30) -> float:
 def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
     """The fused one-token MoE against its torch arithmetic (fresh random inputs), and its read bandwidth over
     `layers` different weight sets (so the 50 MB L2 cannot serve repeats)."""
-    from q3lab.moe_kernels import moe_one_token_torch, moe_one_token_triton
+    from q3lab.kernels.triton_moe import moe_one_token_torch, moe_one_token_triton
     E, I, D, A = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size, cfg.num_experts_per_tok
     g = torch.Generator(device=DEV).manual_seed(1)
     gu = [torch.randn(E, 2 * I, D, device=DEV, generator=g).mul_(0.02).bfloat16() for _ in range(layers)]
@@ -109,7 +109,7 @@ def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
                for bi, bd, wu in ((16, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (16, 512, 8), (32, 256, 8),
                                   (4, 1024, 8), (2, 1024, 4))
                for bo, bk, wd in ((16, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (32, 256, 8))]
-    import q3lab.moe_kernels as mk
+    import q3lab.kernels.triton_moe as mk
     if not sweep_configs:
         configs = [dict(mk.TRITON_CONFIG)]
     for kw in configs:
@@ -129,7 +129,7 @@ def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
         sweep.append(kw | {"us_per_layer": t * 1e6, "GBps": nbytes / t / GB})
     del gu, dn
     try:  # a failure here is reported; the fused decoder row then fails and is skipped too
-        from q3lab.decode_kernels import (decode_attention_torch, decode_attention_triton, topk_renorm_torch,
+        from q3lab.kernels.triton_decode import (decode_attention_torch, decode_attention_triton, topk_renorm_torch,
                                           topk_renorm_triton)
         H, K, hd, S = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 200
         q = torch.randn(H, hd, device=DEV, generator=g).bfloat16()
@@ -140,7 +140,7 @@ def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
         probs = torch.softmax(torch.randn(E, device=DEV, generator=g), 0)
         (i1, w1), (i2, w2) = topk_renorm_triton(probs, A, True, torch.bfloat16), topk_renorm_torch(probs, A, True,
                                                                                                  torch.bfloat16)
-        from q3lab.decode_kernels import route_torch, route_triton
+        from q3lab.kernels.triton_decode import route_torch, route_triton
         hr = torch.randn(D, device=DEV, generator=g).bfloat16()
         wr = (torch.randn(E, D, device=DEV, generator=g) * 0.02).bfloat16()
         (_, ri1, rw1), (_, ri2, rw2) = route_triton(hr, wr, A, True), route_torch(hr, wr, A, True)
@@ -234,7 +234,7 @@ def main() -> None:
     if DEV == "cuda":
         kc = kernel_check(cfg, sweep_configs=args.sweep)
         res["moe_kernel"] = kc
-        import q3lab.moe_kernels as mk
+        import q3lab.kernels.triton_moe as mk
         mk.TRITON_CONFIG.update({k: kc["best"][k] for k in mk.TRITON_CONFIG})
         log(f"using the fastest kernel config: {mk.TRITON_CONFIG}")
         log(f"fused MoE kernel: rel. error vs torch arithmetic {kc['rel_err_vs_torch_max']:.1e}; "

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 
 import q3lab
-from q3lab.record import record
-from q3lab.synth import preset_config
+from q3lab.runtime.recording import record
+from q3lab.weights.synthetic import preset_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +117,7 @@ def bench(model, device: str, prefill: int, new_tokens: int, repeats: int) -> pd
 def hook_cost(model, device: str, calls: int = 4000) -> pd.DataFrame:
     """Microseconds one layer's recording adds (its top-k ids and weights hook points, called directly),
     set against the base decode time per token: a direct reading of what the end-to-end numbers blur."""
-    from q3lab.record import _Call
+    from q3lab.runtime.recording import _Call
     mlp = model.model.layers[0].mlp
     k = model.config.num_experts_per_tok
     idx = torch.zeros(1, k, dtype=torch.long, device=device)

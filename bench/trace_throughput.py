@@ -5,7 +5,7 @@
     .venv/bin/python bench/trace_throughput.py analysis [--dataset /tmp/atlas-1e7] [--tokens 10000000]
 
 trace: `q3lab trace`'s loop end to end (tokenise, batched windows through `q3lab.record`, frames, Parquet
-parts written atomically) against transformers' thinker text model (`q3lab.reference.load_reference`, same
+parts written atomically) against transformers' thinker text model (`q3lab.oracle.load_reference`, same
 weights) run on the same batches and windows with `output_router_logits=True`, its top-k taken and
 renormalised and copied to host (what a trace needs from it; nothing written). Repeats run interleaved; medians.
 For the real dimensions on a GPU, point --checkpoint at a `q3lab synth --preset full` folder with --device cuda
@@ -58,7 +58,7 @@ def bench_trace(args) -> None:
 
     import q3lab
     from q3lab.atlas.tracing import _encode_corpus, trace_corpus, windows
-    from q3lab.reference import load_reference
+    from q3lab.oracle import load_reference
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = q3lab.load(args.checkpoint, device=args.device, dtype=dtype)
     tok = q3lab.load_tokenizer(model.source.tokenizer_dir)

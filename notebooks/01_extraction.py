@@ -28,15 +28,16 @@ interactive = False                          # True in JupyterLab for the widget
 # %matplotlib inline
 import torch
 import q3lab
-from q3lab import notebooks as nbk, plots, plots_model
+from q3lab.viz import notebooks as nbk, plots, plots_model
 from IPython.display import display
 
 src = nbk.open_checked(checkpoint)           # fails here, with the audit's report, on a bad folder
 figures, out = nbk.setup(src, figures_dir, out_dir)
 
 # %%
-from q3lab import inventory, plots_model
-from q3lab.checkpoint import audit_checkpoint
+from q3lab.weights.source import inventory
+from q3lab.viz import plots_model
+from q3lab.weights.checkpoint import audit_checkpoint
 report = audit_checkpoint(src)
 print(report.summary())
 

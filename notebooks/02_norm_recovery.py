@@ -27,14 +27,15 @@ interactive = False                          # True in JupyterLab for the widget
 # %%
 # %matplotlib inline
 import q3lab
-from q3lab import notebooks as nbk, plots, plots_model
+from q3lab.viz import notebooks as nbk, plots, plots_model
 from IPython.display import display
 
 src = nbk.open_checked(checkpoint)           # fails here, with the audit's report, on a bad folder
 figures, out = nbk.setup(src, figures_dir, out_dir)
 
 # %%
-from q3lab import inventory, plots_model
+from q3lab.weights.source import inventory
+from q3lab.viz import plots_model
 norms = inventory.norm_table(src)
 print(len(norms), 'norms found;', int(norms['all_ones'].sum()), 'are all ones')
 display(norms.groupby('kind')[['mean', 'std', 'min', 'max']].mean())
@@ -49,8 +50,8 @@ fig
 model, tok, items = nbk.load_model(src, prompts, max_prompts, dtype=dtype, expert_cache=expert_cache)
 
 # %%
-from q3lab.ablations import default_norm_layers
-from q3lab.study import norm_damage
+from q3lab.analysis.ablations import default_norm_layers
+from q3lab.analysis.study import norm_damage
 layers = default_norm_layers(model.config.num_hidden_layers)
 print('layers reset to ones:', layers)
 damage = norm_damage(model, tok, items, layers)

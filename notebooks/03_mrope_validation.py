@@ -28,14 +28,15 @@ interactive = False                          # True in JupyterLab for the widget
 # %matplotlib inline
 import torch
 import q3lab
-from q3lab import notebooks as nbk, plots, plots_model
+from q3lab.viz import notebooks as nbk, plots, plots_model
 from IPython.display import display
 
 src = nbk.open_checked(checkpoint)           # fails here, with the audit's report, on a bad folder
 figures, out = nbk.setup(src, figures_dir, out_dir)
 
 # %%
-from q3lab import rope_check, plots_model
+from q3lab.analysis import rope_check
+from q3lab.viz import plots_model
 cfg = src.config
 try:
     display(rope_check.compare_with_reference(cfg))
@@ -47,14 +48,14 @@ except ImportError:
 
 # %%
 pos = torch.arange(512)[None]
-inv = q3lab.model.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+inv = q3lab.runtime.thinker.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
 one_d = pos[..., None].float() * inv
-three = q3lab.model.mrope_freqs(pos[None].expand(3, 1, 512), inv, cfg.mrope_section, True)
+three = q3lab.runtime.thinker.mrope_freqs(pos[None].expand(3, 1, 512), inv, cfg.mrope_section, True)
 print('text: interleaved mRoPE == 1-D RoPE, bit for bit:', torch.equal(three, one_d))
 g = torch.Generator().manual_seed(0)
 mm = torch.randint(0, 64, (3, 1, 512), generator=g)
-inter = q3lab.model.mrope_freqs(mm, inv, cfg.mrope_section, True)
-chunk = q3lab.model.mrope_freqs(mm, inv, cfg.mrope_section, False)
+inter = q3lab.runtime.thinker.mrope_freqs(mm, inv, cfg.mrope_section, True)
+chunk = q3lab.runtime.thinker.mrope_freqs(mm, inv, cfg.mrope_section, False)
 differ = (inter != chunk).any(dim=(0, 1))
 print(f'multimodal: interleaved and chunked layouts differ at {int(differ.sum())} of {differ.numel()} frequencies')
 
@@ -72,7 +73,7 @@ fig
 model, tok, items = nbk.load_model(src, prompts, max_prompts, dtype=dtype, expert_cache=expert_cache)
 
 # %%
-from q3lab.study import rotary_damage
+from q3lab.analysis.study import rotary_damage
 rot = rotary_damage(model, tok, items)
 display(rot.groupby('condition', sort=False)[['kl', 'rank']].median())
 fig = plots_model.damage(rot, title='Wrong rotary conventions vs the right one (text prompts)')

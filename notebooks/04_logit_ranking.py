@@ -28,7 +28,7 @@ interactive = False                          # True in JupyterLab for the widget
 # %matplotlib inline
 import torch
 import q3lab
-from q3lab import notebooks as nbk, plots, plots_model
+from q3lab.viz import notebooks as nbk, plots, plots_model
 from IPython.display import display
 
 src = nbk.open_checked(checkpoint)           # fails here, with the audit's report, on a bad folder
@@ -38,7 +38,7 @@ figures, out = nbk.setup(src, figures_dir, out_dir)
 model, tok, items = nbk.load_model(src, prompts, max_prompts, dtype=dtype, expert_cache=expert_cache)
 
 # %%
-from q3lab.ranking import rank_prompts, top_tokens
+from q3lab.analysis.ranking import rank_prompts, top_tokens
 ranks = rank_prompts(model, tok, items)
 display(ranks)
 print(f"top-1: {(ranks['rank'] == 1).mean():.0%} of {len(ranks)} prompts")
@@ -52,7 +52,7 @@ display(top_tokens(model(ids)[0, -1], tok, k=10))
 # The top-10 table shows the whole head of the distribution for the first prompt, not only the winner.
 
 # %%
-from q3lab.study import reference_agreement
+from q3lab.analysis.study import reference_agreement
 if not compare_reference:
     print('reference comparison skipped (compare_reference = False)')
 else:
@@ -68,7 +68,7 @@ else:
 # transformers' own Qwen3-Omni thinker, filled with the same tensors, gives the same logits (the largest absolute difference in float32 stays below 1e-4, the tolerance the tests hold) and the same top token.
 
 # %%
-from q3lab.study import lens_ranks
+from q3lab.analysis.study import lens_ranks
 lens = lens_ranks(model, tok, items[:8])
 fig = plots.logit_lens_ranks(lens)
 plots.save_figure(fig, figures / '04_logit_lens.png')
@@ -78,7 +78,7 @@ fig
 # The logit lens (final norm and lm_head applied after every layer) shows at which depth the expected token rises to the top; the last layer's lens is the model's own output.
 
 # %%
-from q3lab.study import ablation_damage
+from q3lab.analysis.study import ablation_damage
 abl = ablation_damage(model, tok, items)
 display(abl.groupby('condition', sort=False)[['kl', 'rank']].median())
 fig = plots_model.damage(abl, title='Known reconstruction bugs vs the intact model')

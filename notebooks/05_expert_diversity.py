@@ -30,7 +30,7 @@ model_name = ""                              # set for a second model's run: fig
 # %%
 # %matplotlib inline
 import q3lab
-from q3lab import notebooks as nbk, plots, plots_model
+from q3lab.viz import notebooks as nbk, plots, plots_model
 from IPython.display import display
 
 src = nbk.open_checked(checkpoint)           # fails here, with the audit's report, on a bad folder
@@ -41,9 +41,10 @@ save = nbk.FigureSaver(figures, model_name)
 model, tok, items = nbk.load_model(src, prompts, max_prompts, dtype=dtype, expert_cache=expert_cache, balance='domain')
 
 # %%
-from q3lab import metrics, cachesim, explorer, plots_model
-from q3lab.study import trace_prompts
-from q3lab.record import save_trace
+from q3lab.analysis import metrics, cachesim
+from q3lab.viz import interactive as explorer, plots_model
+from q3lab.analysis.study import trace_prompts
+from q3lab.runtime.recording import save_trace
 E = model.config.num_experts
 trace = trace_prompts(model, tok, items, max_new_tokens)
 save_trace(trace, out / '05_trace.parquet')

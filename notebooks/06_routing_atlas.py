@@ -45,7 +45,7 @@ import torch
 from IPython.display import display
 
 import q3lab
-from q3lab import notebooks as nbk
+from q3lab.viz import notebooks as nbk
 from q3lab.atlas import open_dataset, plots as aplots, queries as Q
 from q3lab.atlas.predict import expert_prediction
 from q3lab.atlas.tracing import trace_corpus
@@ -233,7 +233,7 @@ fig
 # the same probe tokens (OLMoE's saturation curve).
 
 # %%
-from q3lab.saturation import load_probes, plot_saturation, router_saturation
+from q3lab.analysis.saturation import load_probes, plot_saturation, router_saturation
 probes_dir = Path(src.path) / "probes"
 if probes_dir.is_dir():
     sat = router_saturation(load_probes(probes_dir))

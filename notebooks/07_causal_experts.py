@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 import pandas as pd
 import q3lab
-from q3lab import causal, plots, plots_causal, notebooks as nbk
+from q3lab.analysis import causal
+from q3lab.viz import plots, plots_causal, notebooks as nbk
 from IPython.display import display
 
 torch.manual_seed(0)

@@ -8,16 +8,16 @@ __version__ = "0.1.0"
 # Public names, resolved lazily so that `import q3lab` stays cheap (no pandas/matplotlib until needed).
 _EXPORTS = {
     "Q3LabError": "errors", "CheckpointError": "errors", "StoreError": "errors", "InputError": "errors",
-    "ThinkerConfig": "config",
-    "Checkpoint": "checkpoint", "audit": "checkpoint", "audit_checkpoint": "checkpoint",
-    "Store": "store", "open_weights": "weights", "open_source": "weights", "WeightSource": "weights",
-    "extract": "extract", "verify": "extract",
-    "synth": "synth",
-    "load_tokenizer": "tokenizer",
-    "Thinker": "model", "KVCache": "model", "load": "model",
-    "ResidentExperts": "experts", "ExpertCache": "experts",
-    "record": "record",
-    "intervene": "interventions", "capture": "interventions",
+    "ThinkerConfig": "base.config",
+    "Checkpoint": "weights.checkpoint", "audit": "weights.checkpoint", "audit_checkpoint": "weights.checkpoint",
+    "Store": "weights.store", "open_weights": "weights.source", "open_source": "weights.source", "WeightSource": "weights.source",
+    "extract": "weights.extraction", "verify": "weights.extraction",
+    "synth": "weights.synthetic",
+    "load_tokenizer": "base.tokenizer",
+    "Thinker": "runtime.thinker", "KVCache": "runtime.thinker", "load": "runtime.thinker",
+    "ResidentExperts": "runtime.experts", "ExpertCache": "runtime.experts",
+    "record": "runtime.recording",
+    "intervene": "analysis.interventions", "capture": "analysis.interventions",
 }
 
 
@@ -38,6 +38,6 @@ __all__ = list(_EXPORTS)
 
 # These functions share their module's name. Importing the submodule (`import q3lab.extract`) sets the
 # package attribute to the module, and __getattr__ is then never asked: bind the functions eagerly instead.
-from .extract import extract  # noqa: E402
-from .record import record  # noqa: E402
-from .synth import synth  # noqa: E402
+from q3lab.weights.extraction import extract  # noqa: E402
+from q3lab.runtime.recording import record  # noqa: E402
+from q3lab.weights.synthetic import synth  # noqa: E402

@@ -2,7 +2,7 @@
 import sys
 
 try:
-    from .cli import main
+    from q3lab.cli import main
 except KeyboardInterrupt:  # Ctrl-C while importing: the same status as during a command, without a traceback
     print("q3lab: interrupted", file=sys.stderr)
     sys.exit(130)

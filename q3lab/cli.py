@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import InputError, Q3LabError
+from q3lab.errors import InputError, Q3LabError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_REFUSED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 BUG_REPORT = "this is a bug in q3lab: please report it with the command line"
@@ -62,9 +62,9 @@ AUDIT_COLUMNS = ("name", "key", "component", "layer", "expert", "expected_shape"
 
 
 def _cmd_audit(args) -> int:
-    from .checkpoint import Checkpoint, audit_checkpoint
-    from .finite import STATS_COLUMNS, nonfinite_lines, tensor_stats
-    from .outdir import check_writable_name, csv_with_header, write_file
+    from q3lab.weights.checkpoint import Checkpoint, audit_checkpoint
+    from q3lab.runtime.finite import STATS_COLUMNS, nonfinite_lines, tensor_stats
+    from q3lab.weights.outdir import check_writable_name, csv_with_header, write_file
     if args.csv:
         check_writable_name(args.csv)
     ckpt = Checkpoint(args.checkpoint)
@@ -101,7 +101,7 @@ def _add_extract(sub) -> None:
 
 
 def _cmd_extract(args) -> int:
-    from .extract import extract, verify
+    from q3lab.weights.extraction import extract, verify
     if args.verify:
         if args.checkpoint or args.out or args.dtype:
             args.parser.error("--verify OUT takes no checkpoint, output folder or --dtype")
@@ -132,9 +132,9 @@ def _add_synth(sub) -> None:
 
 
 def _cmd_synth(args) -> int:
-    from .errors import CheckpointError
-    from .jsonio import read_json
-    from .synth import synth
+    from q3lab.errors import CheckpointError
+    from q3lab.base.jsonio import read_json
+    from q3lab.weights.synthetic import synth
     out = synth(args.out, args.preset, seed=args.seed, layers=args.layers, dtype=args.dtype, stubs=not args.no_stubs,
                 shards=args.shards, progress=not args.no_progress)
     index = read_json(out / "model.safetensors.index.json", CheckpointError, kind="index")
@@ -158,7 +158,7 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .llamacpp import export_gguf
+    from q3lab.weights.gguf import export_gguf
     out = export_gguf(args.checkpoint, args.out, dtype=args.dtype, progress=not args.no_progress,
                       tokenizer=not args.no_tokenizer)
     print(f"exported {args.checkpoint} -> {out} (qwen3moe, {args.dtype}, {out.stat().st_size / 2**20:.1f} MiB)")
@@ -181,7 +181,7 @@ def _add_notebooks(sub) -> None:
 def _cmd_notebooks(args) -> int:
     import json as _json
 
-    from .notebooks import run_notebooks
+    from q3lab.viz.notebooks import run_notebooks
     params = {}
     for name, value in args.param:
         try:
@@ -223,7 +223,7 @@ def _add_trace(sub) -> None:
 def _cmd_trace_corpus(args) -> int:
     import torch
 
-    from .atlas.tracing import trace
+    from q3lab.atlas.tracing import trace
     if not args.out:
         args.parser.error("--corpus needs --out DATASET (a folder)")
     _device(args.device)
@@ -247,11 +247,11 @@ def _cmd_trace_corpus(args) -> int:
 def _cmd_trace(args) -> int:
     import torch
 
-    from .errors import CheckpointError, InputError
-    from .model import load
-    from .record import read_prompts, save_trace, trace_prompts
-    from .tokenizer import load_tokenizer
-    from .record import check_trace_destination
+    from q3lab.errors import CheckpointError, InputError
+    from q3lab.runtime.thinker import load
+    from q3lab.runtime.recording import read_prompts, save_trace, trace_prompts
+    from q3lab.base.tokenizer import load_tokenizer
+    from q3lab.runtime.recording import check_trace_destination
     if args.corpus:
         return _cmd_trace_corpus(args)
     if not args.prompts:
@@ -267,8 +267,8 @@ def _cmd_trace(args) -> int:
     if model.source.tokenizer_dir is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     tok = load_tokenizer(model.source.tokenizer_dir)
-    from .finite import guard
-    from .outdir import check_writable_name
+    from q3lab.runtime.finite import guard
+    from q3lab.weights.outdir import check_writable_name
     check_writable_name(args.out)
     with guard(model):   # nan/inf logits stop the run, naming the first layer where they appear
         rec = trace_prompts(model, tok, items, max_new_tokens=args.max_new_tokens, probs=args.full_probs,
@@ -309,10 +309,10 @@ def _cmd_generate(args) -> int:
 
     import torch
 
-    from .errors import CheckpointError, InputError
-    from .experts import ExpertCache
-    from .model import load
-    from .tokenizer import load_tokenizer
+    from q3lab.errors import CheckpointError, InputError
+    from q3lab.runtime.experts import ExpertCache
+    from q3lab.runtime.thinker import load
+    from q3lab.base.tokenizer import load_tokenizer
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     try:
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _os_error_line(e: OSError) -> str:
     """One line for what the environment did to a file: `<file>: <reason>` (both files for a rename)."""
-    from .jsonio import describe_os_error
+    from q3lab.base.jsonio import describe_os_error
     names = [str(n) for n in (e.filename, e.filename2) if n is not None]
     return f"{' -> '.join(names)}: {describe_os_error(e)}" if names else describe_os_error(e)
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from q3lab.errors import InputError  # noqa: E402
-from q3lab.tokenizer import QWEN_SPECIALS, load_tokenizer, save_tokenizer, train_bpe  # noqa: E402
+from q3lab.base.tokenizer import QWEN_SPECIALS, load_tokenizer, save_tokenizer, train_bpe  # noqa: E402
 
 SEED = 1234
 VOCAB_SIZE = 4096

@@ -5,7 +5,7 @@
     # on the CPU: evaluate the written checkpoint through q3lab.load (the numbers of data/mini/README.md)
     python scripts/train_mini.py evaluate data/mini --corpus data/corpus --json eval.json
 
-The model is `q3lab.model.Thinker` (attention, QK-norm, mRoPE, router, norms, lm_head as q3lab runs them). Its
+The model is `q3lab.runtime.thinker.Thinker` (attention, QK-norm, mRoPE, router, norms, lm_head as q3lab runs them). Its
 experts are `nn.Parameter` stacks [L, E, I, D] / [L, E, D, I] in an `ExpertBank`, served by a q3lab expert provider. For
 speed, training swaps each layer's `Experts` for `DenseExperts`: every expert on every token, weighted by the
 sparse top-k weights (zero for experts not chosen), which is the same function as three matmuls; the script
@@ -34,10 +34,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from q3lab.config import ThinkerConfig, expert_key  # noqa: E402
+from q3lab.base.config import ThinkerConfig, expert_key  # noqa: E402
 from q3lab.errors import CheckpointError, InputError  # noqa: E402
-from q3lab.experts import ExpertProvider  # noqa: E402
-from q3lab.model import Experts, Thinker  # noqa: E402
+from q3lab.runtime.experts import ExpertProvider  # noqa: E402
+from q3lab.runtime.thinker import Experts, Thinker  # noqa: E402
 
 DOMAINS = ("code", "license", "facts", "math")
 DOMAIN_WEIGHTS = {"code": 0.4, "license": 0.1, "facts": 0.3, "math": 0.2}
@@ -298,7 +298,7 @@ def canonical_state(model: Thinker, dtype=torch.bfloat16) -> dict[str, torch.Ten
 def official_config(cfg: ThinkerConfig, tok_ids: dict[str, int]) -> dict:
     """The nested Qwen3-Omni config.json that `q3lab synth` writes (tiny audio/vision/talker configs), with
     audio output off: only the thinker text weights ship."""
-    from q3lab.synth import omni_config
+    from q3lab.weights.synthetic import omni_config
 
     top = omni_config(cfg, "bf16", specials=tok_ids)
     top["enable_audio_output"] = False
@@ -368,7 +368,7 @@ def train(args, config: dict = MINI, hooks=None) -> int:
     t_start = time.time()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     corpus = Path(args.corpus)
-    from q3lab.tokenizer import load_tokenizer
+    from q3lab.base.tokenizer import load_tokenizer
     tok = load_tokenizer(corpus / "tokenizer")
     cfg = ThinkerConfig(**{**config, "num_hidden_layers": args.layers})
     if tok.vocab_size > cfg.vocab_size:
@@ -529,7 +529,7 @@ def routing_by_domain(model: Thinker, windows: dict[str, torch.Tensor], n: int) 
 
 def evaluate(args) -> int:
     import q3lab
-    from q3lab.tokenizer import load_tokenizer
+    from q3lab.base.tokenizer import load_tokenizer
 
     t0 = time.time()
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ gradient accumulation: the step's batch is the global batch), averaged over laye
 
 Probes: a fixed set of held-out tokens (the last --probe-seq tokens of each domain's validation stream) is routed
 at step 0, at --probe-steps, at the --probe-fractions of the planned schedule, and by the final model (bf16
-weights, fp32 math); the top-8 ids of every layer go to OUT/probes (layout in q3lab/saturation.py).
+weights, fp32 math); the top-8 ids of every layer go to OUT/probes (layout in q3lab/analysis/saturation.py).
 
 Dimensions: C checkpoints, T probe tokens, L layers, A experts per token, E experts.
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_mini as tm  # noqa: E402  (also puts the repository root on sys.path)
 
 from q3lab.errors import InputError  # noqa: E402
-from q3lab.saturation import INDEX_FILE, ROUTING_FILE, TOKENS_FILE  # noqa: E402
+from q3lab.analysis.saturation import INDEX_FILE, ROUTING_FILE, TOKENS_FILE  # noqa: E402
 
 # The real thinker's expert topology (48 layers, 128 experts, top-8, norm_topk_prob, no shared expert) with
 # data/mini's hidden size, attention and vocabulary. Expert width 8 keeps the active expert width per token
@@ -189,7 +189,7 @@ def evaluate(args) -> int:
     """train_mini.evaluate (facts, validation loss, domain routing, samples), then expert coverage on the whole
     validation split and router saturation of the shipped probes."""
     import q3lab
-    from q3lab.saturation import load_probes, router_saturation
+    from q3lab.analysis.saturation import load_probes, router_saturation
 
     tm.evaluate(args)
     path = Path(args.checkpoint)

@@ -13,14 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny synthetic checkpoint (seed 0, bf16, with stubs). Shared: do not modify it; use `make_ckpt`."""
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     return synth(tmp_path_factory.mktemp("tiny_ckpt") / "ckpt", "tiny", seed=0, progress=False)
 
 
 @pytest.fixture
 def make_ckpt(tmp_path):
     """Factory for a fresh synthetic checkpoint in this test's tmp_path: make_ckpt(preset="tiny", **kw)."""
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     count = iter(range(1000))
 
     def make(preset: str = "tiny", **kw) -> Path:

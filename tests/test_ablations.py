@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import q3lab
-from q3lab.ablations import ablate, default_norm_layers, missing_norms
-from q3lab.checkpoint import Checkpoint
-from q3lab.ranking import kl_divergence, rank_of
+from q3lab.analysis.ablations import ablate, default_norm_layers, missing_norms
+from q3lab.weights.checkpoint import Checkpoint
+from q3lab.analysis.ranking import kl_divergence, rank_of
 
 pytest.importorskip("transformers")
 import hf_reference as R  # noqa: E402
@@ -123,7 +123,7 @@ def test_rank_and_kl_by_hand():
 
 
 def test_reference_oracle_matches_ours(model):
-    from q3lab.reference import load_reference
+    from q3lab.oracle import load_reference
     m, path = model
     ref = load_reference(Checkpoint(path))
     assert (ref(IDS) - m(IDS)).abs().max().item() <= 1e-4

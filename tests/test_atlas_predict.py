@@ -6,7 +6,7 @@ from pathlib import Path
 
 import q3lab
 from q3lab.atlas.predict import _forward, _topk_hits, expert_prediction
-from q3lab.model import _rms
+from q3lab.runtime.thinker import _rms
 
 MINI = Path(__file__).resolve().parents[1] / "data" / "mini"
 

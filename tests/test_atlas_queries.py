@@ -16,7 +16,7 @@ from q3lab.atlas import open_dataset
 from q3lab.atlas import queries as Q
 from q3lab.atlas.export import export_routed_experts
 from q3lab.atlas.synthetic import synthetic_dataset
-from q3lab.cachesim import simulate
+from q3lab.analysis.cachesim import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

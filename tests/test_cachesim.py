@@ -1,4 +1,4 @@
-"""q3lab.cachesim: hit counts worked out by hand, Belady's bound, and agreement with the live ExpertCache."""
+"""q3lab.analysis.cachesim: hit counts worked out by hand, Belady's bound, and agreement with the live ExpertCache."""
 from __future__ import annotations
 
 import pandas as pd
@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import q3lab
-from q3lab.cachesim import access_sequence, simulate
+from q3lab.analysis.cachesim import access_sequence, simulate
 from q3lab.errors import InputError
-from q3lab.experts import ExpertCache
-from q3lab.record import record
+from q3lab.runtime.experts import ExpertCache
+from q3lab.runtime.recording import record
 
 # The reference string of Silberschatz et al., "Operating System Concepts": with 3 frames, LRU takes
 # 12 page faults and the optimal (Belady) policy 9.
@@ -100,7 +100,7 @@ def test_errors():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     return synth(tmp_path_factory.mktemp("synth") / "ckpt", preset="tiny", seed=0)
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import q3lab
-from q3lab import causal
+from q3lab.analysis import causal
 from q3lab.errors import InputError
-from q3lab.interventions import intervene
+from q3lab.analysis.interventions import intervene
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def mini():
 
 
 def _answer_logprob(model, tok, item) -> float:
-    from q3lab.ranking import expected_token_id
+    from q3lab.analysis.ranking import expected_token_id
     ids = torch.tensor([tok.encode(item["prompt"])])
     target = expected_token_id(tok, item["prompt"], item["expected"])
     return float(torch.log_softmax(model(ids)[0, -1], -1)[target])
@@ -84,8 +84,8 @@ def test_causal_trace_rows_equal_a_direct_patch(mini):
     item = facts[0]
     tr = causal.causal_trace(model, tok, [item], experts=True, layers=[3], min_effect=0.0)
     assert set(tr.layer) == {3} and -1 in set(tr.expert) and (tr.expert >= 0).sum() >= model.config.num_experts_per_tok
-    from q3lab.interventions import capture
-    from q3lab.ranking import expected_token_id
+    from q3lab.analysis.interventions import capture
+    from q3lab.analysis.ranking import expected_token_id
     ids = torch.tensor([tok.encode(item["prompt"])])
     target = expected_token_id(tok, item["prompt"], item["expected"])
     subj = causal.subject_positions(tok, item["prompt"], item["country"])

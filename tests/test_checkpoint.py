@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_reference import build_thinker_only, save_full
-from q3lab.checkpoint import Checkpoint, audit_checkpoint
+from q3lab.weights.checkpoint import Checkpoint, audit_checkpoint
 from q3lab.cli import main
 from q3lab.errors import CheckpointError
 

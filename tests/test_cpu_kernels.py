@@ -1,4 +1,4 @@
-"""q3lab.cpu_kernels: the bf16 decode kernels against float32 math on the same bf16 weights."""
+"""q3lab.kernels.cpu: the bf16 decode kernels against float32 math on the same bf16 weights."""
 from __future__ import annotations
 
 import shutil
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 if not (shutil.which("cc") or shutil.which("gcc")):
-    pytest.skip("no C compiler: q3lab.cpu_kernels cannot be built here", allow_module_level=True)
+    pytest.skip("no C compiler: q3lab.kernels.cpu cannot be built here", allow_module_level=True)
 
-from q3lab.cpu_kernels import KernelError, linear_bf16, moe_decode_bf16  # noqa: E402
+from q3lab.kernels.cpu import KernelError, linear_bf16, moe_decode_bf16  # noqa: E402
 
 
 def test_linear_is_float32_math_rounded_once():

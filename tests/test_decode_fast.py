@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import q3lab
-from q3lab.checkpoint import Checkpoint
-from q3lab import step
-from q3lab.model import _rms, apply_rotary, mrope_freqs, rope_cos_sin, rope_inv_freq, rope_matrix
-from q3lab.step import Rope
+from q3lab.weights.checkpoint import Checkpoint
+from q3lab.runtime import step
+from q3lab.runtime.thinker import _rms, apply_rotary, mrope_freqs, rope_cos_sin, rope_inv_freq, rope_matrix
+from q3lab.runtime.step import Rope
 
 pytest.importorskip("transformers")
 import hf_reference as R  # noqa: E402
@@ -168,7 +168,7 @@ def test_prefill_experts_equal_a_scatter_per_expert(ckpt):
 
 
 def test_rope_table_follows_inv_freq_written_in_place(ckpt):
-    """The per-cache rotary table is rebuilt when the angles change (q3lab.rope_check writes inv_freq)."""
+    """The per-cache rotary table is rebuilt when the angles change (q3lab.analysis.rope_check writes inv_freq)."""
     _, path, vocab = ckpt
     model = q3lab.load(Checkpoint(path))
     ids = _ids(vocab, 6, seed=6)

@@ -1,4 +1,4 @@
-"""Every execution path runs the one layer step (q3lab.step) and gives what `Thinker.generate` gives (issue 14):
+"""Every execution path runs the one layer step (q3lab.runtime.step) and gives what `Thinker.generate` gives (issue 14):
 
 - StaticDecoder / OffloadedDecoder `generate` with Thinker.generate's signature: batches with left padding, eos,
   sampling; greedy tokens equal Thinker.generate's on the CPU in fp32;
@@ -17,8 +17,8 @@ import torch
 
 import q3lab
 from q3lab.errors import InputError
-from q3lab.fastdecode import DeviceExpertCache, OffloadedDecoder, StaticDecoder
-from q3lab.record import record
+from q3lab.fast.decoders import DeviceExpertCache, OffloadedDecoder, StaticDecoder
+from q3lab.runtime.recording import record
 
 ROOT = Path(__file__).resolve().parent.parent
 

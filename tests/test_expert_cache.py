@@ -16,10 +16,10 @@ import torch
 
 import q3lab
 from q3lab.errors import InputError, Q3LabError
-from q3lab.experts import ExpertCache, parse_bytes
-from q3lab.policies import Policy, make_policy
-from q3lab.synth import synth
-from q3lab.weights import open_weights
+from q3lab.runtime.experts import ExpertCache, parse_bytes
+from q3lab.runtime.residency import Policy, make_policy
+from q3lab.weights.synthetic import synth
+from q3lab.weights.source import open_weights
 
 # synth "tiny": 4 layers x 8 experts, top-2, I=32, D=64, stored in bf16.
 L, E, K, I, D = 4, 8, 2, 32, 64
@@ -381,7 +381,7 @@ def test_source_vanishing_mid_run_raises_a_clear_error(ckpt, tmp_path):
 # -- memory ----------------------------------------------------------------------------------------
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
-    import torch, q3lab, q3lab.model, q3lab.weights, q3lab.experts
+    import torch, q3lab, q3lab.runtime.thinker, q3lab.weights.source, q3lab.runtime.experts
 
     def rss_anon():
         with open("/proc/self/status") as f:
@@ -391,7 +391,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
     path, capacity = sys.argv[1], int(sys.argv[2])
     base_import = rss_anon()
-    cache = q3lab.experts.ExpertCache(capacity) if capacity else None
+    cache = q3lab.runtime.experts.ExpertCache(capacity) if capacity else None
     model = q3lab.load(path, dtype=torch.bfloat16, experts=cache)
     base_loaded = rss_anon()   # dense weights only, with a cache
     peak = [base_loaded]
@@ -443,7 +443,7 @@ def test_resident_memory_stays_within_capacity(tmp_path):
 # -- command line --------------------------------------------------------------------------------
 def test_cli_generate_with_cache_prints_the_resident_models_text(ckpt, capsys):
     from q3lab.cli import main
-    from q3lab.tokenizer import load_tokenizer
+    from q3lab.base.tokenizer import load_tokenizer
     tok = load_tokenizer(ckpt)
     prompt = "The router scores all of them"
     ids = torch.tensor([tok.encode(prompt)])

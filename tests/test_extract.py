@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from hf_reference import build_thinker_only, save_full
-from q3lab.checkpoint import Checkpoint, audit_checkpoint, expected_dtype
+from q3lab.weights.checkpoint import Checkpoint, audit_checkpoint, expected_dtype
 from q3lab.cli import main
-from q3lab.config import ThinkerConfig, expert_key
+from q3lab.base.config import ThinkerConfig, expert_key
 from q3lab.errors import CheckpointError, StoreError
-from q3lab.extract import extract, verify
-from q3lab.safetensors_io import SafetensorsFile
-from q3lab.store import MANIFEST, PROGRESS, SafetensorsWriter, Store, fingerprint, numel
-from q3lab.weights import open_weights
+from q3lab.weights.extraction import extract, verify
+from q3lab.base.safetensors_io import SafetensorsFile
+from q3lab.weights.store import MANIFEST, PROGRESS, SafetensorsWriter, Store, fingerprint, numel
+from q3lab.weights.source import open_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, E, D, I = 4, 8, 64, 32  # tiny_text_config defaults, 4 layers
@@ -72,7 +72,7 @@ def tmp_files(path: Path) -> list[Path]:
 def written(monkeypatch) -> list[str]:
     """The store files an extraction (re)writes, in order (those it skips are absent)."""
     import importlib
-    x = importlib.import_module("q3lab.extract")   # the module: `q3lab.extract` is the function
+    x = importlib.import_module("q3lab.weights.extraction")   # the module: `q3lab.extract` is the function
     log: list[str] = []
     real = x._write_file
 
@@ -170,7 +170,7 @@ def test_expert_is_one_contiguous_read(full_store, monkeypatch):
         assert all(n == nbytes for _, _, n in locs)
         assert all(b[1] == a[1] + nbytes for a, b in zip(locs, locs[1:]))  # expert after expert
         assert locs[-1][1] + nbytes == locs[0][0].stat().st_size             # nothing after the last one
-    import q3lab.safetensors_io as sio
+    import q3lab.base.safetensors_io as sio
     reads = []
     real = sio.os.preadv
 
@@ -221,7 +221,7 @@ def test_thinker_only_checkpoint_without_prefix(hf_thinker, tmp_path):
 
 
 def test_model_loads_from_the_store(hf_full, full_store):
-    from q3lab.model import load
+    from q3lab.runtime.thinker import load
     ids = torch.tensor([[3, 17, 200, 5, 99, 42, 7]])
     from_store, from_ckpt = load(full_store), load(hf_full[0])
     assert isinstance(from_store.source, Store)
@@ -370,7 +370,7 @@ def test_kill_9_mid_extraction_resumes(hf_full, tmp_path, written):
     out = tmp_path / "st"
     code = (
         "import sys, time\n"
-        "import q3lab.store as s\n"
+        "import q3lab.weights.store as s\n"
         "real = s.SafetensorsWriter.append\n"
         "def slow(self, name, chunk):\n"
         "    time.sleep(0.02)\n"  # slow enough that the kill lands inside a file

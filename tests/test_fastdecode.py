@@ -9,15 +9,15 @@ import torch
 
 import q3lab
 from q3lab.errors import InputError
-from q3lab.fastdecode import DeviceExpertCache, OffloadedDecoder, StaticDecoder
-from q3lab.moe_kernels import moe_one_token_torch
+from q3lab.fast.decoders import DeviceExpertCache, OffloadedDecoder, StaticDecoder
+from q3lab.kernels.triton_moe import moe_one_token_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     return synth(tmp_path_factory.mktemp("fd") / "ckpt", "small", seed=3, progress=False)
 
 
@@ -66,7 +66,7 @@ def test_static_decoder_equals_eager_generate(path, fused, router, small_ckpt):
 
 def test_static_decoder_matches_transformers_greedy(small_ckpt):
     pytest.importorskip("transformers")
-    from q3lab.reference import load_reference_generator
+    from q3lab.oracle import load_reference_generator
     model = q3lab.load(small_ckpt, dtype=torch.float32)
     ref = load_reference_generator(small_ckpt)
     ids = _prompt(model.config.vocab_size, 7, seed=5)
@@ -99,7 +99,7 @@ def test_offloaded_decoder_is_bit_equal_to_resident(capacity, fused, small_ckpt)
 
 
 def test_fused_kernel_twins_match_plain_torch():
-    from q3lab.decode_kernels import decode_attention_torch, topk_renorm_torch
+    from q3lab.kernels.triton_decode import decode_attention_torch, topk_renorm_torch
     g = torch.Generator().manual_seed(4)
     H, K, hd, S = 8, 2, 16, 12
     q, kc, vc = torch.randn(H, hd, generator=g), torch.randn(K, S, hd, generator=g), torch.randn(K, S, hd, generator=g)
@@ -107,7 +107,7 @@ def test_fused_kernel_twins_match_plain_torch():
     want = torch.nn.functional.scaled_dot_product_attention(q.view(1, H, 1, hd), kc[None, :, :7], vc[None, :, :7],
                                                             enable_gqa=True)[0, :, 0]
     assert torch.allclose(decode_attention_torch(q, kc, vc, bias, hd ** -0.5), want, atol=1e-5)
-    from q3lab.decode_kernels import route_torch
+    from q3lab.kernels.triton_decode import route_torch
     h, wr = torch.randn(hd, generator=g), torch.randn(40, hd, generator=g)
     p = torch.softmax(wr @ h, 0)
     _, ids_r, w_r = route_torch(h, wr, 5, True)

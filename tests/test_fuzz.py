@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from q3lab.checkpoint import Checkpoint, audit_checkpoint
+from q3lab.weights.checkpoint import Checkpoint, audit_checkpoint
 from q3lab.cli import main
 from q3lab.errors import Q3LabError
 
@@ -417,7 +417,7 @@ def _alarm(signum, frame):
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     path = synth(tmp_path_factory.mktemp("fuzz") / "ckpt", "tiny", seed=5, layers=2, progress=False)
     shards = sorted(p.name for p in path.glob("model-*.safetensors"))
     files = {name: (path / name).read_bytes() for name in [*shards, INDEX, "config.json"]}
@@ -546,10 +546,10 @@ def corpus(tmp_path_factory):
     import shutil
 
     import q3lab
-    from q3lab.extract import extract
-    from q3lab.record import save_trace, trace_prompts
-    from q3lab.synth import synth
-    from q3lab.tokenizer import load_tokenizer
+    from q3lab.weights.extraction import extract
+    from q3lab.runtime.recording import save_trace, trace_prompts
+    from q3lab.weights.synthetic import synth
+    from q3lab.base.tokenizer import load_tokenizer
     root = tmp_path_factory.mktemp("property")
     ck = synth(root / "ck", "tiny", seed=5, layers=2, progress=False)
     store = extract(ck, root / "store", progress=False)
@@ -606,7 +606,7 @@ def test_no_cli_command_ends_in_a_traceback_on_mutated_inputs(corpus, tmp_path_f
     import shutil
 
     from q3lab.errors import InputError
-    from q3lab.record import load_trace
+    from q3lab.runtime.recording import load_trace
     kind, rel = target
     work = tmp_path_factory.mktemp("example")
     if kind == "journal":

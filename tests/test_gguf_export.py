@@ -11,12 +11,12 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from q3lab.checkpoint import Checkpoint  # noqa: E402
+from q3lab.weights.checkpoint import Checkpoint  # noqa: E402
 from q3lab.cli import main  # noqa: E402
-from q3lab.config import expert_key  # noqa: E402
+from q3lab.base.config import expert_key  # noqa: E402
 from q3lab.errors import CheckpointError, InputError  # noqa: E402
-from q3lab.extract import extract  # noqa: E402
-from q3lab.llamacpp import export_gguf, read_vocab  # noqa: E402
+from q3lab.weights.extraction import extract  # noqa: E402
+from q3lab.weights.gguf import export_gguf, read_vocab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "data" / "mini"

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import q3lab
-from q3lab.checkpoint import Checkpoint
+from q3lab.weights.checkpoint import Checkpoint
 from q3lab.errors import InputError
-from q3lab.interventions import capture, intervene
+from q3lab.analysis.interventions import capture, intervene
 
 pytest.importorskip("transformers")
 import hf_reference as R  # noqa: E402

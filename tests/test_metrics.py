@@ -1,4 +1,4 @@
-"""q3lab.metrics on hand-made traces whose answers are worked out by hand in each test."""
+"""q3lab.analysis.metrics on hand-made traces whose answers are worked out by hand in each test."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from q3lab import metrics as M
+from q3lab.analysis import metrics as M
 from q3lab.errors import InputError
 
 

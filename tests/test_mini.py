@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import q3lab
-from q3lab.checkpoint import Checkpoint, audit_checkpoint
-from q3lab.config import ThinkerConfig
-from q3lab.tokenizer import load_tokenizer
+from q3lab.weights.checkpoint import Checkpoint, audit_checkpoint
+from q3lab.base.config import ThinkerConfig
+from q3lab.base.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "data" / "mini"

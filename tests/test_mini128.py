@@ -1,6 +1,6 @@
 """The shipped mini128 model (data/mini128: 48 layers x 128 experts, top-8) and its router-saturation probes:
 intact files, the real expert topology, held-out facts ranked first and no dead expert by q3lab itself, and
-q3lab.saturation against a hand computation and on the shipped probes."""
+q3lab.analysis.saturation against a hand computation and on the shipped probes."""
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import q3lab
-from q3lab.checkpoint import Checkpoint, audit_checkpoint
-from q3lab.config import ThinkerConfig
+from q3lab.weights.checkpoint import Checkpoint, audit_checkpoint
+from q3lab.base.config import ThinkerConfig
 from q3lab.errors import InputError
-from q3lab.saturation import load_probes, plot_saturation, router_saturation
-from q3lab.tokenizer import load_tokenizer
+from q3lab.analysis.saturation import load_probes, plot_saturation, router_saturation
+from q3lab.base.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 M128 = ROOT / "data" / "mini128"

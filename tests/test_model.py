@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import q3lab
-from q3lab.checkpoint import Checkpoint
+from q3lab.weights.checkpoint import Checkpoint
 from q3lab.errors import CheckpointError, InputError
-from q3lab.model import load, mrope_freqs, rope_inv_freq
+from q3lab.runtime.thinker import load, mrope_freqs, rope_inv_freq
 
 pytest.importorskip("transformers")
 import hf_reference as R  # noqa: E402

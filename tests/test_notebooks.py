@@ -10,10 +10,10 @@ import pytest
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-import q3lab.notebooks as nbk  # noqa: E402
+import q3lab.viz.notebooks as nbk  # noqa: E402
 from q3lab.cli import main  # noqa: E402
 from q3lab.errors import InputError  # noqa: E402
-from q3lab.plots import save_figure  # noqa: E402
+from q3lab.viz.plots import save_figure  # noqa: E402
 
 SOURCES = sorted(nbk.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
 
@@ -161,5 +161,5 @@ def test_routing_notebooks_run_again_on_a_second_model_or_say_why_not(tmp_path, 
     (tmp_path / "06_c.py").write_text('# %% tags=["parameters"]\ncheckpoint = "x"\n')
     runs = nbk._second_model_runs(sources, tmp_path / "out", {})
     assert runs[1] == (None, "06_c on mini128", "06_c.py has no `model_name` parameter (it names the figures "
-                       "of a second model: see q3lab.notebooks.FigureSaver)")
+                       "of a second model: see q3lab.viz.notebooks.FigureSaver)")
     assert nbk._declares(nbk.NOTEBOOKS_DIR / "05_expert_diversity.py", "model_name")

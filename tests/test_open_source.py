@@ -1,4 +1,4 @@
-"""One way in to weights: `q3lab.weights.open_source` opens a checkpoint folder or a store and applies the audit
+"""One way in to weights: `q3lab.weights.source.open_source` opens a checkpoint folder or a store and applies the audit
 gate; `q3lab.load`, `notebooks.open_checked`, `q3lab.extract` and the transformers oracle go through it."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import q3lab
-import q3lab.weights as weights
-from q3lab.checkpoint import INDEX, Checkpoint
+import q3lab.weights.source as weights
+from q3lab.weights.checkpoint import INDEX, Checkpoint
 from q3lab.errors import CheckpointError
-from q3lab.store import Store
-from q3lab.weights import WeightSource, open_source
+from q3lab.weights.store import Store
+from q3lab.weights.source import WeightSource, open_source
 
 NORM = "model.layers.1.post_attention_layernorm.weight"      # canonical name; the checkpoint key has thinker.
 
@@ -58,7 +58,7 @@ def test_open_source_opens_each_kind_and_is_idempotent(ckpt, tmp_path, audits):
 
 
 def test_every_caller_refuses_a_failed_audit_with_the_same_message(broken, tmp_path):
-    from q3lab.notebooks import open_checked
+    from q3lab.viz.notebooks import open_checked
     with pytest.raises(CheckpointError) as err:
         open_source(broken)
     msg = str(err.value)
@@ -83,7 +83,7 @@ def test_every_caller_refuses_a_failed_audit_with_the_same_message(broken, tmp_p
 
 def test_the_reference_generator_opens_once_and_builds_one_model(ckpt, monkeypatch):
     pytest.importorskip("transformers")
-    import q3lab.reference as reference
+    import q3lab.oracle as reference
     opened = []
     real_open = Checkpoint.open.__func__
     monkeypatch.setattr(Checkpoint, "open", classmethod(lambda cls, p: (opened.append(p), real_open(cls, p))[1]))

@@ -1,4 +1,4 @@
-"""q3lab.plots: byte-identical saves, plotted values equal the metric frames, figures from a synthetic trace."""
+"""q3lab.viz.plots: byte-identical saves, plotted values equal the metric frames, figures from a synthetic trace."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,15 +7,16 @@ import pytest
 import torch
 
 import q3lab
-from q3lab import cachesim, metrics, plots
+from q3lab.analysis import cachesim, metrics
+from q3lab.viz import plots
 from q3lab.errors import InputError
-from q3lab.lens import logit_lens
-from q3lab.record import record
+from q3lab.analysis.lens import logit_lens
+from q3lab.runtime.recording import record
 
 
 @pytest.fixture(scope="module")
 def trace_and_model(tmp_path_factory):
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     path = synth(tmp_path_factory.mktemp("synth") / "ckpt", preset="tiny", seed=1)
     model = q3lab.load(path)
     g = torch.Generator().manual_seed(0)

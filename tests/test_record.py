@@ -1,4 +1,4 @@
-"""q3lab.record and q3lab.lens against transformers: router choices, weights, probs; prompts, decode steps, padding,
+"""q3lab.record and q3lab.analysis.lens against transformers: router choices, weights, probs; prompts, decode steps, padding,
 files; logit lens vs the reference hidden states."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import q3lab
-from q3lab.checkpoint import Checkpoint
+from q3lab.weights.checkpoint import Checkpoint
 from q3lab.errors import InputError
-from q3lab.record import load_trace, record, save_trace
+from q3lab.runtime.recording import load_trace, record, save_trace
 
 pytest.importorskip("transformers")
 import hf_reference as R  # noqa: E402
@@ -180,9 +180,9 @@ def test_save_load_round_trip(pair, tmp_path, suffix):
         save_trace(f.drop(columns="expert"), tmp_path / "t.parquet")
 
 
-# -- logit lens (q3lab.lens): checked here against the same transformers reference ---------------------
+# -- logit lens (q3lab.analysis.lens): checked here against the same transformers reference ---------------------
 def test_logit_lens_equals_reference_hidden_states(pair):
-    from q3lab.lens import lens_logits, logit_lens, residual_stream
+    from q3lab.analysis.lens import lens_logits, logit_lens, residual_stream
     ref, ours = pair
     ids = _ids((1, 9), seed=9)
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_logit_lens_equals_reference_hidden_states(pair):
 
 
 def test_logit_lens_next_token_target(pair):
-    from q3lab.lens import logit_lens
+    from q3lab.analysis.lens import logit_lens
     _, ours = pair
     ids = _ids((2, 5), seed=10)
     f = logit_lens(ours, ids, target_token="next", top=1)
@@ -235,8 +235,8 @@ def test_logit_lens_next_token_target(pair):
 # -- q3lab trace (CLI) -------------------------------------------------------------------------------
 def test_cli_trace_writes_a_trace_equal_to_recording_directly(tmp_path):
     from q3lab.cli import main
-    from q3lab.synth import synth
-    from q3lab.tokenizer import load_tokenizer
+    from q3lab.weights.synthetic import synth
+    from q3lab.base.tokenizer import load_tokenizer
     ckpt = synth(tmp_path / "ckpt", preset="tiny", seed=2)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "experts route tokens", "domain": "prose"}\n\n'

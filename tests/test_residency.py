@@ -1,4 +1,4 @@
-"""One residency engine (`q3lab.policies.Residency`) behind the host cache, the device cache and the simulator:
+"""One residency engine (`q3lab.runtime.residency.Residency`) behind the host cache, the device cache and the simulator:
 the simulator's hit/miss sequence equals each live cache's, access by access, for every policy, capacity,
 per-layer budget and pinned set, on real model runs (a tiny synthetic checkpoint) and on random traces."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import q3lab
-from q3lab.cachesim import simulate
-from q3lab.experts import ExpertCache
+from q3lab.analysis.cachesim import simulate
+from q3lab.runtime.experts import ExpertCache
 
 POLICIES = ("lru", "lfu", "score", "belady")
 # synth "tiny" cut to 3 layers: 3 layers x 8 experts, top-2
@@ -63,7 +63,7 @@ def _belady_trace(policy, trace):
 def test_the_simulator_replays_the_host_cache_access_by_access(ckpt, trace, policy):
     """Every policy, capacities from top-k to everything, shared and per-layer budgets, with and without pins:
     the simulated hit/miss sequence is the live one, and so are the totals `simulate` reports."""
-    from q3lab.cachesim import replay
+    from q3lab.analysis.cachesim import replay
     cases = [(c, False, None) for c in (K, 3, 7, 12, L * E)] + [(c, True, None) for c in (K, 3, 5, E)] + \
         [(6, False, [(0, 1), (2, 5)]), (4, True, [(1, 0), (1, 3)])]
     for cap, per_layer, pinned in cases:
@@ -91,7 +91,7 @@ def _offloaded(ckpt, dtype=torch.bfloat16):
 
 @pytest.fixture(scope="module")
 def resident_tokens(ckpt):
-    from q3lab.fastdecode import StaticDecoder
+    from q3lab.fast.decoders import StaticDecoder
     model, _ = _offloaded(ckpt)
     return StaticDecoder(model, 32).generate(BATCH[:1], 12)
 
@@ -100,9 +100,9 @@ def resident_tokens(ckpt):
 def test_the_device_cache_runs_every_policy_bit_equal_and_the_simulator_replays_it(ckpt, resident_tokens, policy):
     """OffloadedDecoder (on the CPU here) with a DeviceExpertCache of each policy, with and without pins: tokens
     equal to the resident decoder's, slots holding the host's experts, and the simulator's hits the live ones."""
-    from q3lab.cachesim import replay
-    from q3lab.device_cache import DeviceExpertCache
-    from q3lab.fastdecode import OffloadedDecoder
+    from q3lab.analysis.cachesim import replay
+    from q3lab.fast.device_cache import DeviceExpertCache
+    from q3lab.fast.decoders import OffloadedDecoder
     model, host = _offloaded(ckpt)
     dev_trace = None
     if policy == "belady":   # the access sequence of this very run, logged by an LRU cache first
@@ -143,9 +143,9 @@ def test_host_cache_device_cache_and_simulator_agree_on_random_traces(ckpt, seed
     """Random layer calls served by an ExpertCache (bound to the checkpoint) and by a DeviceExpertCache (random
     host tensors): for every policy and capacity, both give the same hit sequence as the simulator, and the
     device slots hold the experts asked for."""
-    from q3lab.cachesim import replay
-    from q3lab.device_cache import DeviceExpertCache
-    from q3lab.weights import open_source
+    from q3lab.analysis.cachesim import replay
+    from q3lab.fast.device_cache import DeviceExpertCache
+    from q3lab.weights.source import open_source
     groups = _random_groups(seed, 60, 3)
     keys = [(layer, e) for layer, experts, _ in groups for e in experts]
     g = torch.Generator().manual_seed(100 + seed)
@@ -180,7 +180,7 @@ def test_residency_counts_by_hand():
     """Capacity 3, LFU. Calls: L0 {0, 1}, L1 {0}, L0 {0, 2}, L0 {1}. At (0,2): resident (0,0) 2 uses,
     (0,1) 1 use, (1,0) 1 use, (0,0) in this call: of the two 1-use keys the least recent, (0,1), goes; then
     (0,1) misses and evicts (1,0) (1 use, older than (0,2))."""
-    from q3lab.policies import Residency
+    from q3lab.runtime.residency import Residency
     res = Residency(3, layers=2, experts=4, policy="lfu", log_accesses=True)
     hits = []
     for layer, experts in [(0, [0, 1]), (1, [0]), (0, [0, 2]), (0, [1])]:
@@ -193,9 +193,9 @@ def test_residency_counts_by_hand():
 
 
 def test_device_cache_refusals(ckpt):
-    from q3lab.device_cache import DeviceExpertCache
+    from q3lab.fast.device_cache import DeviceExpertCache
     from q3lab.errors import InputError
-    from q3lab.fastdecode import OffloadedDecoder
+    from q3lab.fast.decoders import OffloadedDecoder
     model, host = _offloaded(ckpt)
     cache = DeviceExpertCache(*host, capacity=3, device="cpu", pinned=[(0, 0), (0, 1)])
     with pytest.raises(InputError, match="needs 2 experts at once but the cache holds 3 minus 2 pinned"):
@@ -219,9 +219,9 @@ def test_the_device_cache_on_cuda_is_bit_equal_with_every_policy(ckpt, policy):
     """On a GPU: copies on the side stream, segment graphs, slots reused under every policy and with pins: the
     offloaded decoder's tokens and KV cache equal the resident decoder's bit for bit, and the simulator
     replays the cache's log."""
-    from q3lab.cachesim import replay
-    from q3lab.device_cache import DeviceExpertCache
-    from q3lab.fastdecode import OffloadedDecoder, StaticDecoder
+    from q3lab.analysis.cachesim import replay
+    from q3lab.fast.device_cache import DeviceExpertCache
+    from q3lab.fast.decoders import OffloadedDecoder, StaticDecoder
     model = q3lab.load(ckpt, dtype=torch.bfloat16, device="cuda")
     ids = BATCH[:1].cuda()
     res = StaticDecoder(model, 40)

@@ -10,12 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from q3lab.checkpoint import Checkpoint, audit_checkpoint
+from q3lab.weights.checkpoint import Checkpoint, audit_checkpoint
 from q3lab.cli import main
-from q3lab.config import ThinkerConfig
+from q3lab.base.config import ThinkerConfig
 from q3lab.errors import InputError
-from q3lab.synth import preset_config, split_shards, synth, tensor_plan
-from q3lab.tokenizer import load_tokenizer
+from q3lab.weights.synthetic import preset_config, split_shards, synth, tensor_plan
+from q3lab.base.tokenizer import load_tokenizer
 
 INDEX = "model.safetensors.index.json"
 
@@ -154,7 +154,7 @@ def test_expert_matrices_are_consecutive_and_shards_explicit(make_ckpt):
 
 def test_interrupted_run_resumes_to_the_same_bytes(tiny_ckpt, make_ckpt, tmp_path, monkeypatch):
     import importlib
-    synth_mod = importlib.import_module("q3lab.synth")
+    synth_mod = importlib.import_module("q3lab.weights.synthetic")
     ckpt = make_ckpt("tiny", seed=0)
     (ckpt / "model-00002-of-00003.safetensors").unlink()
     real, calls = synth_mod.make_tensor, [0]

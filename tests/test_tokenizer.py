@@ -1,4 +1,4 @@
-"""q3lab.tokenizer: byte-level BPE round trips, Qwen-style special ids, loading both folder layouts (checked
+"""q3lab.base.tokenizer: byte-level BPE round trips, Qwen-style special ids, loading both folder layouts (checked
 against transformers' Qwen2Tokenizer), and the vocabulary-vs-embedding check."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from q3lab.errors import CheckpointError, InputError
-from q3lab.tokenizer import QWEN_SPECIALS, check_vocab, load_tokenizer, save_tokenizer, train_bpe
+from q3lab.base.tokenizer import QWEN_SPECIALS, check_vocab, load_tokenizer, save_tokenizer, train_bpe
 
 CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3,
           "Routing decides which experts see each token; 128 experts, 8 active. ",

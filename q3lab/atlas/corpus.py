@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import InputError
+from q3lab.errors import InputError
 
 
 @dataclass(frozen=True)

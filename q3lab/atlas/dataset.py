@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from q3lab.errors import InputError
 
 FORMAT = "q3lab-atlas/1"
 COLUMNS = ("doc_id", "token_index", "token", "domain", "experts", "weights")

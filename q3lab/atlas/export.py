@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .dataset import Dataset, open_dataset
-from .queries import stream
+from q3lab.atlas.dataset import Dataset, open_dataset
+from q3lab.atlas.queries import stream
 
 
 def export_routed_experts(dataset: Dataset | str | Path, out: str | Path, *, batch_rows: int = 65536) -> Path:

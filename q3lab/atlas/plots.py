@@ -1,5 +1,5 @@
 """Figures of the routing atlas (notebook 06): one function per analysis frame, each a matplotlib Figure with
-the uniform-routing baseline drawn in grey dashes. Save with `q3lab.plots.save_figure` (byte-reproducible)."""
+the uniform-routing baseline drawn in grey dashes. Save with `q3lab.viz.plots.save_figure` (byte-reproducible)."""
 from __future__ import annotations
 
 import numpy as np

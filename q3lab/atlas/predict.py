@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..model import _rms
-from ..record import record
-from .tracing import _encode_corpus
+from q3lab.runtime.thinker import _rms
+from q3lab.runtime.recording import record
+from q3lab.atlas.tracing import _encode_corpus
 
 
 def _topk_hits(pred_scores: torch.Tensor, actual: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
-from .dataset import Dataset, open_dataset
+from q3lab.errors import InputError
+from q3lab.atlas.dataset import Dataset, open_dataset
 
 BATCH_ROWS = 16384
 
@@ -566,7 +566,7 @@ def access_chunks(ds: Dataset | str | Path, *, max_tokens: int, layers: Sequence
                   batch_rows: int = 4096) -> Iterator[pd.DataFrame]:
     """The decode-order access sequence of the first `max_tokens` tokens, in chunks streamed from DuckDB:
     frames of group, layer, expert, weight (one group per token and layer, experts ascending within it:
-    what `q3lab.cachesim.access_sequence(trace, "decode")` makes of a trace)."""
+    what `q3lab.analysis.cachesim.access_sequence(trace, "decode")` makes of a trace)."""
     ds = _ds(ds)
     L, A = ds.num_layers, ds.top_k
     sel = np.arange(L) if layers is None else np.asarray(list(layers))
@@ -586,7 +586,7 @@ def access_chunks(ds: Dataset | str | Path, *, max_tokens: int, layers: Sequence
 def hit_rate_curves(ds: Dataset | str | Path, capacities: Sequence[int],
                     policies: Sequence[str] = ("lru", "lfu", "score", "belady"), *, per_layer: bool = True,
                     max_tokens: int = 2048, layers: Sequence[int] | None = None) -> pd.DataFrame:
-    """Hit rate against capacity for each eviction policy (q3lab.cachesim.simulate, Belady included), on the
+    """Hit rate against capacity for each eviction policy (q3lab.analysis.cachesim.simulate, Belady included), on the
     decode-order accesses of the first `max_tokens` tokens.
 
     per_layer=True: one cache of `capacity` experts per layer, each layer's sequence simulated on its own
@@ -595,7 +595,7 @@ def hit_rate_curves(ds: Dataset | str | Path, capacities: Sequence[int],
     uniform routing hits c/E, whatever the policy). The sample is bounded because the replay is
     Python-speed (~1 us per access and policy) and Belady needs the whole sequence's future.
     """
-    from ..cachesim import simulate
+    from q3lab.analysis.cachesim import simulate
     ds = _ds(ds)
     L, E = ds.num_layers, ds.num_experts
     # the sample's accesses, streamed once in chunks (bounded by max_tokens, not by the dataset)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from .dataset import FORMAT, DatasetWriter, routing_table
-from .tracing import plan_parts
+from q3lab.errors import InputError
+from q3lab.atlas.dataset import FORMAT, DatasetWriter, routing_table
+from q3lab.atlas.tracing import plan_parts
 
 
 def synthetic_dataset(out: str | Path, tokens: int, *, layers: int = 48, top_k: int = 8, experts: int = 128,

@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..errors import InputError
-from ..record import record
-from .corpus import corpus_sha256, read_corpus
-from .dataset import FORMAT, DatasetWriter, logits_schema, open_dataset, part_name, routing_table, sha256_file
+from q3lab.errors import InputError
+from q3lab.runtime.recording import record
+from q3lab.atlas.corpus import corpus_sha256, read_corpus
+from q3lab.atlas.dataset import FORMAT, DatasetWriter, logits_schema, open_dataset, part_name, routing_table, sha256_file
 
 DEFAULT_PART_TOKENS = 65536
 
@@ -269,8 +269,8 @@ def trace(checkpoint: str | Path, corpus: str | Path, out: str | Path, *, device
     Under torchrun (WORLD_SIZE > 1) it joins the process group (gloo on CPU, nccl on CUDA), uses GPU
     LOCAL_RANK, and waits at a barrier for every rank, so rank 0 can report the whole dataset.
     """
-    from ..model import load
-    from ..tokenizer import load_tokenizer
+    from q3lab.runtime.thinker import load
+    from q3lab.base.tokenizer import load_tokenizer
     rank, world, dist = resolve_shard(shard)
     if dist:
         import torch.distributed as tdist

@@ -40,7 +40,7 @@ def e2e_out() -> Path:
 @pytest.fixture(scope="session")
 def lab_root(tmp_path_factory) -> Path:
     """The folder JupyterLab serves: notebooks/ (copies), ckpt/ (synthetic), prompts.jsonl, figures/, out/."""
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     root = tmp_path_factory.mktemp("lab")
     synth(root / "ckpt", "tiny", seed=0, progress=False)
     # Prompts in the embedded sets' format (facts: expected; domains: domain), two per domain so that 05's

@@ -12,7 +12,7 @@ import pytest
 import q3lab
 from faultkit import (cli, copy_ckpt, edit_header, index, read_shard, repack_shard, shard_of, snapshot,
                       write_index, write_shard)
-from q3lab.checkpoint import Checkpoint
+from q3lab.weights.checkpoint import Checkpoint
 from q3lab.errors import CheckpointError
 
 NORM = "thinker.model.layers.1.post_attention_layernorm.weight"   # the kind of tensor the earlier attempt faked
@@ -157,7 +157,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def good_store(tiny_ckpt, tmp_path_factory) -> Path:
-    from q3lab.extract import extract
+    from q3lab.weights.extraction import extract
     return extract(tiny_ckpt, tmp_path_factory.mktemp("good") / "store", progress=False)
 
 

@@ -22,14 +22,14 @@ import pytest
 
 import q3lab
 from faultkit import INDEX, cli, copy_ckpt, index, read_shard, snapshot, write_index, write_shard
-from q3lab import jsonio
-from q3lab.checkpoint import Checkpoint, audit_checkpoint
-from q3lab.config import ThinkerConfig
+from q3lab.base import jsonio
+from q3lab.weights.checkpoint import Checkpoint, audit_checkpoint
+from q3lab.base.config import ThinkerConfig
 from q3lab.errors import CheckpointError, InputError, StoreError
-from q3lab.extract import extract
-from q3lab.record import load_trace, read_prompts
-from q3lab.store import MANIFEST, PROGRESS
-from q3lab.tokenizer import load_tokenizer
+from q3lab.weights.extraction import extract
+from q3lab.runtime.recording import load_trace, read_prompts
+from q3lab.weights.store import MANIFEST, PROGRESS
+from q3lab.base.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -85,7 +85,7 @@ def test_exit_statuses_mean_one_thing_each(ck, capsys, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("an injected bug\nsecond line")
-    monkeypatch.setattr("q3lab.checkpoint.audit_checkpoint", boom)
+    monkeypatch.setattr("q3lab.weights.checkpoint.audit_checkpoint", boom)
     monkeypatch.delenv("Q3LAB_DEBUG", raising=False)
     rc, _, err = cli(capsys, "audit", ck)
     line = one_line(err)
@@ -100,7 +100,7 @@ def test_exit_statuses_mean_one_thing_each(ck, capsys, monkeypatch):
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr("q3lab.checkpoint.audit_checkpoint", interrupt)
+    monkeypatch.setattr("q3lab.weights.checkpoint.audit_checkpoint", interrupt)
     rc, _, err = cli(capsys, "audit", ck)
     assert rc == 130 and one_line(err) == "q3lab audit: interrupted"
 
@@ -190,7 +190,7 @@ def test_unreadable_inputs_exit_2_naming_the_file(ck, capsys, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *a, **k)
     monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr("q3lab.safetensors_io._open_header", fake_open)   # shard headers' own descriptor
+    monkeypatch.setattr("q3lab.base.safetensors_io._open_header", fake_open)   # shard headers' own descriptor
     for name, argv, status in [("config.json", ["audit", ck], 2), (INDEX, ["audit", ck], 2),
                                (shard, ["audit", ck], 1),
                                ("tokenizer_config.json", ["generate", ck, "--prompt", "hi", "--max-new-tokens", "1"], 2),
@@ -506,7 +506,7 @@ def test_trace_bad_destinations_are_refused_before_tracing(store, tmp_path, caps
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir.parquet").mkdir()
     calls = []
-    monkeypatch.setattr(sys.modules["q3lab.record"], "trace_prompts", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(sys.modules["q3lab.runtime.recording"], "trace_prompts", lambda *a, **k: calls.append(1))
     for out, message in [(tmp_path / "afile" / "x.parquet", f"cannot write the trace: {tmp_path / 'afile'} is not a folder"),
                          (tmp_path / "adir.parquet", "is a folder; give a trace file name"),
                          (tmp_path / "x.txt", "unknown trace format '.txt'")]:
@@ -526,7 +526,7 @@ def test_prompt_ids_keep_their_type(tmp_path):
 # -- 8. corrupt traces -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def good_traces(store, tmp_path_factory):
-    from q3lab.record import save_trace, trace_prompts
+    from q3lab.runtime.recording import save_trace, trace_prompts
     model = q3lab.load(store)
     tok = load_tokenizer(store)
     frame = trace_prompts(model, tok, [{"id": "a", "prompt": "hello world", "line": 1}], progress=False).to_frame()

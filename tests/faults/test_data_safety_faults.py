@@ -2,8 +2,8 @@
 no wrong number passes silently (a source changed under a read, an fp16 overflow, nan/inf weights).
 
 Each test reproduces one row of the adversarial report on real files (synthetic checkpoints) and checks the
-class at its shared mechanism: `q3lab.outdir` / `q3lab.store.write_atomic` for writes, the header identity of
-`ShardReader` / `read_span` for reads, `q3lab.finite` for non-finite values."""
+class at its shared mechanism: `q3lab.weights.outdir` / `q3lab.weights.store.write_atomic` for writes, the header identity of
+`ShardReader` / `read_span` for reads, `q3lab.runtime.finite` for non-finite values."""
 from __future__ import annotations
 
 import errno
@@ -25,16 +25,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import q3lab.store as store_mod
+import q3lab.weights.store as store_mod
 from faultkit import INDEX, bytes_in, cli, copy_ckpt, read_shard, shard_of, snapshot, tmp_files, write_shard
-from q3lab.checkpoint import Checkpoint
+from q3lab.weights.checkpoint import Checkpoint
 from q3lab.errors import CheckpointError, Q3LabError
-from q3lab.extract import extract, verify
-from q3lab.finite import NonFiniteError, tensor_stats
-from q3lab.outdir import MARKER, OutputError
-from q3lab.record import load_trace, save_trace
-from q3lab.store import MANIFEST, PROGRESS, write_atomic
-from q3lab.synth import synth
+from q3lab.weights.extraction import extract, verify
+from q3lab.runtime.finite import NonFiniteError, tensor_stats
+from q3lab.weights.outdir import MARKER, OutputError
+from q3lab.runtime.recording import load_trace, save_trace
+from q3lab.weights.store import MANIFEST, PROGRESS, write_atomic
+from q3lab.weights.synthetic import synth
 
 REPO = Path(__file__).resolve().parents[2]
 MINI = REPO / "data" / "mini"
@@ -153,7 +153,7 @@ def test_a_planted_tmp_symlink_is_not_followed(tmp_path):
 def test_interrupted_noop_rerun_keeps_the_store_published(when, tiny_ckpt, store, tmp_path, monkeypatch):
     """Row 27: Ctrl-C during a rerun into a finished store, while it re-hashes its files: the manifest stays,
     the store is byte-identical and verifies (it used to lose manifest.json)."""
-    extract_mod = importlib.import_module("q3lab.extract")
+    extract_mod = importlib.import_module("q3lab.weights.extraction")
     out = copy_ckpt(store, tmp_path / "store")
     before = snapshot(out)
     if when == "manifest_rewrite":   # nothing is rewritten, so the manifest is never even written again
@@ -229,7 +229,7 @@ def small_store(tmp_path_factory) -> tuple[Path, Path]:
 
 
 class DiskFull:
-    """`open` inside q3lab.store, where files opened for writing take `budget` bytes in all, then ENOSPC."""
+    """`open` inside q3lab.weights.store, where files opened for writing take `budget` bytes in all, then ENOSPC."""
 
     def __init__(self, budget: int):
         self.left, self._open = budget, open
@@ -328,7 +328,7 @@ def test_audit_csv_destinations(tiny_ckpt, tmp_path, monkeypatch, capsys):
 def test_unreadable_source_file_is_blamed_on_the_source(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Row 32: the source tokenizer.json cannot be read: the error names it and "cannot read", not the
     destination (`copy_file_atomic` used to report "OUT/tokenizer.json: cannot write"). As root, where mode
-    000 does not stop a read, the read is made to fail inside q3lab.store instead."""
+    000 does not stop a read, the read is made to fail inside q3lab.weights.store instead."""
     ckpt = copy_ckpt(tiny_ckpt, tmp_path / "ckpt")
     src = ckpt / "tokenizer.json"
     src.chmod(0)
@@ -398,7 +398,7 @@ def test_store_file_replaced_under_an_open_store(store, tmp_path):
     rewritten under an open store (same bytes, new inode and mtime) is refused naming it; after close() the
     reads equal the values read before."""
     from q3lab.errors import StoreError
-    from q3lab.store import Store
+    from q3lab.weights.store import Store
     out = copy_ckpt(store, tmp_path / "store")
     st = Store.open(out)
     want, want_dense = st.expert(2, 5), st.get("model.norm.weight")
@@ -534,7 +534,7 @@ def test_audit_deep_reports_stats_and_nonfinite_tensors(tiny_ckpt, poisoned, tmp
     """`q3lab audit --deep`: per-tensor min/max/mean/std/nan/inf equal to a numpy computation on the
     safetensors library's read, also when streamed in chunks far smaller than a tensor; a poisoned tensor makes
     it exit 1 naming it, with the exact count, in the table and in --csv (plain audit: exit 0)."""
-    finite_mod = importlib.import_module("q3lab.finite")
+    finite_mod = importlib.import_module("q3lab.runtime.finite")
     monkeypatch.setattr(finite_mod, "_CHUNK_BYTES", 4096)   # the embedding (64 KiB) takes 16 chunks
     ck = Checkpoint(tiny_ckpt)
     keys = [("thinker." + n, ck.shard_of(n)) for n in ("model.embed_tokens.weight", "model.norm.weight",

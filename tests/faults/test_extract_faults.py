@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import q3lab.store as store_mod
+import q3lab.weights.store as store_mod
 from faultkit import bytes_in, cli, copy_ckpt, inodes, snapshot, tmp_files
 from q3lab.errors import StoreError
-from q3lab.extract import extract, verify
-from q3lab.store import MANIFEST, PROGRESS, Store
-from q3lab.weights import open_weights
+from q3lab.weights.extraction import extract, verify
+from q3lab.weights.store import MANIFEST, PROGRESS, Store
+from q3lab.weights.source import open_weights
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> tuple[Path, Path]:
     """A 29 MB checkpoint (synth small, 8 layers: 13 store files) and its store extracted without faults."""
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     root = tmp_path_factory.mktemp("small")
     ckpt = synth(root / "ckpt", "small", seed=3, progress=False)
     return ckpt, extract(ckpt, root / "reference", progress=False)
@@ -116,7 +116,7 @@ def test_injected_crash_in_every_file_then_rerun_completes(tiny_ckpt, tiny_store
 
 # -- disk full --------------------------------------------------------------------------------------
 class DiskFull:
-    """A stand-in for `open` inside q3lab.store: files opened for writing take `budget` bytes in all, then
+    """A stand-in for `open` inside q3lab.weights.store: files opened for writing take `budget` bytes in all, then
     raise ENOSPC, like a disk filling up (the bytes before the limit are written, as a real disk would)."""
 
     def __init__(self, budget: int):
@@ -311,7 +311,7 @@ def test_flipped_byte_in_checkpoint_data_is_invisible_to_the_audit(tiny_ckpt, tm
     """Honest limit: safetensors has no checksums, so the checkpoint reader cannot see a flipped data byte;
     the store's sha256, taken at extraction, catches any later change."""
     from faultkit import read_shard, shard_of
-    from q3lab.checkpoint import Checkpoint
+    from q3lab.weights.checkpoint import Checkpoint
     path = copy_ckpt(tiny_ckpt, tmp_path / "ckpt")
     key = "thinker.model.layers.0.mlp.experts.1.gate_proj.weight"
     shard = shard_of(path, key)

@@ -13,9 +13,9 @@ import torch
 import q3lab
 from faultkit import cli, copy_ckpt, snapshot
 from q3lab.errors import CheckpointError, InputError, StoreError
-from q3lab.experts import ExpertCache
-from q3lab.extract import extract, verify
-from q3lab.store import MANIFEST, Store
+from q3lab.runtime.experts import ExpertCache
+from q3lab.weights.extraction import extract, verify
+from q3lab.weights.store import MANIFEST, Store
 
 V, MAX_POS, TOP_K = 512, 2048, 2  # the tiny preset
 

@@ -1,5 +1,5 @@
 """Notebooks pointed at the wrong folder: the papermill run fails in the first cell after the parameters (the
-one calling `q3lab.notebooks.open_checked`), with the audit's message, and `q3lab notebooks` exits 2."""
+one calling `q3lab.viz.notebooks.open_checked`), with the audit's message, and `q3lab notebooks` exits 2."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from faultkit import cli, copy_ckpt, index, write_index
 from q3lab.errors import CheckpointError
-from q3lab.notebooks import NOTEBOOKS_DIR, open_checked
+from q3lab.viz.notebooks import NOTEBOOKS_DIR, open_checked
 
 NORM = "thinker.model.layers.1.post_attention_layernorm.weight"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))

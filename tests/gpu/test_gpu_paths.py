@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import q3lab
-from q3lab import step
-from q3lab.fastdecode import DeviceExpertCache, OffloadedDecoder, StaticDecoder
-from q3lab.record import record
+from q3lab.runtime import step
+from q3lab.fast.decoders import DeviceExpertCache, OffloadedDecoder, StaticDecoder
+from q3lab.runtime.recording import record
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 triton = pytest.importorskip("triton")
@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """The medium preset cut to 2 layers: D 1024 (the Triton expert kernels need D % 1024 == 0), E 64, hd 64."""
-    from q3lab.synth import synth
+    from q3lab.weights.synthetic import synth
     return synth(tmp_path_factory.mktemp("gpu") / "ckpt", "medium", seed=2, layers=2, dtype="fp32", progress=False)
 
 
@@ -31,9 +31,9 @@ def _prompt(vocab, B, T, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_kernels_match_torch_twins(dtype):
-    from q3lab.decode_kernels import (decode_attention_torch, decode_attention_triton, route_torch, route_triton,
+    from q3lab.kernels.triton_decode import (decode_attention_torch, decode_attention_triton, route_torch, route_triton,
                                       topk_renorm_torch, topk_renorm_triton)
-    from q3lab.moe_kernels import TRITON_CONFIG, moe_one_token_torch, moe_one_token_triton
+    from q3lab.kernels.triton_moe import TRITON_CONFIG, moe_one_token_torch, moe_one_token_triton
     g = torch.Generator(device="cuda").manual_seed(0)
     H, K, hd, S = 16, 4, 64, 200
     q = torch.randn(H, hd, generator=g, device="cuda").to(dtype)

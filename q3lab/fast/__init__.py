@@ -1,0 +1,1 @@
+"""Fast layer: drivers of the same layer step with fixed shapes (CUDA graphs, offload), the GPU cache."""

@@ -1,0 +1,428 @@
+"""Decoding with fixed shapes and routing kept on the device: steps a CUDA graph can replay. Drivers of `q3lab.runtime.step`.
+
+`Thinker.generate` is the readable reference: it runs each step from Python with host-side cache lengths, so on a
+GPU it is bound by launches, not by bytes. The decoders here run the same layer (`step.attend_route` and the
+kernel set's `moe`, the functions the model's modules call) on fixed-shape device state, so that nothing in a step
+needs the host:
+
+- rotary positions, the cache slot and the attention bias come from device tensors (a table and counters);
+- keys/values go into a preallocated cache at the device-side slot; attention runs over the whole cache with the
+  unused and padding slots masked (fixed shape);
+- the router's top-k ids feed the experts kernel, which reads the chosen experts in place;
+- routing is written on the device into preallocated buffers (`q3lab.record` reads them after the generation).
+
+So a step can be captured once (`torch.cuda.CUDAGraph`) and replayed per token. Tokens are picked outside the step
+as `Thinker.generate` picks them (greedy, sampling, eos). Logits agree with the eager model to rounding (the
+rotary is elementwise here, a matrix there; attention runs over the masked fixed cache), not bit for bit: tests
+compare both with the eager model and transformers.
+
+`OffloadedDecoder` is the same step with the experts in (pinned) host memory and a `DeviceExpertCache` on
+the GPU: each layer's chosen ids go to the host once (the only sync), misses are copied in, and the same
+kernels read cache slots instead of expert ids, so its outputs are bit-equal to `StaticDecoder`'s.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from q3lab.runtime.recording import active_recorders
+from q3lab.runtime import step
+from q3lab.fast.device_cache import DeviceExpertCache
+from q3lab.errors import InputError
+from q3lab.runtime.experts import ExpertProvider
+from q3lab.runtime.thinker import KVCache, Thinker, hook_dicts, mrope_freqs, rms_norm, rope_cos_sin, stacked_experts
+from q3lab.runtime.step import KV, Rope
+
+
+def _fresh(fn):
+    """A copy of `fn` with its own code object: torch.compile keeps its compiled graphs and recompile count per
+    code object, so each decoder compiling its own copy never meets another decoder's recompile limit."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _foreign_hooks(model: Thinker) -> list[str]:
+    """Where hooks other than an active `q3lab.record`'s are registered ('' when none)."""
+    ours = {h.id for rec in active_recorders(model) for h in rec._handles}
+    where = []
+    for name, m in model.named_modules():
+        for d in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks):
+            if any(k not in ours for k in d):
+                where.append(name or "<the model>")
+                break
+    if any(hook_dicts(torch.nn.Module())):      # only the global registries
+        where.append("global module hooks")
+    return where
+
+
+def _refuse_hooks(model: Thinker) -> None:
+    where = _foreign_hooks(model)
+    if where:
+        raise InputError(f"the fast decoders do not call Python hooks, and hooks are registered on "
+                         f"{', '.join(where[:3])}{'...' if len(where) > 3 else ''}: arbitrary hook code needs the "
+                         f"eager path (Thinker.generate). Routing can be recorded here: q3lab.record(model) is "
+                         f"written on the device by the decoders")
+
+
+class StaticDecoder:
+    """Decoding with fixed shapes; experts from `ResidentExperts`-style stacked tensors.
+
+    max_len: the longest prompt + new tokens this decoder serves (its KV cache is preallocated to it).
+    batch: the batch its state is first allocated for (a generate call with another batch reallocates it).
+    cuda_graph: capture the step in a CUDA graph (default: when the model is on CUDA).
+    compile: `torch.compile` the per-layer attention + router function (one compilation serves all layers); a
+        string names the backend (True: "inductor"; "eager" checks tracing alone).
+    fused: the Triton kernel set (`step.kernels`): q/k/v as one projection (their weights concatenated: one extra
+        copy of them, about 1 GB at the real size), attention over the cache, the router and the experts as Triton
+        kernels where they apply (one sequence on CUDA; the torch set elsewhere).
+    fused_router: with fused, also the router's GEMV and softmax in Triton (default: = fused; else only its top-k).
+    layer_experts: callable(layer) -> (gate [E, I, D], up [E, I, D], down [E, D, I]); default: the model's
+        resident provider's stacked tensors.
+    """
+
+    def __init__(self, model: Thinker, max_len: int, *, batch: int = 1, cuda_graph: bool | None = None,
+                 layer_experts=None, compile: bool | str = False, fused: bool = False,
+                 fused_router: bool | None = None):
+        _refuse_hooks(model)
+        c = model.config
+        self.model, self.config, self.max_len = model, c, int(max_len)
+        if self.max_len > c.max_position_embeddings:
+            raise InputError(f"max_len {max_len} exceeds max_position_embeddings {c.max_position_embeddings}")
+        dev, dt = model.device, model.dtype
+        self.device, self.dtype = dev, dt
+        if layer_experts is None:
+            p = model.experts_provider
+            if stacked_experts(p, 0) is None:
+                raise InputError(f"StaticDecoder needs stacked resident experts (ResidentExperts), got "
+                                 f"{type(p).__name__}; pass layer_experts= or use OffloadedDecoder")
+            layer_experts = lambda layer: stacked_experts(p, layer)  # noqa: E731
+        self.layer_experts = layer_experts
+        self.dims = step.Dims.of(c)
+        self.fused = fused
+        self.fused_router = fused if fused_router is None else (fused and fused_router)
+        self.kernels = step.kernels(fused, self.fused_router)
+        self._weights = [lay.weights() for lay in model.model.layers]
+        if fused:
+            self._weights = [w._replace(qkv=torch.cat([w.wq, w.wk, w.wv], dim=0)) for w in self._weights]
+        # compiling fuses the norms, rotary, softmax and top-k into a few kernels: on a GPU the step is bound by
+        # kernel count, not bytes, without it. The Triton kernels stay outside the compiled graphs (fullgraph off).
+        self._pre_fn = step.attend_route
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self._pre_fn = torch.compile(_fresh(step.attend_route), fullgraph=not fused, dynamic=False,
+                                         backend=backend)
+        pos = torch.arange(self.max_len, device=dev)[None, None].expand(3, 1, self.max_len)
+        cos, sin = rope_cos_sin(mrope_freqs(pos, model.inv_freq, c.mrope_section, c.mrope_interleaved), dt)
+        self.cos_table, self.sin_table = cos[0], sin[0]                                # [max_len, hd], folded sin
+        self.slots = torch.arange(self.max_len, device=dev)
+        self._use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+        self._recording = (False, False)       # (ids and weights, router logits) written by the step
+        self._alloc(batch)
+        self._ready()
+
+    # -- device state -----------------------------------------------------------------------------
+    def _alloc(self, batch: int) -> None:
+        """The step's fixed-shape state for `batch` rows (drops any captured graph)."""
+        c, dev, dt = self.config, self.device, self.dtype
+        B, L, A, S = int(batch), c.num_hidden_layers, c.num_experts_per_tok, self.max_len
+        self.batch = B
+        self.cache = KVCache(c, B, S, device=dev, dtype=dt)
+        self.tok = torch.zeros(B, dtype=torch.long, device=dev)                       # the step's input tokens
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)                       # their rotary positions
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)                      # their cache slot
+        self.n = torch.zeros(1, dtype=torch.long, device=dev)                         # steps run since prefill
+        self.valid = torch.ones(B, S, dtype=torch.bool, device=dev)                   # False: padding keys
+        self.logits = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=dev)   # the step's output
+        self.out = torch.zeros(S + 1, B, dtype=torch.long, device=dev)                # greedy tokens: prefill's, steps'
+        self.no_experts = torch.zeros(B, A, c.hidden_size, dtype=torch.float32, device=dev)  # layer 0's "previous"
+        self.rec_ids = torch.zeros(S, L, B, A, dtype=torch.long, device=dev)          # routing per step, layer
+        self.rec_w = torch.zeros(S, L, B, A, dtype=torch.float32, device=dev)
+        self.rec_logits: torch.Tensor | None = None
+        self.graph = None
+        self._captured = None
+        self._set_recording(*self._recording)
+
+    def _set_recording(self, ids: bool, logits: bool) -> None:
+        if logits and (self.rec_logits is None):
+            c = self.config
+            self.rec_logits = torch.zeros(self.max_len, c.num_hidden_layers, self.batch, c.num_experts,
+                                          dtype=torch.float32, device=self.device)
+        self._recording = (ids or logits, logits)
+
+    def _write_routing(self, layer: int, logits, ids, w) -> None:
+        """Routing of this step into the device buffers at step index n (no host value: graph-safe)."""
+        rec_ids, rec_logits = self._recording
+        if rec_ids:
+            self.rec_ids.select(1, layer).index_copy_(0, self.n, ids.view(1, self.batch, -1))
+            self.rec_w.select(1, layer).index_copy_(0, self.n, w.float().view(1, self.batch, -1))
+        if rec_logits:
+            self.rec_logits.select(1, layer).index_copy_(0, self.n, logits.float().view(1, self.batch, -1))
+
+    # -- one step --------------------------------------------------------------------------------
+    def _embed(self):
+        """x [B, 1, D], the rotary rows and the attention bias [B, 1, 1, S] of the step's tokens."""
+        B, hd = self.batch, self.config.head_dim
+        x = F.embedding(self.tok.view(B, 1), self.model.model.embed_tokens.weight)      # [B, 1, D]
+        rope = Rope(self.cos_table.index_select(0, self.pos).view(B, 1, 1, hd),
+                    self.sin_table.index_select(0, self.pos).view(B, 1, 1, hd))
+        # in the activations' dtype: SDPA wants an additive mask of the query's dtype (a float32 one with bf16
+        # queries gave wrong attention on CUDA, tests/gpu)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        bias = torch.where(self.valid & (self.slots <= self.slot), zero, float("-inf"))  # [B, S]
+        return x, rope, bias.view(B, 1, 1, -1)
+
+    def _pre(self, layer: int, x, y_prev, rope, bias):
+        """Layer `layer` up to its experts (`step.attend_route`): (x [B, 1, D], h [B, D], ids [B, A], w [B, A])."""
+        kv = KV(self.cache.k[layer], self.cache.v[layer], self.slot, bias)
+        x, h, logits, ids, w = self._pre_fn(x, y_prev, self._weights[layer], self.dims, rope, kv, self.kernels)
+        self._write_routing(layer, logits, ids, w)
+        return x, h, ids, w
+
+    def _moe(self, h, ids, w, gate, up, down):
+        """The weighted expert outputs [B, A, D] float32, ids read on the device."""
+        return self.kernels.moe(h, ids, w, gate, up, down, gather=True)
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x + y.sum(1).to(x.dtype).view(x.shape)
+        x = rms_norm(x, self.model.model.norm.weight, self.config.rms_norm_eps)
+        self.logits.copy_(F.linear(x, self.model.lm_head.weight).float().view(self.batch, -1))
+        # the greedy choice stays on the device too, so `step()` alone decodes greedily (bench/gpu_decode.py);
+        # generate feeds its own pick (sampling, eos) into `tok` before each step
+        self.tok.copy_(self.logits.argmax(-1))
+        self.out.index_copy_(0, self.n + 1, self.tok.view(1, -1))
+        self.pos.add_(1)
+        self.slot.add_(1)
+        self.n.add_(1)
+
+    def _step(self) -> None:
+        x, rope, bias = self._embed()
+        y = self.no_experts
+        for layer in range(self.config.num_hidden_layers):
+            x, h, idx, w = self._pre(layer, x, y, rope, bias)
+            y = self._moe(h, idx, w, *self.layer_experts(layer))
+        self._finish(x, y)
+
+    def _warm_and_capture(self, fns: dict) -> dict:
+        """Warm up (compilation, Triton, cuBLAS handles) on a side stream, then capture each of `fns` in a graph.
+        The warm-up writes slot 0 and step 0, which prefill rewrites."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.pos.zero_(), self.slot.zero_(), self.n.zero_()
+                for fn in fns.values():
+                    fn()
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        for key, fn in fns.items():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                fn()
+            graphs[key] = g
+        self.pos.zero_(), self.slot.zero_(), self.n.zero_()
+        return graphs
+
+    def _capture(self) -> None:
+        self.graph = self._warm_and_capture({"step": self._step})["step"]
+
+    def _ready(self) -> None:
+        """Capture (again) when the recording mode changed since the last capture (this resets the step's state:
+        call it before `prefill`)."""
+        if self._use_graph and self._captured != self._recording:
+            self._capture()
+            self._captured = self._recording
+
+    def step(self) -> None:
+        """Decode one token from the state on the device (replays the graph when there is one)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt [B, T] (left padding: attention_mask [B, T]) through the eager model into this decoder's
+        cache and set the step's state after it; returns the last prompt token's logits [B, V]."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        B, T = input_ids.shape
+        if B != self.batch:
+            self._alloc(B)
+        input_ids = input_ids.to(self.device)
+        if T >= self.max_len:
+            raise InputError(f"prompt of {T} tokens leaves no room in max_len={self.max_len}")
+        self.cache.length = 0
+        self.valid.fill_(True)
+        if attention_mask is not None:
+            mask = attention_mask.to(self.device).bool()
+            self.valid[:, :T].copy_(mask)
+            full = self.valid[:, :T].clone()
+            logits = self.model(input_ids, cache=self.cache, attention_mask=full, last_only=True)[:, -1]
+            self.pos.copy_(mask.long().sum(-1))
+        else:
+            logits = self.model(input_ids, cache=self.cache, last_only=True)[:, -1]
+            self.pos.fill_(T)
+        self.slot.fill_(T)
+        self.n.zero_()
+        self.tok.copy_(logits.argmax(-1))
+        self.out[0] = self.tok
+        return logits
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 seed: int | None = None, attention_mask: torch.Tensor | None = None,
+                 streamer=None) -> torch.Tensor:
+        """`Thinker.generate` (same arguments and result [B, T + n]) with the decode steps on this decoder.
+
+        Around `with q3lab.record(model)`, the routing of every step is recorded as `Thinker.generate` would
+        record it (the prompt through the eager model's hooks, the steps from the device buffers)."""
+        m = self.model
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        input_ids = input_ids.to(self.device)
+        m._check_ids(input_ids)
+        B, T = input_ids.shape
+        m._check_generate(B, T, max_new_tokens, do_sample, temperature, top_p, attention_mask)
+        if T + max_new_tokens > self.max_len:
+            raise InputError(f"{T} + {max_new_tokens} tokens exceed this decoder's max_len={self.max_len}")
+        _refuse_hooks(m)
+        recorders = active_recorders(m)
+        if B != self.batch:
+            self._alloc(B)
+        self._set_recording(bool(recorders), any(r.probs for r in recorders))
+        self._ready()                   # (re)capture before prefill: the warm-up writes the step's state
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        gen = torch.Generator(device=self.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        logits = self.prefill(input_ids, attention_mask)
+        out = [input_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        eos_t = torch.tensor(sorted(eos), device=self.device) if eos else None
+        steps = 0
+        for step_n in range(max_new_tokens):
+            nxt = m._pick(logits, do_sample, temperature, top_p, gen)                  # [B]
+            if eos_t is not None:
+                nxt = torch.where(done, eos_t[0], nxt)
+                done |= torch.isin(nxt, eos_t)
+            out.append(nxt[:, None])
+            if streamer is not None:
+                streamer(nxt)
+            if step_n == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
+                break
+            self.tok.copy_(nxt)
+            self.step()
+            steps += 1
+            logits = self.logits
+        result = torch.cat(out, dim=1)
+        if recorders and steps:
+            self._hand_over(recorders, result, T, steps, attention_mask is not None)
+        return result
+
+    def _hand_over(self, recorders, result: torch.Tensor, T: int, steps: int, masked: bool) -> None:
+        """Give the recorders the routing of the `steps` decode steps (one device-to-host copy, here at the end)."""
+        fed = result[:, T:T + steps].t()                                              # [steps, B] step inputs
+        first = self.pos - self.n                                                     # [B] first step's position
+        positions = first[None] + torch.arange(steps, device=self.device)[:, None]   # [steps, B]
+        logits = self.rec_logits[:steps].clone() if self._recording[1] else None
+        ids, w = self.rec_ids[:steps].clone(), self.rec_w[:steps].clone()     # the next generation reuses them
+        for rec in recorders:
+            rec.add_steps(self.cache, fed, positions, ids, w,
+                          logits if rec.probs else None, masked=masked)
+
+
+# -- experts in host memory, a cache of them on the device ---------------------------------------
+
+
+class OffloadedDecoder(StaticDecoder):
+    """`StaticDecoder` with experts served by a `DeviceExpertCache`. Each layer is two segments: attention +
+    router (whose top-k ids are copied to pinned host memory), then the experts; between them the host waits
+    for the ids (the one sync per layer), copies in the missing experts and writes the slot ids. On CUDA each
+    segment is a captured graph, so a layer costs two graph launches and one sync, not dozens of launches.
+    The cache becomes the model's expert provider, so the (eager) prefill reads the same slots."""
+
+    def __init__(self, model: Thinker, max_len: int, cache: DeviceExpertCache, *, batch: int = 1,
+                 compile: bool | str = False, fused: bool = False, fused_router: bool | None = None,
+                 cuda_graph: bool | None = None):
+        self.expert_cache = cache
+        model.set_experts(cache)
+        # benchmarks only: callable(layer, router_ids) -> ids actually served (outputs are then meaningless)
+        self.route_override = None
+        super().__init__(model, max_len, batch=batch, cuda_graph=cuda_graph, layer_experts=lambda layer: None,
+                         compile=compile, fused=fused, fused_router=fused_router)
+
+    def _alloc(self, batch: int) -> None:
+        super()._alloc(batch)     # (the base __init__ calls this before capturing)
+        c, dev, dt = self.config, self.device, self.dtype
+        B, A, D = self.batch, c.num_experts_per_tok, c.hidden_size
+        pin = dev.type == "cuda"
+        self.x_buf = torch.zeros(B, 1, D, device=dev, dtype=dt)
+        self.y_buf = torch.zeros(B, A, D, device=dev, dtype=torch.float32)
+        self.h_buf = torch.zeros(B, D, device=dev, dtype=dt)
+        self.w_buf = torch.zeros(B, A, device=dev, dtype=dt)
+        self.idx_buf = torch.zeros(B, A, device=dev, dtype=torch.long)
+        self.slot_buf = torch.zeros(B, A, device=dev, dtype=torch.long)
+        self.idx_host = torch.zeros(B, A, dtype=torch.long, pin_memory=pin)
+        self.slot_host = torch.zeros(B, A, dtype=torch.long, pin_memory=pin)
+        hd = c.head_dim
+        self.rope_buf = torch.zeros(2, B, 1, 1, hd, device=dev, dtype=dt)
+        self.bias_buf = torch.zeros(B, 1, 1, self.max_len, device=dev, dtype=dt)
+        self._graphs: dict = {}
+
+    def _segments(self) -> dict:
+        segs = {"embed": self._seg_embed, "finish": self._seg_finish}
+        for layer in range(self.config.num_hidden_layers):
+            segs[("pre", layer)] = lambda layer=layer: self._seg_pre(layer)
+            segs[("moe", layer)] = self._seg_moe
+        return segs
+
+    # segments: each reads and writes only the static buffers, so each can be a graph
+    def _seg_embed(self) -> None:
+        x, rope, bias = self._embed()
+        self.x_buf.copy_(x), self.rope_buf[0].copy_(rope.cos), self.rope_buf[1].copy_(rope.sin)
+        self.bias_buf.copy_(bias)
+        self.y_buf.zero_()
+
+    def _seg_pre(self, layer: int) -> None:
+        x, h, idx, w = self._pre(layer, self.x_buf, self.y_buf, Rope(self.rope_buf[0], self.rope_buf[1]),
+                                 self.bias_buf)
+        self.x_buf.copy_(x), self.h_buf.copy_(h), self.idx_buf.copy_(idx), self.w_buf.copy_(w)
+        self.idx_host.copy_(self.idx_buf, non_blocking=True)
+
+    def _seg_moe(self) -> None:
+        c = self.expert_cache
+        self.y_buf.copy_(self._moe(self.h_buf, self.slot_buf, self.w_buf, c.gate, c.up, c.down))
+
+    def _seg_finish(self) -> None:
+        self._finish(self.x_buf, self.y_buf)
+
+    def _run(self, key) -> None:
+        g = self._graphs.get(key)
+        g.replay() if g is not None else self._segments()[key]()
+
+    def _capture(self) -> None:
+        saved = (self.expert_cache.hits, self.expert_cache.misses)
+        self._graphs = self._warm_and_capture(self._segments())
+        self.expert_cache.hits, self.expert_cache.misses = saved
+
+    def step(self) -> None:
+        self._run("embed")
+        for layer in range(self.config.num_hidden_layers):
+            self._run(("pre", layer))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()                         # the one sync per layer
+            ids = self.idx_host.view(-1).tolist()
+            if self.route_override is not None:
+                ids = self.route_override(layer, ids)
+            slots = self.expert_cache.slots(layer, ids)
+            self.slot_host.copy_(torch.tensor(slots, dtype=torch.long).view(self.slot_host.shape))
+            self.slot_buf.copy_(self.slot_host, non_blocking=True)
+            self._run(("moe", layer))
+        self._run("finish")
+
+    _step = step

@@ -1,0 +1,197 @@
+"""Experts in host memory, a cache of some of them on the device: `DeviceExpertCache`.
+
+What is resident and what is evicted is `q3lab.runtime.residency.Residency`'s decision, the engine `ExpertCache` and
+`q3lab.analysis.cachesim` run too; this module adds only where the slab lives (three device tensors of slots) and how a
+miss is copied (host -> device, on a side stream on CUDA).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from q3lab.errors import InputError
+from q3lab.runtime.experts import ExpertProvider
+from q3lab.runtime.residency import Policy, Residency
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class DeviceExpertCache(ExpertProvider):
+    """Up to `capacity` experts on the device in one slab, copied on demand from host tensors, evicted by a policy.
+
+    host_gate/host_up [L, E, I, D] and host_down [L, E, D, I]: the experts, ideally in pinned memory on CUDA
+        (then the copies are asynchronous DMA at the link's speed). Any device works; on the CPU the copies are
+        plain `copy_`.
+    capacity: experts resident at most, in all layers together (or in each layer with per_layer=True).
+    policy: "lru" (default) | "lfu" | "score" (needs router weights: pass `weights` to `slots`/`prepare`) |
+        "belady" (needs `trace`, the access sequence of the same run) or a `q3lab.runtime.residency.Policy`.
+    pinned: (layer, expert) keys copied in now and never evicted; they count toward the capacity.
+    log_accesses: keep every access for `access_log()` / `trace()`, which `q3lab.analysis.cachesim` replays exactly.
+
+    Copies run on a separate stream; the compute stream waits for them only where a miss is used. A slot
+    evicted while kernels queued on the compute stream may still read it is overwritten only after them.
+    """
+
+    def __init__(self, host_gate: torch.Tensor, host_up: torch.Tensor, host_down: torch.Tensor, capacity: int,
+                 device: torch.device | str = "cuda", *, policy: str | Policy = "lru",
+                 trace: Sequence[tuple[int, int]] | None = None, per_layer: bool = False,
+                 pinned: Iterable[tuple[int, int]] | None = None, log_accesses: bool = False):
+        if host_gate.dim() != 4:
+            raise InputError(f"host_gate must be [layers, experts, I, D], got shape {list(host_gate.shape)}")
+        L, E, I, D = host_gate.shape
+        if tuple(host_up.shape) != (L, E, I, D) or tuple(host_down.shape) != (L, E, D, I):
+            raise InputError(f"expert tensors disagree: gate {list(host_gate.shape)}, up {list(host_up.shape)} "
+                             f"(want the same), down {list(host_down.shape)} (want {[L, E, D, I]})")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise InputError(f"DeviceExpertCache capacity must be >= 1 expert, got {capacity!r}")
+        self.residency = Residency(capacity, layers=L, experts=E, policy=policy, trace=trace,
+                                   per_layer=per_layer, pinned=pinned, log_accesses=log_accesses)
+        if self.residency.room() < 1:
+            raise InputError(f"DeviceExpertCache capacity of {capacity} experts minus "
+                             f"{self.residency.pinned_in_scope()} pinned leaves no room for the routed experts")
+        self.policy, self.per_layer, self.pinned = self.residency.policy, self.residency.per_layer, \
+            self.residency.pinned
+        self.host = (host_gate, host_up, host_down)
+        self.capacity, self.device = capacity, torch.device(device)
+        self.dtype = host_gate.dtype
+        S, dt = self.residency.num_slots, host_gate.dtype
+        self.gate = torch.empty(S, I, D, dtype=dt, device=self.device)                # [slots, I, D]
+        self.up = torch.empty(S, I, D, dtype=dt, device=self.device)
+        self.down = torch.empty(S, D, I, dtype=dt, device=self.device)                # [slots, D, I]
+        self.expert_bytes = 3 * I * D * host_gate.element_size()
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copied = 0                                  # experts copied since the last reset (misses)
+        for key in sorted(self.pinned):
+            self._copy_in(key, self.residency.slot_of[key])
+        self._sync_copies()
+        self._copied = 0                                  # bytes_copied counts misses, not the pins
+        self._served: dict[int, int] = {}
+        self._served_layer = -1
+
+    # -- the device side's one method ------------------------------------------------------------
+    def slots(self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None) -> list[int]:
+        """Slots holding `experts` of `layer` (in the same order, repeats allowed), copying in the missing ones.
+
+        weights: each entry's router weight (the `score` policy needs them; repeats are summed)."""
+        uniq = sorted(set(experts))
+        room = self.residency.room(layer)
+        if len(uniq) > room:
+            pinned = self.residency.pinned_in_scope(layer)
+            raise InputError(f"a layer needs {len(uniq)} experts at once but the cache holds {self.capacity}"
+                             + (f" minus {pinned} pinned" if pinned else "")
+                             + (" per layer" if self.per_layer else ""))
+        summed = None
+        if weights is not None:
+            if len(weights) != len(experts):
+                raise InputError(f"slots: {len(weights)} weights for {len(experts)} experts")
+            acc = dict.fromkeys(uniq, 0.0)
+            for e, w in zip(experts, weights):
+                acc[e] += float(w)
+            summed = [acc[e] for e in uniq]
+        res = self.residency
+        res.begin(layer, uniq, summed)
+        # the group's experts stay resident until it is served (Residency protects them): every slot below
+        # is still theirs when the kernel reads it
+        slot_of, copied = {}, False
+        for e in uniq:
+            slot, hit = res.access(layer, e)
+            if not hit:
+                self._copy_in((layer, e), slot)
+                copied = True
+            slot_of[e] = slot
+        if copied:
+            self._sync_copies()
+        return [slot_of[e] for e in experts]
+
+    def _copy_in(self, key: tuple[int, int], slot: int) -> None:
+        layer, e = key
+        hg, hu, hd = self.host
+        self._copied += 1
+        if self.copy_stream is None:
+            self.gate[slot].copy_(hg[layer, e]), self.up[slot].copy_(hu[layer, e]), self.down[slot].copy_(hd[layer, e])
+            return
+        # the slot may still be read by kernels queued on the compute stream: copy after them
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self.gate[slot].copy_(hg[layer, e], non_blocking=True)
+            self.up[slot].copy_(hu[layer, e], non_blocking=True)
+            self.down[slot].copy_(hd[layer, e], non_blocking=True)
+
+    def _sync_copies(self) -> None:
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+
+    # -- the provider protocol, so that the eager model (prefill) reads the same slots --------------
+    def prepare(self, layer: int, experts: list[int], weights: Sequence[float] | None = None) -> None:
+        """Serve a layer call's sorted unique experts (with their summed router weights, if known)."""
+        # a long prefill can need more experts than fit: those are then served one at a time in weights()
+        fits = len(experts) <= self.residency.room(layer)
+        self._served = dict(zip(experts, self.slots(layer, experts, weights))) if fits else {}
+        self._served_layer = layer
+
+    def weights(self, layer: int, e: int):
+        if layer == self._served_layer and e in self._served:
+            s = self._served[e]
+        else:
+            s = self.slots(layer, [e])[0]
+        return self.gate[s], self.up[s], self.down[s]
+
+    # -- statistics --------------------------------------------------------------------------------
+    @property
+    def hits(self) -> int:
+        return sum(self.residency.hits)
+
+    @hits.setter
+    def hits(self, value: int) -> None:
+        self._set_total("hits", value)
+
+    @property
+    def misses(self) -> int:
+        return sum(self.residency.misses)
+
+    @misses.setter
+    def misses(self, value: int) -> None:
+        self._set_total("misses", value)
+
+    def _set_total(self, name: str, value: int) -> None:
+        # OffloadedDecoder restores hits/misses after capturing its graphs (which access nothing): allow
+        # writing back the current value, nothing else, so that counts cannot silently disagree with the log
+        if value != getattr(self, name):
+            raise InputError(f"DeviceExpertCache.{name} is counted by its residency; use reset_stats() to zero it")
+
+    def stats(self) -> dict:
+        """Totals: hits, misses, hit_rate, bytes_copied (host -> device, pinned experts not), capacity, policy,
+        evictions."""
+        tot = self.residency.totals()
+        return {"hits": tot["hits"], "misses": tot["misses"], "hit_rate": tot["hit_rate"],
+                "bytes_copied": self._copied * self.expert_bytes, "capacity": self.capacity,
+                "policy": self.policy.name, "evictions": tot["evictions"]}
+
+    def layer_stats(self) -> pd.DataFrame:
+        """One row per layer, the columns of `q3lab.runtime.residency.STATS_COLUMNS`."""
+        return self.residency.stats()
+
+    def reset_stats(self) -> None:
+        """Zero the counters and the access log (the contents stay)."""
+        self.residency.reset_stats()
+        self._copied = 0
+
+    def access_log(self) -> pd.DataFrame:
+        """Every access since the last reset: t, layer, expert, weight, hit, group; what
+        `q3lab.analysis.cachesim.simulate(cache.access_log(), [capacity], policies=[policy])` reproduces exactly."""
+        return self.residency.access_log()
+
+    def trace(self) -> list[tuple[int, int]]:
+        """The (layer, expert) access sequence since the last reset (for `policy="belady"`)."""
+        return self.residency.trace()
+
+    def resident(self) -> list[tuple[int, int]]:
+        """The resident (layer, expert) keys, sorted."""
+        return self.residency.resident()
+
+    def __repr__(self) -> str:
+        return (f"DeviceExpertCache(capacity={self.capacity}, policy={self.policy.name!r}, "
+                f"per_layer={self.per_layer}, pinned={len(self.pinned)}, device={str(self.device)!r})")

@@ -1,0 +1,1 @@
+"""Runtime layer: the model as a specification over one layer step, experts, residency, recording."""

@@ -1,0 +1,1 @@
+"""Viz layer: figures (frame -> Figure), the routing explorer, the notebook runner and its helpers."""
