@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 import types
 import warnings
@@ -96,6 +97,9 @@ class _Finder(importlib.abc.MetaPathFinder):
         new = MOVED.get(fullname)
         if new is None or fullname == new.rsplit(".", 1)[0]:
             return None  # not an old path, or an old module that is now a real package (q3lab.weights)
+        leaf = fullname.rsplit(".", 1)[1]
+        if any(os.path.exists(os.path.join(p, leaf + ".py")) for p in path or ()):
+            return None  # a tree not yet laid out (scripts/relayout.py not run): the real module wins
         return importlib.util.spec_from_loader(fullname, _Alias(new))
 
 
@@ -113,7 +117,8 @@ class _Package(types.ModuleType):
 def install(package: types.ModuleType) -> None:
     """Serve the old module paths from now on (idempotent)."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.append(_Finder())
+        # First: an editable install's finder would otherwise serve `q3lab.model` from another checkout.
+        sys.meta_path.insert(0, _Finder())
     package.__class__ = _Package
 
 

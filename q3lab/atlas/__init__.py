@@ -9,7 +9,7 @@ Modules: `dataset` (schema, writer, manifest, resume), `corpus` (readers), `trac
 """
 from __future__ import annotations
 
-import importlib
+from q3lab._lazy import lazy_exports
 
 _EXPORTS = {
     "COLUMNS": "dataset", "Dataset": "dataset", "open_dataset": "dataset", "schema": "dataset",
@@ -24,17 +24,5 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'q3lab.atlas' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = list(_EXPORTS)

@@ -1,1 +1,5 @@
-"""Fast layer: drivers of the same layer step with fixed shapes (CUDA graphs, offload), the GPU cache."""
+"""Fast layer: drivers of the runtime's one layer step with every shape fixed (CUDA graphs, offload).
+
+`decoders` (StaticDecoder, OffloadedDecoder), `device_cache` (DeviceExpertCache on the shared residency
+core). Imports `runtime` and below, never `analysis` or `viz`.
+"""

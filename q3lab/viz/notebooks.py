@@ -13,7 +13,7 @@ from q3lab.runtime.recording import read_prompts  # noqa: F401  (notebooks read 
 class NotebookError(Q3LabError):
     """A notebook raised while papermill ran it; names the notebook, the cell and the error."""
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # q3lab/viz/notebooks.py -> the repository
 NOTEBOOKS_DIR = REPO / "notebooks"
 DEFAULT_CHECKPOINT = REPO / "data" / "mini"
 DEFAULT_OUT = REPO / "out" / "notebooks"
