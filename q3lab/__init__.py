@@ -15,13 +15,15 @@ from q3lab._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
+# The flat module paths of before the layout still import, with a DeprecationWarning, for one release.
+_compat.install(sys.modules[__name__])
+
 # Public names, resolved lazily so that `import q3lab` stays cheap (no pandas/matplotlib until needed).
 _EXPORTS = {
     "Q3LabError": "errors", "CheckpointError": "errors", "StoreError": "errors", "InputError": "errors",
     "ThinkerConfig": "base.config",
     "Checkpoint": "weights.checkpoint", "audit": "weights.checkpoint", "audit_checkpoint": "weights.checkpoint",
-    "Store": "weights.store",
-    "open_weights": "weights.source", "open_source": "weights.source", "WeightSource": "weights.source",
+    "Store": "weights.store", "open_weights": "weights.source", "open_source": "weights.source", "WeightSource": "weights.source",
     "extract": "weights.extraction", "verify": "weights.extraction",
     "synth": "weights.synthetic",
     "load_tokenizer": "base.tokenizer",
@@ -35,5 +37,8 @@ _EXPORTS = {
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = list(_EXPORTS)
 
-# The old flat module paths (`q3lab.runtime.thinker`, ...) still import, with a DeprecationWarning, for one release.
-_compat.install(sys.modules[__name__])
+# These functions share their module's name. Importing the submodule (`import q3lab.extract`) sets the
+# package attribute to the module, and __getattr__ is then never asked: bind the functions eagerly instead.
+from q3lab.weights.extraction import extract  # noqa: E402
+from q3lab.runtime.recording import record  # noqa: E402
+from q3lab.weights.synthetic import synth  # noqa: E402

@@ -10,7 +10,8 @@ tree need not have it). On the target tree (the git checkout holding the current
    .md, .toml, .cfg and Makefile under q3lab/, tests/, bench/ (not bench/logs/), scripts/, notebooks/,
    docs/, and README.md, Makefile, pyproject.toml: `from q3lab.x import`, `import q3lab.x`,
    `from q3lab import x` (split by new package, the local name kept), dotted `q3lab.x.name` in strings
-   (monkeypatch targets, docs), paths `q3lab/x.py`, and q3lab/__init__.py's `_EXPORTS` values.
+   (monkeypatch targets, docs), paths `q3lab/x.py`, backticked bare file names in Markdown, and
+   q3lab/__init__.py's `_EXPORTS` values.
    Notebooks: only the code and markdown cells of the .ipynb change, never the outputs. A file holding the
    line `relayout: skip` is left alone;
 3. `git mv`s (plain rename when untracked) every mapped file still at its old path, and writes each missing
@@ -84,6 +85,9 @@ class Rewriter:
         # A quoted exact name (`import_module("q3lab.extract")`, `sys.modules["q3lab.record"]`) is the module.
         self.quoted_shadow = re.compile(r"""(["'])q3lab\.(%s)\1""" % "|".join(map(re.escape, sorted(shadowed))))
         self.children = children
+        # Markdown names a module by its bare file name in backticks; atlas' own file names are left alone.
+        atlas = {"corpus", "dataset", "export", "plots", "predict", "queries", "synthetic", "tracing"}
+        self.bare = re.compile(r"`(%s)\.py`" % "|".join(map(re.escape, [n for n in names if n not in atlas])))
         self.path = re.compile(r"(?<![\w.])q3lab/(%s)\.py\b" % "|".join(map(re.escape, names)))
         self.from_pkg = re.compile(r"^([ \t]*)from q3lab import (?!\()([^#\n]+?)([ \t]*(?:#[^\n]*)?)$", re.M)
         self.shadowed = shadowed
@@ -125,6 +129,10 @@ class Rewriter:
         s = self.dotted.sub(self._dotted, s)
         s = self.path.sub(lambda m: mod_path(self.moved[f"q3lab.{m.group(1)}"]), s)
         return s
+
+    def markdown(self, s: str) -> str:
+        """`model.py` -> `q3lab/runtime/thinker.py` (backticked bare file names, in .md files only)."""
+        return self.bare.sub(lambda m: f"`{mod_path(self.moved['q3lab.' + m.group(1)])}`", s)
 
     def exports(self, s: str) -> str:
         """q3lab/__init__.py: `"Thinker": "model"` -> `"Thinker": "runtime.thinker"` (package-relative)."""
@@ -211,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             if rel.endswith(".py") and rel.startswith("q3lab/"):
                 text = absolute_imports(text, package_of(rel))
             text = rw.text(text)
+            if rel.endswith(".md"):
+                text = rw.markdown(text)
             if rel == "q3lab/__init__.py":
                 text = rw.exports(text)
             return text
