@@ -1,6 +1,7 @@
 """Move the flat q3lab/*.py modules into their layer's subpackage and rewrite every import: re-runnable.
 
     cd ANY_CHECKOUT_OF_Q3LAB && python /path/to/this/scripts/relayout.py [--dry-run]
+    cd LAID_OUT_CHECKOUT && python scripts/relayout.py --merge BRANCH   # merge a branch still flat (below)
 
 The one mapping table is `MOVED` in q3lab/_compat.py next to this script (read with `ast`, so the target
 tree need not have it). On the target tree (the git checkout holding the current directory, or --root):
@@ -18,6 +19,10 @@ tree need not have it). On the target tree (the git checkout holding the current
    subpackage `__init__.py` (copied from this script's tree when it has one, so a merge sees the same
    file), and copies q3lab/_compat.py and q3lab/_lazy.py when the target lacks them;
 4. prints every change. A second run changes nothing. Commit the result yourself (`git add -A`).
+
+--merge BRANCH merges a branch written against the flat layout into the laid-out checkout: it relayouts the
+merge base and the branch in temporary worktrees and merges file by file against the relayouted base, so the
+import lines that both sides rewrote the same way do not conflict; only real edits meet.
 """
 # relayout: skip (this file holds the old names on purpose)
 from __future__ import annotations
@@ -29,6 +34,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]  # the tree this script comes from (holds the table)
@@ -193,16 +199,15 @@ def rewrite_notebook(s: str, fn) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=None, help="the checkout to change (default: the current one)")
-    ap.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
-    args = ap.parse_args(argv)
-    root = Path(git(args.root or Path.cwd(), "rev-parse", "--show-toplevel").strip()).resolve()
+def relayout(root: Path, dry: bool = False, quiet: bool = False) -> tuple[int, int, int]:
+    """Apply the table to the checkout at root; (files rewritten, files moved, files created)."""
     moved = load_table(HERE)
     rw = Rewriter(moved)
-    dry = args.dry_run
     changed = moves = created = 0
+
+    def say(*a) -> None:
+        if not quiet:
+            print(*a)
 
     # 1-2: rewrite text where the files are now (relative imports resolve from there).
     for rel in candidates(root):
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             s = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            print(f"skip (not UTF-8): {rel}")
+            say(f"skip (not UTF-8): {rel}")
             continue
         if SKIP_MARK in s:
             continue
@@ -228,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             new = rewrite_notebook(s, fn) if rel.endswith(".ipynb") else fn(s)
         except ValueError as e:
-            print(f"skip ({e}): {rel}")
+            say(f"skip ({e}): {rel}")
             continue
         if new != s:
             n = sum(a != b for a, b in zip(s.splitlines(), new.splitlines())) + abs(
                 len(s.splitlines()) - len(new.splitlines()))
-            print(f"rewrote {rel} ({n} lines)")
+            say(f"rewrote {rel} ({n} lines)")
             changed += 1
             if not dry:
                 path.write_text(new, encoding="utf-8")
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if dst.exists():
             print(f"CONFLICT: both {mod_path(old)} and {mod_path(new)} exist; merge them by hand")
             continue
-        print(f"move {mod_path(old)} -> {mod_path(new)}")
+        say(f"move {mod_path(old)} -> {mod_path(new)}")
         moves += 1
         if dry:
             continue
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         template = HERE / rel
         if not rel.endswith("__init__.py") and not template.exists():
             continue  # this script's tree has no such file yet
-        print(f"create {rel}" + (" (copied from " + str(HERE) + ")" if template.exists() else ""))
+        say(f"create {rel}" + (" (copied from " + str(HERE) + ")" if template.exists() else ""))
         created += 1
         if dry:
             continue
@@ -275,7 +280,90 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(template, dst)
         elif rel.endswith("__init__.py"):
             dst.write_text(f'"""{PACKAGE_DOCS[dst.parent.name]}"""\n')
-    verb = "would change" if dry else "changed"
+    return changed, moves, created
+
+
+def files_of(tree: Path) -> dict[str, bytes]:
+    """Every tracked or untracked (not ignored) file of a checkout, with its bytes."""
+    names = git(tree, "ls-files", "-co", "--exclude-standard", "-z").split("\0")
+    return {n: (tree / n).read_bytes() for n in names if n and (tree / n).is_file()}
+
+
+def merge(root: Path, branch: str) -> int:
+    """Merge `branch` (still in the flat layout) into the laid-out HEAD of root without spurious conflicts.
+
+    A plain merge sees every rewritten import line changed on both sides. Instead: relayout the merge base and
+    the branch in temporary worktrees, and merge file by file with the relayouted base as the base (`git
+    merge-file`), so only real edits meet. The merge is left uncommitted (MERGE_HEAD set), as `git merge
+    --no-commit` would; conflicts carry the usual markers.
+    """
+    if git(root, "status", "--porcelain").strip():
+        raise SystemExit(f"{root}: commit or stash your changes first")
+    base = git(root, "merge-base", "HEAD", branch).strip()
+    tmp = Path(tempfile.mkdtemp(prefix="relayout-merge-"))
+    trees = {}
+    try:
+        for name, rev in (("base", base), ("theirs", branch)):
+            wt = tmp / name
+            git(root, "worktree", "add", "--detach", str(wt), rev)
+            relayout(wt, quiet=True)
+            trees[name] = files_of(wt)
+    finally:
+        for name in ("base", "theirs"):
+            if (tmp / name).exists():
+                git(root, "worktree", "remove", "--force", str(tmp / name))
+    b, t = trees["base"], trees["theirs"]
+    o = files_of(root)
+    git(root, "merge", "--no-ff", "--no-commit", "-s", "ours", branch)  # records MERGE_HEAD, keeps our tree
+    taken = merged = 0
+    conflicts = []
+    for rel in sorted(set(b) | set(o) | set(t)):
+        bo, oo, to = b.get(rel), o.get(rel), t.get(rel)
+        if to == bo or to == oo:
+            continue  # the branch did not touch it, or made the same change
+        path = root / rel
+        if oo == bo:  # only the branch changed it
+            taken += 1
+            if to is None:
+                git(root, "rm", "-q", "--", rel)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(to)
+            continue
+        if None in (bo, oo, to) or b"\0" in bo + oo + to:
+            conflicts.append(f"{rel} (changed on both sides, deleted or binary: ours kept)")
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            files = [Path(d, n) for n in ("ours", "base", "theirs")]
+            for f, data in zip(files, (oo, bo, to)):
+                f.write_bytes(data)
+            r = subprocess.run(["git", "merge-file", "-L", "HEAD", "-L", "base (relayouted)", "-L", branch,
+                                *map(str, files)], capture_output=True)
+            path.write_bytes(files[0].read_bytes())
+        merged += 1
+        if r.returncode:
+            conflicts.append(f"{rel} ({r.returncode} conflict(s), marked)")
+    git(root, "add", "-A")
+    print(f"relayout --merge {branch}: took {taken} files from the branch, merged {merged} changed on both sides")
+    for c in conflicts:
+        print(f"CONFLICT: {c}")
+    print("resolve any conflicts, then `git add -A && git commit`" if conflicts else
+          "no conflicts: review (`git diff --cached HEAD`) and `git commit`")
+    return 1 if conflicts else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=None, help="the checkout to change (default: the current one)")
+    ap.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    ap.add_argument("--merge", metavar="BRANCH", help="merge a branch still in the flat layout into this laid-out "
+                    "checkout, with the relayouted merge base as the base (see merge())")
+    args = ap.parse_args(argv)
+    root = Path(git(args.root or Path.cwd(), "rev-parse", "--show-toplevel").strip()).resolve()
+    if args.merge:
+        return merge(root, args.merge)
+    changed, moves, created = relayout(root, args.dry_run)
+    verb = "would change" if args.dry_run else "changed"
     print(f"relayout: {verb} {changed} files, {moves} moves, {created} new files"
           + ("" if changed or moves or created else " (nothing to do)"))
     return 0
