@@ -32,9 +32,10 @@ MOVED = {
     "q3lab.synth": "q3lab.weights.synthetic",
     "q3lab.llamacpp": "q3lab.weights.gguf",
     "q3lab.inventory": "q3lab.weights.inventory",
-    # kernels: leaf arithmetic (Triton and C) with torch twins, called by the step
+    # kernels: the kernel sets the step runs (Triton and C), each with a torch twin; the runtime's layer
     "q3lab.decode_kernels": "q3lab.kernels.triton_decode",
     "q3lab.moe_kernels": "q3lab.kernels.triton_moe",
+    "q3lab.grouped_moe": "q3lab.kernels.grouped_moe",
     "q3lab.cpu_kernels": "q3lab.kernels.cpu",
     # runtime: the model as a specification, its one layer step, experts, residency, recording
     "q3lab.model": "q3lab.runtime.thinker",
@@ -46,8 +47,6 @@ MOVED = {
     # fast: drivers of the same step with fixed shapes (graphs, offload), the GPU expert cache
     "q3lab.fastdecode": "q3lab.fast.decoders",
     "q3lab.device_cache": "q3lab.fast.device_cache",
-    "q3lab.grouped_moe": "q3lab.fast.grouped_moe",
-    "q3lab.replay": "q3lab.fast.replay",
     "q3lab.host_experts": "q3lab.fast.host_experts",
     "q3lab.offload": "q3lab.fast.offload",
     # oracle: transformers' own thinker on the same tensors
@@ -55,6 +54,7 @@ MOVED = {
     # analysis: frames from models and traces
     "q3lab.metrics": "q3lab.analysis.metrics",
     "q3lab.cachesim": "q3lab.analysis.cachesim",
+    "q3lab.replay": "q3lab.analysis.replay",
     "q3lab.lens": "q3lab.analysis.lens",
     "q3lab.interventions": "q3lab.analysis.interventions",
     "q3lab.causal": "q3lab.analysis.causal",
