@@ -35,7 +35,7 @@ src = nbk.open_checked(checkpoint)           # fails here, with the audit's repo
 figures, out = nbk.setup(src, figures_dir, out_dir)
 
 # %%
-from q3lab.weights.source import inventory
+from q3lab.weights import inventory
 from q3lab.viz import plots_model
 from q3lab.weights.checkpoint import audit_checkpoint
 report = audit_checkpoint(src)

@@ -34,7 +34,7 @@ src = nbk.open_checked(checkpoint)           # fails here, with the audit's repo
 figures, out = nbk.setup(src, figures_dir, out_dir)
 
 # %%
-from q3lab.weights.source import inventory
+from q3lab.weights import inventory
 from q3lab.viz import plots_model
 norms = inventory.norm_table(src)
 print(len(norms), 'norms found;', int(norms['all_ones'].sum()), 'are all ones')

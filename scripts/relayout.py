@@ -104,6 +104,9 @@ class Rewriter:
         kids = self.children.get(name)
         if kids and re.match(r"\.(%s)\b" % "|".join(kids), rest):
             return m.group(0)  # already a new path below the package that replaced the module
+        imported = re.match(r"[ \t]+import[ \t]+\(?([\w \t,]+)", rest) if kids else None
+        if imported and {i.split()[0] for i in imported.group(1).split(",") if i.strip()} <= kids:
+            return m.group(0)  # `from q3lab.weights import store`: submodules of the new package
         return self.moved[f"q3lab.{name}"]
 
     def _from_pkg(self, m: re.Match) -> str:
