@@ -234,3 +234,46 @@ def test_text_path_does_not_import_transformers(ckpt):
             "m.generate(torch.tensor([[1, 2]]), 2); "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code, str(ckpt)], check=True)
+
+
+def test_extract_towers_verify_and_load(ckpt, hf, spec, tmp_path):
+    """`q3lab extract --towers`: towers.safetensors checksummed in the manifest; the store loads with towers."""
+    from q3lab.cli import main
+    from q3lab.extract import verify
+    store = tmp_path / "store"
+    assert main(["extract", "--towers", str(ckpt), str(store), "--no-progress"]) == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert "towers.safetensors" in manifest["files"]
+    towers = [t for t in manifest["tensors"] if t["file"] == "towers.safetensors"]
+    assert {t["name"].split(".")[0] for t in towers} == {"audio_tower", "visual"}
+    assert all(len(t["sha256"]) == 64 for t in towers)
+    assert main(["extract", "--verify", str(store), "--no-progress"]) == 0
+    inp = build_inputs(store, CASES["audio_in_video"])
+    with torch.no_grad():
+        theirs = hf(**inp).logits
+    assert (q3lab.load(store, towers=True)(**inp) - theirs).abs().max().item() < 1e-4
+    # one flipped byte in the towers file: verify names the file and the one tensor it falls in
+    data = bytearray((store / "towers.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (store / "towers.safetensors").write_bytes(bytes(data))
+    report = verify(store, progress=False, strict=False)
+    assert not report.ok
+    assert report.bad_files.get("towers.safetensors") == "sha256 differs from the manifest"
+    assert list(report.bad_tensors.values()) == ["towers.safetensors"]
+
+
+def test_store_without_towers_says_so(ckpt, tmp_path):
+    from q3lab.extract import extract
+    store = extract(ckpt, tmp_path / "text", progress=False)
+    assert not (store / "towers.safetensors").exists()
+    q3lab.load(store)
+    with pytest.raises(CheckpointError, match="--towers") as e:
+        q3lab.load(store, towers=True)
+    assert "audio_tower.conv2d1.weight" in str(e.value)
+
+
+def test_extract_towers_refuses_text_only_checkpoint(tmp_path):
+    from q3lab.extract import extract
+    text = q3lab.synth(tmp_path / "text", preset="tiny", seed=0, stubs=False, progress=False)
+    with pytest.raises(CheckpointError, match="--towers"):
+        extract(text, tmp_path / "out", progress=False, towers=True)
