@@ -319,3 +319,21 @@ def test_real_layout_positions_and_mrope_24_20_20():
     sin = torch.cat((-sin_folded[..., :64], sin_folded[..., 64:]), dim=-1)
     torch.testing.assert_close(cos, cos_t, rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, sin_t, rtol=0, atol=1e-6)
+
+
+def test_recorded_generate_equals_unrecorded(ours, spec):
+    """q3lab.record around a multimodal generate: same tokens, routing for every fed token and layer."""
+    inp = build_inputs(spec, CASES["audio_in_video"])
+    plain = ours.generate(inp["input_ids"], 3, **_mm(inp))
+    with q3lab.record(ours) as rec:
+        recorded = ours.generate(inp["input_ids"], 3, **_mm(inp))
+    assert recorded.tolist() == plain.tolist()
+    frame = rec.to_frame()
+    T = inp["input_ids"].shape[1]
+    assert frame.groupby("layer")["token_index"].nunique().tolist() == [T + 2] * ours.config.num_hidden_layers
+
+
+def test_generate_refuses_unknown_media_argument(ours, spec):
+    inp = build_inputs(spec, CASES["image"])
+    with pytest.raises(InputError, match="pixel_value"):
+        ours.generate(inp["input_ids"], 2, pixel_value=inp["pixel_values"])
