@@ -21,15 +21,14 @@ patchify) with the tower's patch sizes; video frames are normalised and patchifi
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from q3lab.errors import InputError, Q3LabError
+from q3lab.errors import CheckpointError, InputError
 
 # the real checkpoint's ids (config.json thinker_config); a config without them falls back to these
 DEFAULT_IDS = dict(audio_token_id=151646, audio_start_token_id=151647, audio_end_token_id=151648,
@@ -69,7 +68,7 @@ class OmniSpec:
         th = cfg.get("thinker_config", cfg)
         if not isinstance(th, dict) or not isinstance(th.get("audio_config"), dict) \
                 or not isinstance(th.get("vision_config"), dict):
-            raise Q3LabError("config.json has no thinker_config.audio_config / vision_config: a text-only "
+            raise CheckpointError("config.json has no thinker_config.audio_config / vision_config: a text-only "
                              "checkpoint has no towers for multimodal input")
         au, vi = th["audio_config"], th["vision_config"]
         ids = {k: int(th.get(k, v)) for k, v in DEFAULT_IDS.items()}
@@ -201,7 +200,6 @@ def build_inputs(config: OmniSpec | dict | str | Path, parts: Sequence) -> dict[
     `Audio`, `Image`, `Video` (with `audio`: the sound track interleaved, use_audio_in_video=True; every video
     must then carry its audio, as transformers' flag is one per call). Keys not used are left out."""
     spec = config if isinstance(config, OmniSpec) else OmniSpec.from_config(config)
-    audios = [p for p in parts if isinstance(p, Audio)] + []
     videos = [p for p in parts if isinstance(p, Video)]
     with_audio = [v.audio is not None for v in videos]
     if any(with_audio) and not all(with_audio):

@@ -19,8 +19,8 @@ from torch import nn
 from q3lab.errors import CheckpointError, InputError, Q3LabError, StoreError
 from q3lab.omni.inputs import OmniSpec
 from q3lab.omni.positions import rope_index
+from q3lab.store import TOWER_PREFIXES   # the store format names them
 
-from q3lab.store import TOWER_PREFIXES  # noqa: E402  (the store format names them)
 
 
 def is_tower_tensor(name: str) -> bool:
