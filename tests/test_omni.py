@@ -337,3 +337,15 @@ def test_generate_refuses_unknown_media_argument(ours, spec):
     inp = build_inputs(spec, CASES["image"])
     with pytest.raises(InputError, match="pixel_value"):
         ours.generate(inp["input_ids"], 2, pixel_value=inp["pixel_values"])
+
+
+def test_reused_cache_forgets_media_offset(ours, spec):
+    """A text prompt on a cache that held a multimodal one: plain text positions again."""
+    inp = build_inputs(spec, CASES["video"])
+    cache = ours.new_cache(1, 64)
+    ours(inp["input_ids"], cache=cache, **{k: v for k, v in _mm(inp).items() if k != "attention_mask"})
+    assert cache.rope_deltas is not None and float(cache.rope_deltas) != 0
+    cache.length = 0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(ours(ids, cache=cache), ours(ids), rtol=0, atol=0)
+    assert cache.rope_deltas is None

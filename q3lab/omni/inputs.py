@@ -133,7 +133,10 @@ def image_features(images: Sequence[Image], spec: OmniSpec, *, min_pixels: int |
                    max_pixels: int | None = None, mean=IMAGE_MEAN, std=IMAGE_STD) -> dict[str, torch.Tensor]:
     """pixel_values [patches, C*tp*ps*ps] and image_grid_thw [n, 3] by transformers' `Qwen2VLImageProcessorPil`
     with the vision tower's patch sizes (min/max pixels default to 4 and 16384 merged patches)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    except ImportError:   # transformers before the Pillow/torchvision backend split: the class is the Pillow one
+        from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
     f = spec.patch_size * spec.spatial_merge_size
     proc = Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=spec.spatial_merge_size,
                                     temporal_patch_size=spec.temporal_patch_size, image_mean=list(mean),
