@@ -122,17 +122,32 @@ def test_positions_equal_transformers(hf, spec, case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_and_routing_equal_transformers(hf, ours, spec, case):
     inp = build_inputs(spec, CASES[case])
-    with torch.no_grad():
-        out = hf(**inp, output_router_logits=True)
+    k = ours.config.num_experts_per_tok
+    picked = {}     # transformers' own router choice per layer, from its gate modules
+
+    def keep(layer):
+        def hook(module, args, out):
+            # 5.24: (logits, weights, indices); earlier releases may return the logits alone
+            picked[layer] = out[2] if isinstance(out, tuple) else torch.topk(out.float(), k, dim=-1).indices
+        return hook
+    layers = hf.model.language_model.layers if hasattr(hf.model, "language_model") else hf.model.layers
+    handles = [ly.mlp.gate.register_forward_hook(keep(i)) for i, ly in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            out = hf(**inp, output_router_logits=True)
+    finally:
+        for h in handles:
+            h.remove()
     with q3lab.record(ours) as rec:
         logits = ours(**inp)
     assert (logits - out.logits.float()).abs().max().item() < 1e-4
     frame = rec.to_frame()
-    k = ours.config.num_experts_per_tok
-    for layer, router in enumerate(out.router_logits):
-        theirs = torch.topk(router.float(), k, dim=-1).indices              # [T, k] rank order
+    assert sorted(picked) == list(range(ours.config.num_hidden_layers))
+    for layer, theirs in picked.items():
         mine = frame[frame.layer == layer].sort_values(["token_index", "rank"])["expert"].to_numpy()
         assert mine.reshape(-1, k).tolist() == theirs.tolist(), f"layer {layer}"
+        if out.router_logits is not None:   # the logits transformers returns pick the same experts
+            assert torch.topk(out.router_logits[layer].float(), k, dim=-1).indices.tolist() == theirs.tolist()
 
 
 @pytest.mark.parametrize("case", ["image", "video_fractional", "audio_in_video", "mixed"])
