@@ -38,6 +38,25 @@ SOURCE = r"""
 #include <string.h>
 #include <math.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define HAVE_DPBF16 1
+#else
+#define HAVE_DPBF16 0
+#endif
+
+/* which inner loops were compiled: 2 AVX-512 BF16 (vdpbf16ps) + AVX-512F FMA, 1 AVX-512F only, 0 portable C */
+int q3_isa(void) {
+#if HAVE_DPBF16
+    return 2;
+#elif defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {
@@ -46,45 +65,119 @@ static inline uint16_t f2bf(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);                                            /* round to nearest even */
     return (uint16_t)(u >> 16);
 }
-static inline float dot(const uint16_t *w, const float *x, int K) {
+
+/* sum_k w[k] x[k] of bf16 rows: exact products, float32 sums (vdpbf16ps adds pairs of products) */
+static inline float dot_bf16(const uint16_t *w, const uint16_t *x, int K) {
+#if HAVE_DPBF16
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
+    }
+    if (k < K) {                                     /* the tail: masked loads read zeros past the row */
+        for (; k < K; k += 32) {
+            int r = K - k < 32 ? K - k : 32;
+            __mmask32 m = (__mmask32)(r == 32 ? 0xffffffffu : ((1u << r) - 1u));
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k),
+                                  (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
     float acc = 0.f;
     #pragma omp simd reduction(+:acc)
-    for (int k = 0; k < K; k++) acc += bf2f(w[k]) * x[k];
+    for (int k = 0; k < K; k++) acc += bf2f(w[k]) * bf2f(x[k]);
     return acc;
+#endif
+}
+
+static inline float dot_f32(const float *w, const float *x, int K) {
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    }
+    for (; k < K; k += 16) {
+        int r = K - k < 16 ? K - k : 16;
+        __mmask16 m = (__mmask16)(r == 16 ? 0xffffu : ((1u << r) - 1u));
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    float acc = 0.f;
+    #pragma omp simd reduction(+:acc)
+    for (int k = 0; k < K; k++) acc += w[k] * x[k];
+    return acc;
+#endif
 }
 
 /* y[n] = bf16(sum_k w[n,k] x[k]) */
 void linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int N, int K, int threads) {
-    float xf[K];
-    for (int k = 0; k < K; k++) xf[k] = bf2f(x[k]);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) y[n] = f2bf(dot(w + (int64_t)n * K, xf, K));
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
+    for (int n = 0; n < N; n++) y[n] = f2bf(dot_bf16(w + (int64_t)n * K, x, K));
 }
 
-/* One token through A experts of one layer: gate/up [E, I, D], down [E, D, I], all bf16. */
-void moe_decode_bf16(const uint16_t *h, const uint16_t *gate, const uint16_t *up, const uint16_t *down,
-                     const int64_t *ids, const float *wts, uint16_t *out, int A, int I, int D, int threads) {
-    float x[D], act[A * I];
-    for (int d = 0; d < D; d++) x[d] = bf2f(h[d]);
-    #pragma omp parallel num_threads(threads)
+void linear_f32(const float *x, const float *w, float *y, int N, int K, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
+    for (int n = 0; n < N; n++) y[n] = dot_f32(w + (int64_t)n * K, x, K);
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* One token through A experts of one layer: gate/up [E, I, D], down [E, D, I]; out[D] float32 =
+   sum_a wts[a] * down[ids[a]] @ act_a, act_a = silu(gate[ids[a]] @ h) * (up[ids[a]] @ h). In bf16 act_a is
+   rounded to bf16 once (as torch's bf16 experts round it) so that the down rows run on vdpbf16ps too.
+   Returns 0, or -1 (nothing computed) when an id is outside 0..E-1. */
+int moe_bf16(const uint16_t *h, const uint16_t *gate, const uint16_t *up, const uint16_t *down,
+             const int64_t *ids, const float *wts, float *out, int A, int I, int D, int E, int threads) {
+    for (int a = 0; a < A; a++) if (ids[a] < 0 || ids[a] >= E) return -1;
+    uint16_t act[A * I];
+    #pragma omp parallel num_threads(threads) if(threads > 1)
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < A * I; r++) {               /* gate and up rows of every chosen expert */
             int a = r / I, i = r % I;
             int64_t off = (ids[a] * (int64_t)I + i) * D;
-            float g = dot(gate + off, x, D), u = dot(up + off, x, D);
-            act[r] = wts[a] * (g / (1.f + expf(-g))) * u;     /* weight folded into the activation */
+            act[r] = f2bf(silu(dot_bf16(gate + off, h, D)) * dot_bf16(up + off, h, D));
         }
         #pragma omp for schedule(static)
         for (int d = 0; d < D; d++) {                   /* down rows: sum over experts in rank order */
             float acc = 0.f;
-            for (int a = 0; a < A; a++) acc += dot(down + (ids[a] * (int64_t)D + d) * I, act + a * I, I);
-            out[d] = f2bf(acc);
+            for (int a = 0; a < A; a++) acc += wts[a] * dot_bf16(down + (ids[a] * (int64_t)D + d) * I, act + a * I, I);
+            out[d] = acc;
         }
     }
+    return 0;
+}
+
+int moe_f32(const float *h, const float *gate, const float *up, const float *down,
+            const int64_t *ids, const float *wts, float *out, int A, int I, int D, int E, int threads) {
+    for (int a = 0; a < A; a++) if (ids[a] < 0 || ids[a] >= E) return -1;
+    float act[A * I];
+    #pragma omp parallel num_threads(threads) if(threads > 1)
+    {
+        #pragma omp for schedule(static)
+        for (int r = 0; r < A * I; r++) {
+            int a = r / I, i = r % I;
+            int64_t off = (ids[a] * (int64_t)I + i) * D;
+            act[r] = silu(dot_f32(gate + off, h, D)) * dot_f32(up + off, h, D);
+        }
+        #pragma omp for schedule(static)
+        for (int d = 0; d < D; d++) {
+            float acc = 0.f;
+            for (int a = 0; a < A; a++) acc += wts[a] * dot_f32(down + (ids[a] * (int64_t)D + d) * I, act + a * I, I);
+            out[d] = acc;
+        }
+    }
+    return 0;
 }
 """
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+ISA = {2: "AVX-512 BF16 (vdpbf16ps) and AVX-512F FMA", 1: "AVX-512F FMA (no AVX-512 BF16: bf16 rows widened in C)",
+       0: "portable C vectorised by the compiler (no AVX-512)"}
 
 
 class KernelError(Q3LabError):
@@ -102,26 +195,44 @@ def _threads(elements: int) -> int:
     return torch.get_num_threads() if elements >= PARALLEL_MIN_ELEMENTS else 1
 
 
+def _machine() -> str:
+    """What -march=native compiles for: a library built on another CPU (a shared home) must not be reused."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() + platform.machine()
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise KernelError("q3lab.cpu_kernels needs a C compiler (cc or gcc on PATH, or $CC): none found")
-    tag = hashlib.sha256((SOURCE + " ".join(FLAGS) + cc).encode()).hexdigest()[:16]
+    tag = hashlib.sha256((SOURCE + " ".join(FLAGS) + cc + _machine()).encode()).hexdigest()[:16]
     where = Path(os.environ.get("Q3LAB_KERNEL_DIR", Path.home() / ".cache" / "q3lab" / "kernels"))
     lib = where / f"cpu_kernels-{tag}.so"
-    if not lib.exists():
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=where) as tmp:
-            src, so = Path(tmp) / "k.c", Path(tmp) / "k.so"
-            src.write_text(SOURCE)
-            p = subprocess.run([cc, *FLAGS, str(src), "-o", str(so), "-lm"], capture_output=True, text=True)
-            if p.returncode:
-                raise KernelError(f"building {lib.name} with {cc} failed:\n{p.stderr[-2000:]}")
-            os.replace(so, lib)   # atomic: a concurrent build never sees half a library
-    dll = ctypes.CDLL(str(lib))
-    p16, i64, f32 = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
-    dll.linear_bf16.argtypes = [p16, p16, p16, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    dll.moe_decode_bf16.argtypes = [p16, p16, p16, p16, i64, f32, p16] + [ctypes.c_int] * 4
+    try:
+        if not lib.exists():
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=where) as tmp:
+                src, so = Path(tmp) / "k.c", Path(tmp) / "k.so"
+                src.write_text(SOURCE)
+                p = subprocess.run([cc, *FLAGS, str(src), "-o", str(so), "-lm"], capture_output=True, text=True)
+                if p.returncode:
+                    raise KernelError(f"building {lib.name} with {cc} failed:\n{p.stderr[-2000:]}")
+                os.replace(so, lib)   # atomic: a concurrent build never sees half a library
+        dll = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise KernelError(f"building or loading {lib} failed: {e} (set Q3LAB_KERNEL_DIR to a writable folder)") from e
+    vp, ci = ctypes.c_void_p, ctypes.c_int
+    dll.linear_bf16.argtypes = dll.linear_f32.argtypes = [vp, vp, vp, ci, ci, ci]
+    dll.linear_bf16.restype = dll.linear_f32.restype = None
+    dll.moe_bf16.argtypes = dll.moe_f32.argtypes = [vp] * 7 + [ci] * 5
+    dll.moe_bf16.restype = dll.moe_f32.restype = ci
+    dll.q3_isa.restype = ci
     return dll
 
 
@@ -133,44 +244,80 @@ def lib() -> ctypes.CDLL:
     return _LIB
 
 
+def isa() -> str:
+    """Which inner loops the built library runs (AVX-512 BF16, AVX-512F or portable C)."""
+    return ISA[lib().q3_isa()]
+
+
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype, dim: int) -> None:
     if t.dtype != dtype or t.dim() != dim or not t.is_contiguous() or t.device.type != "cpu":
         raise KernelError(f"{name}: expected a contiguous {dim}-D {dtype} CPU tensor, got {t.dim()}-D {t.dtype} "
                           f"on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
 
 
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [1, K] @ w[N, K].T -> [1, N] in w's dtype (bf16 or float32): float32 accumulation, one rounding (F.linear
+    for one decode row)."""
+    dt = w.dtype
+    if dt not in DTYPES:
+        raise KernelError(f"linear: w is {dt}; the CPU kernels take bf16 or float32")
+    _check(x, "x", dt, 2)
+    _check(w, "w", dt, 2)
+    N, K = w.shape
+    if x.shape[0] != 1 or x.shape[1] != K:
+        raise KernelError(f"linear: x {list(x.shape)} and w {list(w.shape)}: expected [1, K] and [N, K]")
+    y = torch.empty(1, N, dtype=dt)
+    fn = lib().linear_bf16 if dt == torch.bfloat16 else lib().linear_f32
+    fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), N, K, _threads(N * K))
+    return y
+
+
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [1, K] @ w[N, K].T -> [1, N], all bf16, float32 accumulation (F.linear for one decode row)."""
-    _check(x, "x", torch.bfloat16, 2)
     _check(w, "w", torch.bfloat16, 2)
-    if x.shape[0] != 1 or x.shape[1] != w.shape[1]:
-        raise KernelError(f"linear_bf16: x {list(x.shape)} and w {list(w.shape)}: expected [1, K] and [N, K]")
-    y = torch.empty(1, w.shape[0], dtype=torch.bfloat16)
-    lib().linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], _threads(w.numel()))
-    return y
+    return linear(x, w)
+
+
+def moe_decode(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+               ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One token's MoE output [1, D] in float32 from a layer's resident experts (gate/up [E, I, D], down [E, D, I],
+    bf16 or float32, read in place) and its chosen experts `ids` [A] (rank order) with routing `weights` [A]:
+    sum_a weights[a] * down[ids[a]] @ (silu(gate[ids[a]] @ h) * (up[ids[a]] @ h)), float32 sums; in bf16 the
+    activation silu * up is rounded to bf16 once (as torch's bf16 experts round it)."""
+    dt = gate.dtype
+    if dt not in DTYPES:
+        raise KernelError(f"moe_decode: experts are {dt}; the CPU kernels take bf16 or float32")
+    _check(h, "h", dt, 2)
+    for t, n in ((gate, "gate"), (up, "up"), (down, "down")):
+        _check(t, n, dt, 3)
+    E, I, D = gate.shape
+    if h.shape != (1, D) or up.shape != (E, I, D) or down.shape != (E, D, I):
+        raise KernelError(f"moe_decode: h {list(h.shape)}, gate {list(gate.shape)}, up {list(up.shape)}, "
+                          f"down {list(down.shape)}: expected [1, D], [E, I, D], [E, I, D], [E, D, I]")
+    if ids.dtype != torch.int64 or not ids.is_contiguous():
+        ids = ids.to(torch.int64).contiguous()
+    if weights.dtype != torch.float32 or not weights.is_contiguous():
+        weights = weights.to(torch.float32).contiguous()
+    A = ids.numel()
+    if weights.numel() != A or A == 0:
+        raise KernelError(f"moe_decode: {A} expert ids but {weights.numel()} weights")
+    out = torch.empty(1, D, dtype=torch.float32)
+    fn = lib().moe_bf16 if dt == torch.bfloat16 else lib().moe_f32
+    rc = fn(h.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+            out.data_ptr(), A, I, D, E, _threads(3 * A * I * D))
+    if rc:   # the C code checks the ids before it reads any expert
+        raise KernelError(f"moe_decode: expert ids {ids.tolist()} outside 0..{E - 1}")
+    return out
 
 
 def moe_decode_bf16(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                     ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """One token's MoE output [1, D] from a layer's resident experts (gate/up [E, I, D], down [E, D, I], bf16)
-    and its chosen experts `ids` [A] (rank order) with their routing `weights` [A]."""
-    _check(h, "h", torch.bfloat16, 2)
-    for t, n in ((gate, "gate"), (up, "up"), (down, "down")):
-        _check(t, n, torch.bfloat16, 3)
-    E, I, D = gate.shape
-    if h.shape != (1, D) or up.shape != (E, I, D) or down.shape != (E, D, I):
-        raise KernelError(f"moe_decode_bf16: h {list(h.shape)}, gate {list(gate.shape)}, up {list(up.shape)}, "
-                          f"down {list(down.shape)}: expected [1, D], [E, I, D], [E, I, D], [E, D, I]")
-    ids = ids.reshape(-1).to(torch.int64).contiguous()
-    wts = weights.reshape(-1).to(torch.float32).contiguous()
-    if ids.numel() != wts.numel() or ids.numel() == 0:
-        raise KernelError(f"moe_decode_bf16: {ids.numel()} expert ids but {wts.numel()} weights")
-    if int(ids.min()) < 0 or int(ids.max()) >= E:    # the C code trusts ids: check them here
-        raise KernelError(f"moe_decode_bf16: expert ids {ids.tolist()} outside 0..{E - 1}")
-    out = torch.empty(1, D, dtype=torch.bfloat16)
-    lib().moe_decode_bf16(h.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), ids.data_ptr(),
-                          wts.data_ptr(), out.data_ptr(), ids.numel(), I, D, _threads(3 * ids.numel() * I * D))
-    return out
+    """`moe_decode` on bf16 experts, rounded once to bf16: [1, D]."""
+    _check(gate, "gate", torch.bfloat16, 3)
+    return moe_decode(h, gate, up, down, ids, weights).to(torch.bfloat16)
 
 
 # -- the micro-benchmark --------------------------------------------------------------------------
@@ -198,7 +345,7 @@ def micro(D: int = 1024, I: int = 512, E: int = 64, A: int = 8, threads: int = 2
     down = (torch.randn(E, D, I, generator=g) * 0.02).bfloat16()
     h = torch.randn(1, D, generator=g).bfloat16()
     w = torch.randn(D, D, generator=g).bfloat16()
-    w32, gate32, up32, down32 = w.float(), gate.float(), up.float(), down.float()
+    w32, gate32, up32, down32, h32 = w.float(), gate.float(), up.float(), down.float(), h.float()
     ids = torch.randperm(E, generator=g)[:A]
     wt = torch.softmax(torch.randn(A, generator=g), 0)
     moe_bytes = 3 * A * I * D * 2
@@ -212,12 +359,15 @@ def micro(D: int = 1024, I: int = 512, E: int = 64, A: int = 8, threads: int = 2
 
     rows = [("linear [1,D]x[D,D]", "torch bf16 F.linear", lambda: F.linear(h, w), D * D * 2),
             ("linear [1,D]x[D,D]", "torch f32 F.linear", lambda: F.linear(h.float(), w32), D * D * 4),
-            ("linear [1,D]x[D,D]", "q3lab linear_bf16", lambda: linear_bf16(h, w), D * D * 2),
+            ("linear [1,D]x[D,D]", "q3lab linear bf16", lambda: linear(h, w), D * D * 2),
+            ("linear [1,D]x[D,D]", "q3lab linear f32", lambda: linear(h32, w32), D * D * 4),
             (f"MoE {A} of {E} experts", "torch bf16 loop", lambda: torch_moe(h, gate, up, down), moe_bytes),
             (f"MoE {A} of {E} experts", "torch f32 loop", lambda: torch_moe(h.float(), gate32, up32, down32),
              2 * moe_bytes),
             (f"MoE {A} of {E} experts", "q3lab moe_decode_bf16",
-             lambda: moe_decode_bf16(h, gate, up, down, ids, wt), moe_bytes)]
+             lambda: moe_decode(h, gate, up, down, ids, wt), moe_bytes),
+            (f"MoE {A} of {E} experts", "q3lab moe_decode f32",
+             lambda: moe_decode(h32, gate32, up32, down32, ids, wt), 2 * moe_bytes)]
     out = []
     for op, impl, fn, nbytes in rows:
         t = _time(fn, 50)

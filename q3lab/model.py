@@ -199,16 +199,17 @@ class Experts(nn.Module):
         return step.expert_sum(step.moe_torch(h, slots, w, fetch), h.dtype)
 
 
-    def step_fn(self):
+    def step_fn(self, ks: step.Kernels = step.TORCH):
         """What `step.layer` calls for this layer's experts: `forward`, with a stacked provider's slabs looked up
-        once (a plan serves every step of a generation; same arithmetic, so bit-equal to `forward`)."""
+        once (a plan serves every step of a generation; with TORCH the same arithmetic, so bit-equal to
+        `forward`) and computed by the kernel set `ks`'s moe."""
         stacked = stacked_experts(self.provider, self.layer_idx)
         if stacked is None or type(self).forward is not Experts.forward:   # a cache, or a subclass's own forward
             return self.forward
         gate, up, down = stacked
 
         def experts(h, idx, w):
-            return step.expert_sum(step.moe_torch(h, idx, w, gate, up, down), h.dtype)
+            return step.expert_sum(ks.moe(h, idx, w, gate, up, down), h.dtype)
         return experts
 
 
@@ -297,10 +298,12 @@ class Thinker(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, device=self.device, dtype=self.dtype)
 
-    def plan(self) -> list[tuple[step.LayerWeights, object]]:
-        """Per layer, what `step.layer` reads: the layer's weights and its experts' forward. Gathered once per
-        call (generate: once per generation)."""
-        return [(lay.weights(), lay.mlp.experts.step_fn()) for lay in self.model.layers]
+    def plan(self, ks: step.Kernels | None = None) -> list[tuple[step.LayerWeights, object]]:
+        """Per layer, what `step.layer` reads: the layer's weights and its experts' forward on the kernel set `ks`
+        (default `step.kernels_for(self.device)`, what `_forward` runs). Gathered once per call (generate: once
+        per generation)."""
+        ks = step.kernels_for(self.device) if ks is None else ks
+        return [(lay.weights(), lay.mlp.experts.step_fn(ks)) for lay in self.model.layers]
 
     # -- forward -------------------------------------------------------------------------------
     def _check_ids(self, input_ids: torch.Tensor) -> None:
@@ -366,15 +369,15 @@ class Thinker(nn.Module):
             for layer, kv in zip(model.layers, kvs):
                 x = layer(x, rope, kv)
         else:
-            d = model.layers[0].self_attn.dims
+            d, ks = model.layers[0].self_attn.dims, step.kernels_for(dev)
             for (w, experts), kv in zip(plan, kvs):
-                x = step.layer(x, w, d, rope, kv, step.TORCH, experts)
+                x = step.layer(x, w, d, rope, kv, ks, experts)
         if cache is not None:
             cache.length += T
         x = x if not last_only else x[:, -1:]
         if plan is None:
             return self.lm_head(model.hook_final_norm(model.norm(x))).float()
-        return F.linear(rms_norm(x, model.norm.weight, self.config.rms_norm_eps), self.lm_head.weight).float()
+        return ks.linear(rms_norm(x, model.norm.weight, self.config.rms_norm_eps), self.lm_head.weight).float()
 
     def _rope(self, x, T, past, position_ids, attention_mask, cache) -> Rope:
         """The new tokens' rotary: rows of the cache's table (text positions), else from the positions."""

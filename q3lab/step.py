@@ -12,11 +12,15 @@ Every execution path calls these functions, none has its own copy of the math:
 
 A kernel set (`Kernels`) is the three places where a backend computes differently: attention over keys/values
 (`attend`), the router's logits + float32 softmax + top-k + renormalisation (`route`), and the weighted experts
-(`moe`). `TORCH` is the reference and what runs off CUDA; `TRITON` runs the fused kernels of
+(`moe`), plus the attention projections (`linear`). `TORCH` is the reference; `CPU` (what `Thinker.forward` /
+`generate` run on the CPU, `kernels_for`) sends one-row products and one-token stacked experts in bf16 (and
+float32 above a size) to the C kernels of `q3lab.cpu_kernels`, the rest to TORCH's functions; `TRITON` runs the fused kernels of
 `q3lab.decode_kernels` / `q3lab.moe_kernels` where their shapes allow (one token, CUDA) and TORCH elsewhere.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -91,14 +95,15 @@ def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return x * rope.cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * rope.sin
 
 
-def qkv(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope):
-    """q [B, H, T, hd], k and v [B, K, T, hd] of the normed input h [B, T, D]: projections, q/k norms, rotary."""
+def qkv(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, linear: Callable = F.linear):
+    """q [B, H, T, hd], k and v [B, K, T, hd] of the normed input h [B, T, D]: projections (`linear`, a kernel
+    set's), q/k norms, rotary."""
     B, T, _ = h.shape
     H, K, hd = d.H, d.K, d.hd
     if w.qkv is not None:
-        q, k, v = F.linear(h, w.qkv).split([H * hd, K * hd, K * hd], dim=-1)
+        q, k, v = linear(h, w.qkv).split([H * hd, K * hd, K * hd], dim=-1)
     else:
-        q, k, v = F.linear(h, w.wq), F.linear(h, w.wk), F.linear(h, w.wv)
+        q, k, v = linear(h, w.wq), linear(h, w.wk), linear(h, w.wv)
     # each head's row sees the ops q_norm / k_norm and the rotation would apply to it alone
     qk = rotate(rms_norm(torch.cat((q.view(B, T, H, hd), k.view(B, T, K, hd)), dim=2), w.qk_norm, d.eps), rope)
     return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.view(B, T, K, hd).transpose(1, 2)
@@ -121,13 +126,13 @@ def kv_write(kv: KV, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, to
 def attention(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, ks: "Kernels") -> torch.Tensor:
     """Self-attention of the normed input h [B, T, D] -> [B, T, D] (before the residual); kv None: no cache."""
     B, T, _ = h.shape
-    q, k, v = qkv(h, w, d, rope)
+    q, k, v = qkv(h, w, d, rope, ks.linear)
     mask = None
     if kv is not None:
         k, v = kv_write(kv, k, v)
         mask = kv.mask
     y = ks.attend(q, k, v, mask)                                                      # [B, H, T, hd]
-    return F.linear(y.transpose(1, 2).reshape(B, T, d.H * d.hd), w.wo)
+    return ks.linear(y.transpose(1, 2).reshape(B, T, d.H * d.hd), w.wo)
 
 
 def select(logits: torch.Tensor, A: int, renorm: bool, dtype: torch.dtype):
@@ -163,7 +168,10 @@ def layer(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, 
 
 
 def expert_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Each token's weighted expert outputs [N, A, D] (float32) summed, rounded once to `dtype`: [N, D]."""
+    """Each token's weighted expert outputs [N, A, D] (float32) summed, rounded once to `dtype`: [N, D]. A kernel
+    that sums itself gives [N, 1, D]."""
+    if partials.shape[1] == 1:
+        return partials.view(partials.shape[0], -1).to(dtype)
     return partials.sum(1).to(dtype)
 
 
@@ -290,12 +298,15 @@ def moe_triton(h, ids, w, gate, up, down, *, gather: bool | None = None):
 
 @dataclass(frozen=True)
 class Kernels:
-    """A kernel set: attend(q, k, v, mask), route(h, w_router, A, renorm) -> (logits, ids, weights) and
-    moe(h, ids, w, gate, up, down) -> weighted outputs [N, A, D] float32 (signatures as the torch functions)."""
+    """A kernel set: attend(q, k, v, mask), route(h, w_router, A, renorm) -> (logits, ids, weights),
+    moe(h, ids, w, gate, up, down) -> weighted outputs [N, A, D] float32 (or [N, 1, D], already summed over A;
+    `expert_sum` takes either), and linear(x, w) for the attention projections (signatures as the torch
+    functions)."""
     name: str
     attend: Callable
     route: Callable
     moe: Callable
+    linear: Callable = F.linear
 
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
@@ -304,6 +315,71 @@ TRITON = Kernels("triton", attend_triton, route_triton, moe_triton)
 # CUDA (a gathered copy of 8 experts per layer costs more than the rest of the step: 58% of its kernel time on
 # an H200); off CUDA moe_triton is moe_torch, so this set is TORCH there
 DECODE = Kernels("torch+triton-moe", attend_torch, route_torch, moe_triton)
+
+
+# -- the CPU set: one-row products and one-token experts in q3lab.cpu_kernels (C, AVX-512 BF16 where present) ----
+# float32 products below this many weight elements stay in torch: its float32 GEMV is fast on small matrices
+# and a tiny model's decode stays bit-equal to the module path (a C sum runs in another order)
+CPU_F32_MIN_ELEMENTS = 1 << 16
+
+
+def _cpu_ok(x: torch.Tensor, w: torch.Tensor, elements: int) -> bool:
+    """Whether a one-row product of x and weights w goes to the C kernels: bf16 always (torch's bf16 GEMV reads
+    at 1-10 GB/s here), float32 from CPU_F32_MIN_ELEMENTS; never when autograd would need the product."""
+    if x.dtype != w.dtype or x.device.type != "cpu" or x.requires_grad or w.requires_grad:
+        return False
+    return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and elements >= CPU_F32_MIN_ELEMENTS)
+
+
+def linear_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K]); one row in bf16 or float32 runs `cpu_kernels.linear` (float32 sums,
+    one rounding), anything else F.linear."""
+    K = x.shape[-1]
+    if x.numel() == K and w.dim() == 2 and _cpu_ok(x, w, w.numel()):
+        from q3lab import cpu_kernels
+        return cpu_kernels.linear(x.reshape(1, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def route_cpu(h: torch.Tensor, w_router: torch.Tensor, A: int, renorm: bool):
+    """`route_torch` with the router's logits from `linear_cpu`."""
+    logits = linear_cpu(h, w_router)
+    ids, w = select(logits, A, renorm, h.dtype)
+    return logits, ids, w
+
+
+def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, down=None, *,
+            gather: bool | None = None) -> torch.Tensor:
+    """One token over a layer's stacked experts (gate/up [E, I, D], down [E, D, I] tensors, bf16 or float32):
+    `cpu_kernels.moe_decode`, the experts read in place, summed over A in float32: [1, 1, D]. Anything else
+    (several tokens, a provider's callable, small float32 experts): `moe_torch`."""
+    if up is not None and h.shape[0] == 1 and isinstance(gate, torch.Tensor) and gate.dim() == 3 \
+            and _cpu_ok(h, gate, 3 * ids.shape[1] * gate.shape[1] * gate.shape[2]):
+        from q3lab import cpu_kernels
+        return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids[0], w[0]).view(1, 1, -1)
+    return moe_torch(h, ids, w, gate, up, down, gather=gather)
+
+
+CPU = Kernels("cpu", attend_torch, route_cpu, moe_cpu, linear_cpu)
+_CPU_STATE: list = []   # [True] once built, [False] once refused (the reason warned once)
+
+
+def kernels_for(device: torch.device) -> Kernels:
+    """The kernel set `Thinker.forward` / `generate` run on `device` when no hook listens: CPU on the CPU (the C
+    kernels built on first use; Q3LAB_CPU_KERNELS=0 chooses TORCH), TORCH elsewhere. If the C kernels cannot be
+    built, one warning gives the reason and says that the torch kernels run."""
+    if torch.device(device).type != "cpu" or os.environ.get("Q3LAB_CPU_KERNELS", "1") == "0":
+        return TORCH
+    if not _CPU_STATE:
+        from q3lab import cpu_kernels
+        try:
+            cpu_kernels.lib()
+            _CPU_STATE.append(True)
+        except cpu_kernels.KernelError as e:
+            _CPU_STATE.append(False)
+            warnings.warn(f"q3lab: the CPU decode kernels (q3lab.cpu_kernels) are not available, so the torch "
+                          f"kernels run (bf16 decode several times slower): {e}", RuntimeWarning, stacklevel=2)
+    return CPU if _CPU_STATE[0] else TORCH
 
 
 def kernels(fused: bool = False, fused_router: bool = True) -> Kernels:

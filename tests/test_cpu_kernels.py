@@ -25,9 +25,12 @@ def test_linear_is_float32_math_rounded_once():
     assert (y.float() == ref.bfloat16().float()).float().mean() > 0.95
 
 
-def _moe_ref(h, gate, up, down, ids, wts):
+def _moe_ref(h, gate, up, down, ids, wts, act_dtype=torch.bfloat16):
+    """float32 math on the weights' values, the activation silu * up rounded to `act_dtype` (what the kernel and
+    torch's bf16 experts do before the down projection)."""
     x = h.float()[0]
-    return sum(float(wts[a]) * (down[e].float() @ (F.silu(gate[e].float() @ x) * (up[e].float() @ x)))
+    return sum(float(wts[a]) * (down[e].float() @ (F.silu(gate[e].float() @ x) * (up[e].float() @ x))
+                                .to(act_dtype).float())
                for a, e in enumerate(ids.tolist()))
 
 
