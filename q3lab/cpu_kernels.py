@@ -174,6 +174,91 @@ int moe_f32(const float *h, const float *gate, const float *up, const float *dow
     }
     return 0;
 }
+
+/* -- the rest of a one-token layer: norms, rotary, attention over the cache, the router ----------------------
+   dt: 1 bf16, 0 float32 for every tensor argument. Rounding as torch's ops on that dtype: float32 math inside,
+   each op's result rounded to the dtype once. */
+static inline float ld(const void *p, int64_t i, int dt) { return dt ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
+static inline void st(void *p, int64_t i, float v, int dt) { if (dt) ((uint16_t *)p)[i] = f2bf(v); else ((float *)p)[i] = v; }
+static inline float rnd(float v, int dt) { return dt ? bf2f(f2bf(v)) : v; }
+
+/* out[r] = w[r % wrows] * rms_norm(x[r]) over C columns, R rows (bf16: the normed row rounded, then times w) */
+void rms_norm_rows(const void *x, const void *w, void *out, int R, int C, int wrows, float eps, int dt) {
+    for (int r = 0; r < R; r++) {
+        float ss = 0.f;
+        for (int c = 0; c < C; c++) { float v = ld(x, (int64_t)r * C + c, dt); ss += v * v; }
+        float inv = 1.f / sqrtf(ss / C + eps);
+        int64_t wr = (int64_t)(r % wrows) * C;
+        for (int c = 0; c < C; c++)
+            st(out, (int64_t)r * C + c, ld(w, wr + c, dt) * rnd(ld(x, (int64_t)r * C + c, dt) * inv, dt), dt);
+    }
+}
+
+/* out[r] = x[r] @ M ([R, n] times [n, n]) */
+void rows_matmul(const void *x, const void *M, void *out, int R, int n, int dt) {
+    float m[n * n], acc[n];
+    for (int i = 0; i < n * n; i++) m[i] = ld(M, i, dt);
+    for (int r = 0; r < R; r++) {
+        for (int j = 0; j < n; j++) acc[j] = 0.f;
+        for (int i = 0; i < n; i++) {
+            float xi = ld(x, (int64_t)r * n + i, dt);
+            if (xi != 0.f) for (int j = 0; j < n; j++) acc[j] += xi * m[i * n + j];
+        }
+        for (int j = 0; j < n; j++) st(out, (int64_t)r * n + j, acc[j], dt);
+    }
+}
+
+/* One query token, every cache slot 0..S-1: q head h (stride qs) reads kv head h / (H/K) (k/v head stride ks,
+   slot stride hd); out [H, hd] contiguous. softmax(q.k * scale) in float32; probabilities rounded to the dtype
+   before they weight v (as torch's bf16 attention does). */
+void attend_one(const void *q, const void *k, const void *v, void *out, int H, int K, int S, int hd,
+                int64_t qs, int64_t ks, float scale, int dt) {
+    float p[S], acc[hd], qf[hd];
+    int g = H / K;
+    for (int h = 0; h < H; h++) {
+        int64_t kh = (int64_t)(h / g) * ks;
+        for (int j = 0; j < hd; j++) qf[j] = ld(q, h * qs + j, dt);
+        float mx = -INFINITY;
+        for (int s = 0; s < S; s++) {
+            float a = 0.f;
+            for (int j = 0; j < hd; j++) a += qf[j] * ld(k, kh + (int64_t)s * hd + j, dt);
+            p[s] = a * scale;
+            if (p[s] > mx) mx = p[s];
+        }
+        float sum = 0.f;
+        for (int s = 0; s < S; s++) { p[s] = expf(p[s] - mx); sum += p[s]; }
+        for (int j = 0; j < hd; j++) acc[j] = 0.f;
+        for (int s = 0; s < S; s++) {
+            float ps = rnd(p[s] / sum, dt);
+            for (int j = 0; j < hd; j++) acc[j] += ps * ld(v, kh + (int64_t)s * hd + j, dt);
+        }
+        for (int j = 0; j < hd; j++) st(out, (int64_t)h * hd + j, acc[j], dt);
+    }
+}
+
+/* The router of one token: logits [E] (rounded to the dtype) = W [E, D] @ h, float32 softmax, top-A in
+   descending order (the lower id first among equals), renormalised when renorm; weights rounded to the dtype. */
+void route_one(const void *h, const void *W, void *logits, int64_t *ids, void *wts, int E, int D, int A,
+               int renorm, int dt) {
+    float l[E], pr[E];
+    for (int e = 0; e < E; e++) {
+        float a = dt ? dot_bf16((const uint16_t *)W + (int64_t)e * D, (const uint16_t *)h, D)
+                     : dot_f32((const float *)W + (int64_t)e * D, (const float *)h, D);
+        st(logits, e, a, dt);
+        l[e] = rnd(a, dt);
+    }
+    float mx = -INFINITY, sum = 0.f;
+    for (int e = 0; e < E; e++) if (l[e] > mx) mx = l[e];
+    for (int e = 0; e < E; e++) { pr[e] = expf(l[e] - mx); sum += pr[e]; }
+    for (int e = 0; e < E; e++) pr[e] /= sum;
+    float top[A], tsum = 0.f;
+    for (int a = 0; a < A; a++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) if (pr[e] >= 0.f && (best < 0 || pr[e] > pr[best])) best = e;
+        ids[a] = best; top[a] = pr[best]; tsum += top[a]; pr[best] = -1.f;
+    }
+    for (int a = 0; a < A; a++) st(wts, a, renorm ? top[a] / tsum : top[a], dt);
+}
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 ISA = {2: "AVX-512 BF16 (vdpbf16ps) and AVX-512F FMA", 1: "AVX-512F FMA (no AVX-512 BF16: bf16 rows widened in C)",
@@ -233,6 +318,13 @@ def _build() -> ctypes.CDLL:
     dll.moe_bf16.argtypes = dll.moe_f32.argtypes = [vp] * 7 + [ci] * 5
     dll.moe_bf16.restype = dll.moe_f32.restype = ci
     dll.q3_isa.restype = ci
+    fl, i64 = ctypes.c_float, ctypes.c_int64
+    dll.rms_norm_rows.argtypes = [vp, vp, vp, ci, ci, ci, fl, ci]
+    dll.rows_matmul.argtypes = [vp, vp, vp, ci, ci, ci]
+    dll.attend_one.argtypes = [vp, vp, vp, vp, ci, ci, ci, ci, i64, i64, fl, ci]
+    dll.route_one.argtypes = [vp, vp, vp, vp, vp, ci, ci, ci, ci, ci]
+    for f in (dll.rms_norm_rows, dll.rows_matmul, dll.attend_one, dll.route_one):
+        f.restype = None
     return dll
 
 
@@ -318,6 +410,72 @@ def moe_decode_bf16(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
     """`moe_decode` on bf16 experts, rounded once to bf16: [1, D]."""
     _check(gate, "gate", torch.bfloat16, 3)
     return moe_decode(h, gate, up, down, ids, weights).to(torch.bfloat16)
+
+
+def _dt(t: torch.Tensor, name: str) -> int:
+    if t.dtype not in DTYPES or t.device.type != "cpu":
+        raise KernelError(f"{name}: expected a bf16 or float32 CPU tensor, got {t.dtype} on {t.device}")
+    return int(t.dtype == torch.bfloat16)
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`step.rms_norm` of a few contiguous rows x [..., C] with weight [C] or one row per head [R', C] (row r of x
+    takes weight row r % R'), x and weight in one dtype."""
+    dt = _dt(x, "x")
+    if weight.dtype != x.dtype or not x.is_contiguous() or not weight.is_contiguous():
+        raise KernelError(f"rms_norm_rows: x {x.dtype} and weight {weight.dtype} must be contiguous, one dtype")
+    C = x.shape[-1]
+    wrows = 1 if weight.dim() == 1 else weight.shape[0]
+    if weight.shape[-1] != C:
+        raise KernelError(f"rms_norm_rows: x {list(x.shape)} and weight {list(weight.shape)}: last dims differ")
+    out = torch.empty_like(x)
+    lib().rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // C, C, wrows, eps, dt)
+    return out
+
+
+def rows_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [..., n] @ m [n, n] (the one-token rotary matrix), one dtype, float32 sums."""
+    dt = _dt(x, "x")
+    n = x.shape[-1]
+    if m.dtype != x.dtype or m.shape != (n, n) or not x.is_contiguous() or not m.is_contiguous():
+        raise KernelError(f"rows_matmul: x {list(x.shape)} {x.dtype} and m {list(m.shape)} {m.dtype}: expected "
+                          f"contiguous [..., n] and [n, n] of one dtype")
+    out = torch.empty_like(x)
+    lib().rows_matmul(x.data_ptr(), m.data_ptr(), out.data_ptr(), x.numel() // n, n, dt)
+    return out
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token over every slot of k/v: q [1, H, 1, hd], k/v [1, K, S, hd] (each slot's row contiguous,
+    as a KV cache's narrow view is) -> [1, H, 1, hd]; float32 softmax (sdpa without a mask)."""
+    dt = _dt(q, "q")
+    _, H, T, hd = q.shape
+    _, K, S, _ = k.shape
+    if (T != 1 or q.shape[0] != 1 or k.shape != v.shape or k.shape[0] != 1 or k.shape[3] != hd or H % K
+            or k.dtype != q.dtype or v.dtype != q.dtype or q.stride(3) != 1 or k.stride(3) != 1
+            or k.stride(2) != hd or k.stride() != v.stride()):
+        raise KernelError(f"attend_one: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: expected one "
+                          f"token [1, H, 1, hd] and [1, K, S, hd] caches of one dtype with rows contiguous")
+    out = torch.empty(1, H, 1, hd, dtype=q.dtype)
+    lib().attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, K, S, hd, q.stride(1),
+                     k.stride(1), scale, dt)
+    return out
+
+
+def route_one(h: torch.Tensor, w: torch.Tensor, A: int, renorm: bool):
+    """The router of one token h [1, D] with w [E, D]: (logits [1, E] in h's dtype, ids [1, A] int64 in
+    descending order, weights [1, A] in h's dtype), as `step.route_torch`: float32 softmax of the rounded
+    logits, top-A, renormalised when `renorm`."""
+    dt = _dt(h, "h")
+    E, D = w.shape
+    if w.dtype != h.dtype or h.shape != (1, D) or not h.is_contiguous() or not w.is_contiguous() or not 0 < A <= E:
+        raise KernelError(f"route_one: h {list(h.shape)} {h.dtype}, router {list(w.shape)} {w.dtype}, top-{A}")
+    logits = torch.empty(1, E, dtype=h.dtype)
+    ids = torch.empty(1, A, dtype=torch.int64)
+    wts = torch.empty(1, A, dtype=h.dtype)
+    lib().route_one(h.data_ptr(), w.data_ptr(), logits.data_ptr(), ids.data_ptr(), wts.data_ptr(), E, D, A,
+                    int(renorm), dt)
+    return logits, ids, wts
 
 
 # -- the micro-benchmark --------------------------------------------------------------------------

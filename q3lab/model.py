@@ -300,9 +300,9 @@ class Thinker(nn.Module):
 
     def plan(self, ks: step.Kernels | None = None) -> list[tuple[step.LayerWeights, object]]:
         """Per layer, what `step.layer` reads: the layer's weights and its experts' forward on the kernel set `ks`
-        (default `step.kernels_for(self.device)`, what `_forward` runs). Gathered once per call (generate: once
+        (default `step.kernels_for(...)`, what `_forward` runs). Gathered once per call (generate: once
         per generation)."""
-        ks = step.kernels_for(self.device) if ks is None else ks
+        ks = step.kernels_for(self.device, self.dtype, self.config.hidden_size) if ks is None else ks
         return [(lay.weights(), lay.mlp.experts.step_fn(ks)) for lay in self.model.layers]
 
     # -- forward -------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ class Thinker(nn.Module):
             for layer, kv in zip(model.layers, kvs):
                 x = layer(x, rope, kv)
         else:
-            d, ks = model.layers[0].self_attn.dims, step.kernels_for(dev)
+            d, ks = model.layers[0].self_attn.dims, step.kernels_for(dev, self.dtype, self.config.hidden_size)
             for (w, experts), kv in zip(plan, kvs):
                 x = step.layer(x, w, d, rope, kv, ks, experts)
         if cache is not None:

@@ -13,8 +13,9 @@ Every execution path calls these functions, none has its own copy of the math:
 A kernel set (`Kernels`) is the three places where a backend computes differently: attention over keys/values
 (`attend`), the router's logits + float32 softmax + top-k + renormalisation (`route`), and the weighted experts
 (`moe`), plus the attention projections (`linear`). `TORCH` is the reference; `CPU` (what `Thinker.forward` /
-`generate` run on the CPU, `kernels_for`) sends one-row products and one-token stacked experts in bf16 (and
-float32 above a size) to the C kernels of `q3lab.cpu_kernels`, the rest to TORCH's functions; `TRITON` runs the fused kernels of
+`generate` run on the CPU for bf16 and wide float32 models, `kernels_for`) sends a decode step's one-token
+products, norms, rotary, attention, router and stacked experts to the C kernels of `q3lab.cpu_kernels`, anything
+else (prefill, padding masks, a cache's experts) to TORCH's functions; `TRITON` runs the fused kernels of
 `q3lab.decode_kernels` / `q3lab.moe_kernels` where their shapes allow (one token, CUDA) and TORCH elsewhere.
 """
 from __future__ import annotations
@@ -95,17 +96,18 @@ def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return x * rope.cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * rope.sin
 
 
-def qkv(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, linear: Callable = F.linear):
-    """q [B, H, T, hd], k and v [B, K, T, hd] of the normed input h [B, T, D]: projections (`linear`, a kernel
-    set's), q/k norms, rotary."""
+def qkv(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, ks: "Kernels | None" = None):
+    """q [B, H, T, hd], k and v [B, K, T, hd] of the normed input h [B, T, D]: projections, q/k norms, rotary (the
+    kernel set `ks`'s linear, norm and rotate; None: TORCH's)."""
     B, T, _ = h.shape
     H, K, hd = d.H, d.K, d.hd
+    linear, norm, rot = (F.linear, rms_norm, rotate) if ks is None else (ks.linear, ks.norm, ks.rotate)
     if w.qkv is not None:
         q, k, v = linear(h, w.qkv).split([H * hd, K * hd, K * hd], dim=-1)
     else:
         q, k, v = linear(h, w.wq), linear(h, w.wk), linear(h, w.wv)
     # each head's row sees the ops q_norm / k_norm and the rotation would apply to it alone
-    qk = rotate(rms_norm(torch.cat((q.view(B, T, H, hd), k.view(B, T, K, hd)), dim=2), w.qk_norm, d.eps), rope)
+    qk = rot(norm(torch.cat((q.view(B, T, H, hd), k.view(B, T, K, hd)), dim=2), w.qk_norm, d.eps), rope)
     return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.view(B, T, K, hd).transpose(1, 2)
 
 
@@ -126,7 +128,7 @@ def kv_write(kv: KV, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, to
 def attention(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, ks: "Kernels") -> torch.Tensor:
     """Self-attention of the normed input h [B, T, D] -> [B, T, D] (before the residual); kv None: no cache."""
     B, T, _ = h.shape
-    q, k, v = qkv(h, w, d, rope, ks.linear)
+    q, k, v = qkv(h, w, d, rope, ks)
     mask = None
     if kv is not None:
         k, v = kv_write(kv, k, v)
@@ -151,8 +153,8 @@ def attend_route(x: torch.Tensor, y_prev: torch.Tensor | None, w: LayerWeights, 
     Returns (x + attention [B, T, D], the experts' input h [N, D], router logits [N, E], ids [N, A], weights)."""
     if y_prev is not None:
         x = x + y_prev.sum(1).to(x.dtype).view(x.shape)
-    x = x + attention(rms_norm(x, w.ln1, d.eps), w, d, rope, kv, ks)
-    h = rms_norm(x, w.ln2, d.eps).view(-1, x.shape[-1])
+    x = x + attention(ks.norm(x, w.ln1, d.eps), w, d, rope, kv, ks)
+    h = ks.norm(x, w.ln2, d.eps).view(-1, x.shape[-1])
     logits, ids, wts = ks.route(h, w.router, d.A, d.renorm)
     return x, h, logits, ids, wts
 
@@ -300,13 +302,15 @@ def moe_triton(h, ids, w, gate, up, down, *, gather: bool | None = None):
 class Kernels:
     """A kernel set: attend(q, k, v, mask), route(h, w_router, A, renorm) -> (logits, ids, weights),
     moe(h, ids, w, gate, up, down) -> weighted outputs [N, A, D] float32 (or [N, 1, D], already summed over A;
-    `expert_sum` takes either), and linear(x, w) for the attention projections (signatures as the torch
-    functions)."""
+    `expert_sum` takes either), and linear(x, w) for the attention projections, norm(x, weight, eps) and
+    rotate(x, rope) (signatures as the torch functions, which are the defaults)."""
     name: str
     attend: Callable
     route: Callable
     moe: Callable
     linear: Callable = F.linear
+    norm: Callable = rms_norm
+    rotate: Callable = rotate
 
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
@@ -318,34 +322,71 @@ DECODE = Kernels("torch+triton-moe", attend_torch, route_torch, moe_triton)
 
 
 # -- the CPU set: one-row products and one-token experts in q3lab.cpu_kernels (C, AVX-512 BF16 where present) ----
-# float32 products below this many weight elements stay in torch: its float32 GEMV is fast on small matrices
-# and a tiny model's decode stays bit-equal to the module path (a C sum runs in another order)
-CPU_F32_MIN_ELEMENTS = 1 << 16
+# float32 models narrower than this stay on TORCH: torch's float32 kernels are fast on small matrices, and a
+# small model's decode stays bit-equal to the module path (the C kernels sum in another order); bf16 always
+# takes the C kernels (torch's bf16 GEMV reads at 1-10 GB/s on this machine)
+CPU_F32_MIN_HIDDEN = 512
 
 
-def _cpu_ok(x: torch.Tensor, w: torch.Tensor, elements: int) -> bool:
-    """Whether a one-row product of x and weights w goes to the C kernels: bf16 always (torch's bf16 GEMV reads
-    at 1-10 GB/s here), float32 from CPU_F32_MIN_ELEMENTS; never when autograd would need the product."""
-    if x.dtype != w.dtype or x.device.type != "cpu" or x.requires_grad or w.requires_grad:
-        return False
-    return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and elements >= CPU_F32_MIN_ELEMENTS)
+def _cpu_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a one-token product of x and weights w can go to the C kernels: one CPU dtype they take, and no
+    autograd that would need the product."""
+    return x.dtype == w.dtype and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) \
+        and not (x.requires_grad or w.requires_grad)
 
 
 def linear_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x [..., K], w [N, K]); one row in bf16 or float32 runs `cpu_kernels.linear` (float32 sums,
     one rounding), anything else F.linear."""
     K = x.shape[-1]
-    if x.numel() == K and w.dim() == 2 and _cpu_ok(x, w, w.numel()):
+    if x.numel() == K and w.dim() == 2 and _cpu_ok(x, w):
         from q3lab import cpu_kernels
         return cpu_kernels.linear(x.reshape(1, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
 
 
+def _one_row(x: torch.Tensor) -> bool:
+    """A decode step's tensor of one token on the CPU, in a dtype the C kernels take, no autograd."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and not x.requires_grad
+
+
 def route_cpu(h: torch.Tensor, w_router: torch.Tensor, A: int, renorm: bool):
-    """`route_torch` with the router's logits from `linear_cpu`."""
-    logits = linear_cpu(h, w_router)
-    ids, w = select(logits, A, renorm, h.dtype)
-    return logits, ids, w
+    """`route_torch`; one token: `cpu_kernels.route_one` (logits, softmax, top-k and renormalisation in one call)."""
+    if h.shape[0] == 1 and _one_row(h) and w_router.dtype == h.dtype and not w_router.requires_grad:
+        from q3lab import cpu_kernels
+        return cpu_kernels.route_one(h.contiguous(), w_router, A, renorm)
+    return route_torch(h, w_router, A, renorm)
+
+
+def norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm`; one token's rows (x [1, 1, D] or [1, 1, heads, hd]): `cpu_kernels.rms_norm_rows`."""
+    C = x.shape[-1]
+    rows = x.numel() // C
+    if _one_row(x) and weight.dtype == x.dtype and not weight.requires_grad and x.shape[0] * x.shape[1] == 1 \
+            and (weight.dim() == 1 or (weight.dim() == 2 and weight.shape[0] == rows)) and x.is_contiguous():
+        from q3lab import cpu_kernels
+        return cpu_kernels.rms_norm_rows(x, weight, eps)
+    return rms_norm(x, weight, eps)
+
+
+def rotate_cpu(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """`rotate`; one token with the rotation matrix: `cpu_kernels.rows_matmul` (torch's bf16 matmul of a
+    [heads, hd] block costs ~40 us here)."""
+    if rope.sin is None and _one_row(x) and rope.cos.dtype == x.dtype and x.is_contiguous() \
+            and x.shape[0] * x.shape[1] == 1:
+        from q3lab import cpu_kernels
+        return cpu_kernels.rows_matmul(x, rope.cos)
+    return rotate(x, rope)
+
+
+def attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`attend_torch`; one query token of one sequence without a mask (every slot attended):
+    `cpu_kernels.attend_one`."""
+    if mask is None and q.shape[0] == 1 and q.shape[2] == 1 and _one_row(q) and k.dtype == q.dtype \
+            and q.stride(3) == 1 and k.stride(3) == 1 and k.stride(2) == k.shape[3] and k.stride() == v.stride():
+        from q3lab import cpu_kernels
+        return cpu_kernels.attend_one(q, k, v, q.shape[-1] ** -0.5)
+    return attend_torch(q, k, v, mask)
 
 
 def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, down=None, *,
@@ -354,21 +395,24 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
     `cpu_kernels.moe_decode`, the experts read in place, summed over A in float32: [1, 1, D]. Anything else
     (several tokens, a provider's callable, small float32 experts): `moe_torch`."""
     if up is not None and h.shape[0] == 1 and isinstance(gate, torch.Tensor) and gate.dim() == 3 \
-            and _cpu_ok(h, gate, 3 * ids.shape[1] * gate.shape[1] * gate.shape[2]):
+            and _cpu_ok(h, gate):
         from q3lab import cpu_kernels
         return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids[0], w[0]).view(1, 1, -1)
     return moe_torch(h, ids, w, gate, up, down, gather=gather)
 
 
-CPU = Kernels("cpu", attend_torch, route_cpu, moe_cpu, linear_cpu)
+CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu)
 _CPU_STATE: list = []   # [True] once built, [False] once refused (the reason warned once)
 
 
-def kernels_for(device: torch.device) -> Kernels:
-    """The kernel set `Thinker.forward` / `generate` run on `device` when no hook listens: CPU on the CPU (the C
-    kernels built on first use; Q3LAB_CPU_KERNELS=0 chooses TORCH), TORCH elsewhere. If the C kernels cannot be
-    built, one warning gives the reason and says that the torch kernels run."""
+def kernels_for(device: torch.device, dtype: torch.dtype, hidden: int) -> Kernels:
+    """The kernel set `Thinker.forward` / `generate` run for a model of `dtype` and `hidden` size on `device`
+    when no hook listens: CPU on the CPU for bf16, and for float32 from CPU_F32_MIN_HIDDEN (the C kernels
+    built on first use; Q3LAB_CPU_KERNELS=0 chooses TORCH), TORCH elsewhere. If the C kernels cannot be built,
+    one warning gives the reason and says that the torch kernels run."""
     if torch.device(device).type != "cpu" or os.environ.get("Q3LAB_CPU_KERNELS", "1") == "0":
+        return TORCH
+    if not (dtype == torch.bfloat16 or (dtype == torch.float32 and hidden >= CPU_F32_MIN_HIDDEN)):
         return TORCH
     if not _CPU_STATE:
         from q3lab import cpu_kernels
