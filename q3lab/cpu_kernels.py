@@ -35,6 +35,7 @@ from .errors import Q3LabError
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include <omp.h>
@@ -114,15 +115,17 @@ static inline float dot_f32(const float *w, const float *x, int K) {
 #endif
 }
 
-/* y[n] = bf16(sum_k w[n,k] x[k]) */
-void linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int N, int K, int threads) {
+/* y[m, n] = sum_k w[n,k] x[m,k] for M rows of x (each weight row read once, used for every x row) */
+void linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
-    for (int n = 0; n < N; n++) y[n] = f2bf(dot_bf16(w + (int64_t)n * K, x, K));
+    for (int n = 0; n < N; n++)
+        for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = f2bf(dot_bf16(w + (int64_t)n * K, x + (int64_t)m * K, K));
 }
 
-void linear_f32(const float *x, const float *w, float *y, int N, int K, int threads) {
+void linear_f32(const float *x, const float *w, float *y, int M, int N, int K, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
-    for (int n = 0; n < N; n++) y[n] = dot_f32(w + (int64_t)n * K, x, K);
+    for (int n = 0; n < N; n++)
+        for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = dot_f32(w + (int64_t)n * K, x + (int64_t)m * K, K);
 }
 
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
@@ -172,6 +175,62 @@ int moe_f32(const float *h, const float *gate, const float *up, const float *dow
             out[d] = acc;
         }
     }
+    return 0;
+}
+
+/* A few tokens (a short prompt) through their experts: h [N, D], ids/wts [N, A]; out [N, D] float32. The
+   (token, expert) pairs are grouped by expert, so each expert row is read once for all its tokens; each token's
+   sum runs over its experts in ascending id. Returns 0, -1 for an id outside 0..E-1, -2 when out of memory. */
+int moe_tokens(const void *h, const void *gate, const void *up, const void *down, const int64_t *ids,
+               const float *wts, float *out, int N, int A, int I, int D, int E, int threads, int dt) {
+    int P = N * A;
+    for (int p = 0; p < P; p++) if (ids[p] < 0 || ids[p] >= E) return -1;
+    int *start = calloc(E + 1, sizeof(int)), *pair = malloc(P * sizeof(int)), *fill = calloc(E, sizeof(int));
+    int *used = malloc(E * sizeof(int));
+    void *act = malloc((size_t)P * I * (dt ? 2 : 4));
+    if (!start || !pair || !fill || !used || !act) { free(start); free(pair); free(fill); free(used); free(act); return -2; }
+    for (int p = 0; p < P; p++) start[ids[p] + 1]++;
+    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int p = 0; p < P; p++) { int e = (int)ids[p]; pair[start[e] + fill[e]++] = p; }   /* ascending token */
+    int U = 0;
+    for (int e = 0; e < E; e++) if (start[e + 1] > start[e]) used[U++] = e;
+    size_t es = dt ? 2 : 4;
+    #pragma omp parallel num_threads(threads) if(threads > 1)
+    {
+        #pragma omp for schedule(static)
+        for (int r = 0; r < U * I; r++) {
+            int e = used[r / I], i = r % I;
+            int64_t off = ((int64_t)e * I + i) * D;
+            for (int j = start[e]; j < start[e + 1]; j++) {
+                int p = pair[j], n = p / A;
+                if (dt) {
+                    float g = dot_bf16((const uint16_t *)gate + off, (const uint16_t *)h + (int64_t)n * D, D);
+                    float u = dot_bf16((const uint16_t *)up + off, (const uint16_t *)h + (int64_t)n * D, D);
+                    ((uint16_t *)act)[(int64_t)j * I + i] = f2bf(silu(g) * u);
+                } else {
+                    float g = dot_f32((const float *)gate + off, (const float *)h + (int64_t)n * D, D);
+                    float u = dot_f32((const float *)up + off, (const float *)h + (int64_t)n * D, D);
+                    ((float *)act)[(int64_t)j * I + i] = silu(g) * u;
+                }
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int d = 0; d < D; d++) {
+            for (int n = 0; n < N; n++) out[(int64_t)n * D + d] = 0.f;
+            for (int u = 0; u < U; u++) {
+                int e = used[u];
+                int64_t row = ((int64_t)e * D + d) * I;
+                for (int j = start[e]; j < start[e + 1]; j++) {
+                    int p = pair[j];
+                    float y = dt ? dot_bf16((const uint16_t *)down + row, (const uint16_t *)act + (int64_t)j * I, I)
+                                 : dot_f32((const float *)down + row, (const float *)act + (int64_t)j * I, I);
+                    out[(int64_t)(p / A) * D + d] += wts[p] * y;
+                }
+            }
+        }
+    }
+    (void)es;
+    free(start); free(pair); free(fill); free(used); free(act);
     return 0;
 }
 
@@ -313,11 +372,13 @@ def _build() -> ctypes.CDLL:
     except OSError as e:
         raise KernelError(f"building or loading {lib} failed: {e} (set Q3LAB_KERNEL_DIR to a writable folder)") from e
     vp, ci = ctypes.c_void_p, ctypes.c_int
-    dll.linear_bf16.argtypes = dll.linear_f32.argtypes = [vp, vp, vp, ci, ci, ci]
+    dll.linear_bf16.argtypes = dll.linear_f32.argtypes = [vp, vp, vp, ci, ci, ci, ci]
     dll.linear_bf16.restype = dll.linear_f32.restype = None
     dll.moe_bf16.argtypes = dll.moe_f32.argtypes = [vp] * 7 + [ci] * 5
     dll.moe_bf16.restype = dll.moe_f32.restype = ci
     dll.q3_isa.restype = ci
+    dll.moe_tokens.argtypes = [vp] * 7 + [ci] * 7
+    dll.moe_tokens.restype = ci
     fl, i64 = ctypes.c_float, ctypes.c_int64
     dll.rms_norm_rows.argtypes = [vp, vp, vp, ci, ci, ci, fl, ci]
     dll.rows_matmul.argtypes = [vp, vp, vp, ci, ci, ci]
@@ -351,19 +412,20 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [1, K] @ w[N, K].T -> [1, N] in w's dtype (bf16 or float32): float32 accumulation, one rounding (F.linear
-    for one decode row)."""
+    """x [M, K] @ w[N, K].T -> [M, N] in w's dtype (bf16 or float32): float32 accumulation, one rounding (F.linear
+    for a decode row or a short prompt; each weight row is read once for all M rows)."""
     dt = w.dtype
     if dt not in DTYPES:
         raise KernelError(f"linear: w is {dt}; the CPU kernels take bf16 or float32")
     _check(x, "x", dt, 2)
     _check(w, "w", dt, 2)
     N, K = w.shape
-    if x.shape[0] != 1 or x.shape[1] != K:
-        raise KernelError(f"linear: x {list(x.shape)} and w {list(w.shape)}: expected [1, K] and [N, K]")
-    y = torch.empty(1, N, dtype=dt)
+    M = x.shape[0]
+    if x.shape[1] != K or M == 0:
+        raise KernelError(f"linear: x {list(x.shape)} and w {list(w.shape)}: expected [M, K] and [N, K]")
+    y = torch.empty(M, N, dtype=dt)
     fn = lib().linear_bf16 if dt == torch.bfloat16 else lib().linear_f32
-    fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), N, K, _threads(N * K))
+    fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K, _threads(N * K))
     return y
 
 
@@ -402,6 +464,36 @@ def moe_decode(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
             out.data_ptr(), A, I, D, E, _threads(3 * A * I * D))
     if rc:   # the C code checks the ids before it reads any expert
         raise KernelError(f"moe_decode: expert ids {ids.tolist()} outside 0..{E - 1}")
+    return out
+
+
+def moe_tokens(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+               ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`moe_decode` for a few tokens h [N, D], ids/weights [N, A]: [N, D] float32, the (token, expert) pairs
+    grouped by expert so that each chosen expert's rows are read once (a short prompt's prefill)."""
+    dt = gate.dtype
+    if dt not in DTYPES:
+        raise KernelError(f"moe_tokens: experts are {dt}; the CPU kernels take bf16 or float32")
+    _check(h, "h", dt, 2)
+    for t, n in ((gate, "gate"), (up, "up"), (down, "down")):
+        _check(t, n, dt, 3)
+    E, I, D = gate.shape
+    N = h.shape[0]
+    if h.shape[1] != D or up.shape != (E, I, D) or down.shape != (E, D, I) or ids.shape != weights.shape \
+            or ids.dim() != 2 or ids.shape[0] != N:
+        raise KernelError(f"moe_tokens: h {list(h.shape)}, gate {list(gate.shape)}, up {list(up.shape)}, down "
+                          f"{list(down.shape)}, ids {list(ids.shape)}, weights {list(weights.shape)}: expected "
+                          f"[N, D], [E, I, D], [E, I, D], [E, D, I], [N, A], [N, A]")
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(N, D, dtype=torch.float32)
+    rc = lib().moe_tokens(h.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), ids.data_ptr(),
+                          weights.data_ptr(), out.data_ptr(), N, ids.shape[1], I, D, E,
+                          _threads(3 * ids.numel() * I * D), int(dt == torch.bfloat16))
+    if rc == -1:
+        raise KernelError(f"moe_tokens: expert ids outside 0..{E - 1}: {sorted(set(ids.flatten().tolist()))}")
+    if rc:
+        raise KernelError(f"moe_tokens: out of memory for {ids.numel()} x {I} activations")
     return out
 
 

@@ -335,13 +335,20 @@ def _cpu_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
         and not (x.requires_grad or w.requires_grad)
 
 
+# bf16 products and experts of up to this many tokens run in C (a short prompt: torch's bf16 GEMM with a few
+# rows runs at GEMV speed here); longer prompts stay in torch, whose bf16 GEMM pays from there on
+CPU_BF16_MAX_ROWS = 64
+
+
 def linear_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x [..., K], w [N, K]); one row in bf16 or float32 runs `cpu_kernels.linear` (float32 sums,
-    one rounding), anything else F.linear."""
+    """F.linear(x [..., K], w [N, K]); one row in bf16 or float32, or up to CPU_BF16_MAX_ROWS rows in bf16, runs
+    `cpu_kernels.linear` (float32 sums, one rounding), anything else F.linear."""
     K = x.shape[-1]
-    if x.numel() == K and w.dim() == 2 and _cpu_ok(x, w):
+    rows = x.numel() // K if K else 0
+    if 0 < rows and (rows == 1 or (rows <= CPU_BF16_MAX_ROWS and x.dtype == torch.bfloat16)) and w.dim() == 2 \
+            and _cpu_ok(x, w):
         from q3lab import cpu_kernels
-        return cpu_kernels.linear(x.reshape(1, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+        return cpu_kernels.linear(x.reshape(rows, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
 
 
@@ -392,12 +399,15 @@ def attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, down=None, *,
             gather: bool | None = None) -> torch.Tensor:
     """One token over a layer's stacked experts (gate/up [E, I, D], down [E, D, I] tensors, bf16 or float32):
-    `cpu_kernels.moe_decode`, the experts read in place, summed over A in float32: [1, 1, D]. Anything else
-    (several tokens, a provider's callable, small float32 experts): `moe_torch`."""
-    if up is not None and h.shape[0] == 1 and isinstance(gate, torch.Tensor) and gate.dim() == 3 \
-            and _cpu_ok(h, gate):
+    `cpu_kernels.moe_decode`, the experts read in place, summed over A in float32: [1, 1, D]; up to
+    CPU_BF16_MAX_ROWS tokens in bf16: `cpu_kernels.moe_tokens` ([N, 1, D]). Anything else (more tokens, a
+    provider's callable, several float32 tokens): `moe_torch`."""
+    if up is not None and isinstance(gate, torch.Tensor) and gate.dim() == 3 and _cpu_ok(h, gate):
         from q3lab import cpu_kernels
-        return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids[0], w[0]).view(1, 1, -1)
+        if h.shape[0] == 1:
+            return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids[0], w[0]).view(1, 1, -1)
+        if h.shape[0] <= CPU_BF16_MAX_ROWS and h.dtype == torch.bfloat16:
+            return cpu_kernels.moe_tokens(h.contiguous(), gate, up, down, ids, w).unsqueeze(1)
     return moe_torch(h, ids, w, gate, up, down, gather=gather)
 
 

@@ -55,7 +55,7 @@ def test_refusals():
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     with pytest.raises(KernelError, match="expected a contiguous 2-D torch.bfloat16"):
         linear_bf16(torch.zeros(1, 8), w)
-    with pytest.raises(KernelError, match=r"expected \[1, K\] and \[N, K\]"):
+    with pytest.raises(KernelError, match=r"expected \[M, K\] and \[N, K\]"):
         linear_bf16(torch.zeros(1, 7, dtype=torch.bfloat16), w)
     gate = torch.zeros(2, 3, 4, dtype=torch.bfloat16)
     down = torch.zeros(2, 4, 3, dtype=torch.bfloat16)
@@ -237,3 +237,25 @@ def test_kernels_for_says_once_when_the_c_kernels_cannot_be_built(monkeypatch):
     monkeypatch.setenv("Q3LAB_CPU_KERNELS", "0")
     assert step.kernels_for(torch.device("cpu"), torch.bfloat16, 64) is step.TORCH
     assert step.kernels_for(torch.device("meta"), torch.bfloat16, 4096) is step.TORCH
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_short_prompt_through_the_c_kernels_matches_torch(dtype):
+    """moe_tokens (experts grouped, each row read once for its tokens) and linear over M rows."""
+    tol = F32 if dtype == torch.float32 else BF16
+    g = _g(7)
+    E, I, D, N, A = 8, 24, 40, 11, 3
+    gate, up = (torch.randn(E, I, D, generator=g) * 0.2).to(dtype), (torch.randn(E, I, D, generator=g) * 0.2).to(dtype)
+    down, h = (torch.randn(E, D, I, generator=g) * 0.2).to(dtype), torch.randn(N, D, generator=g).to(dtype)
+    w, ids = torch.topk(torch.softmax(torch.randn(N, E, generator=g), -1), A)
+    w = (w / w.sum(-1, keepdim=True)).to(dtype)
+    ids[3] = ids[2]                                               # two tokens with the same experts
+    want = step.expert_sum(step.moe_torch(h, ids, w, gate, up, down), dtype)
+    got = step.expert_sum(K.moe_tokens(h, gate, up, down, ids, w).unsqueeze(1), dtype)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    if dtype == torch.bfloat16:                                   # what the CPU set runs for a bf16 prompt
+        assert torch.equal(step.moe_cpu(h, ids, w, gate, up, down)[:, 0], K.moe_tokens(h, gate, up, down, ids, w))
+    x, wl = torch.randn(N, 3, 40, generator=g).to(dtype), torch.randn(17, 40, generator=g).to(dtype)
+    torch.testing.assert_close(K.linear(x.reshape(-1, 40), wl).float(), F.linear(x.reshape(-1, 40), wl).float(), **tol)
+    with pytest.raises(KernelError, match=r"expert ids outside 0..7: \[.*9\]"):
+        K.moe_tokens(h, gate, up, down, ids.clamp(max=9) * 0 + 9, w)
