@@ -135,8 +135,10 @@ static inline float silu(float g) { return g / (1.f + expf(-g)); }
    rounded to bf16 once (as torch's bf16 experts round it) so that the down rows run on vdpbf16ps too.
    Returns 0, or -1 (nothing computed) when an id is outside 0..E-1. */
 int moe_bf16(const uint16_t *h, const uint16_t *gate, const uint16_t *up, const uint16_t *down,
-             const int64_t *ids, const float *wts, float *out, int A, int I, int D, int E, int threads) {
+             const int64_t *ids, const void *wv, float *out, int A, int I, int D, int E, int threads, int wbf) {
     for (int a = 0; a < A; a++) if (ids[a] < 0 || ids[a] >= E) return -1;
+    float wts[A];                                       /* routing weights in bf16 or float32 */
+    for (int a = 0; a < A; a++) wts[a] = wbf ? bf2f(((const uint16_t *)wv)[a]) : ((const float *)wv)[a];
     uint16_t act[A * I];
     #pragma omp parallel num_threads(threads) if(threads > 1)
     {
@@ -157,8 +159,10 @@ int moe_bf16(const uint16_t *h, const uint16_t *gate, const uint16_t *up, const 
 }
 
 int moe_f32(const float *h, const float *gate, const float *up, const float *down,
-            const int64_t *ids, const float *wts, float *out, int A, int I, int D, int E, int threads) {
+            const int64_t *ids, const void *wv, float *out, int A, int I, int D, int E, int threads, int wbf) {
     for (int a = 0; a < A; a++) if (ids[a] < 0 || ids[a] >= E) return -1;
+    float wts[A];
+    for (int a = 0; a < A; a++) wts[a] = wbf ? bf2f(((const uint16_t *)wv)[a]) : ((const float *)wv)[a];
     float act[A * I];
     #pragma omp parallel num_threads(threads) if(threads > 1)
     {
@@ -272,27 +276,75 @@ void rows_matmul(const void *x, const void *M, void *out, int R, int n, int dt) 
    before they weight v (as torch's bf16 attention does). */
 void attend_one(const void *q, const void *k, const void *v, void *out, int H, int K, int S, int hd,
                 int64_t qs, int64_t ks, float scale, int dt) {
-    float p[S], acc[hd], qf[hd];
+    float p[S], acc[hd];
     int g = H / K;
     for (int h = 0; h < H; h++) {
         int64_t kh = (int64_t)(h / g) * ks;
-        for (int j = 0; j < hd; j++) qf[j] = ld(q, h * qs + j, dt);
         float mx = -INFINITY;
         for (int s = 0; s < S; s++) {
-            float a = 0.f;
-            for (int j = 0; j < hd; j++) a += qf[j] * ld(k, kh + (int64_t)s * hd + j, dt);
+            float a = dt ? dot_bf16((const uint16_t *)k + kh + (int64_t)s * hd, (const uint16_t *)q + h * qs, hd)
+                         : dot_f32((const float *)k + kh + (int64_t)s * hd, (const float *)q + h * qs, hd);
             p[s] = a * scale;
             if (p[s] > mx) mx = p[s];
         }
         float sum = 0.f;
         for (int s = 0; s < S; s++) { p[s] = expf(p[s] - mx); sum += p[s]; }
         for (int j = 0; j < hd; j++) acc[j] = 0.f;
-        for (int s = 0; s < S; s++) {
-            float ps = rnd(p[s] / sum, dt);
-            for (int j = 0; j < hd; j++) acc[j] += ps * ld(v, kh + (int64_t)s * hd + j, dt);
+        if (dt) {
+            const uint16_t *vb = (const uint16_t *)v + kh;
+            for (int s = 0; s < S; s++) {
+                float ps = bf2f(f2bf(p[s] / sum));
+                #pragma omp simd
+                for (int j = 0; j < hd; j++) acc[j] += ps * bf2f(vb[(int64_t)s * hd + j]);
+            }
+            for (int j = 0; j < hd; j++) ((uint16_t *)out)[(int64_t)h * hd + j] = f2bf(acc[j]);
+        } else {
+            const float *vf = (const float *)v + kh;
+            for (int s = 0; s < S; s++) {
+                float ps = p[s] / sum;
+                #pragma omp simd
+                for (int j = 0; j < hd; j++) acc[j] += ps * vf[(int64_t)s * hd + j];
+            }
+            for (int j = 0; j < hd; j++) ((float *)out)[(int64_t)h * hd + j] = acc[j];
         }
-        for (int j = 0; j < hd; j++) st(out, (int64_t)h * hd + j, acc[j], dt);
     }
+}
+
+/* One token's q, k, v from the normed input h [D]: the projections wq [H*hd, D], wk/wv [K*hd, D] (rows split
+   over threads), each q and k head RMS-normed with its row of qkn [H+K, hd] and rotated by R [hd, hd]; q to
+   qout [H, hd], k and v into cache slot `slot` of kc/vc (kv head stride cs, slot stride hd). Each op's result
+   rounded to the dtype, as `step.qkv` + `step.kv_write` do. */
+void project_one(const void *h, const void *wq, const void *wk, const void *wv, const void *qkn, const void *R,
+                 void *qout, void *kc, void *vc, int D, int H, int K, int hd, int64_t cs, int slot, float eps,
+                 int dt, int threads) {
+    int nq = H * hd, nk = K * hd, n = nq + 2 * nk;
+    float raw[n];
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
+    for (int r = 0; r < n; r++) {
+        const void *w = r < nq ? wq : (r < nq + nk ? wk : wv);
+        int64_t row = r < nq ? r : (r < nq + nk ? r - nq : r - nq - nk);
+        float a = dt ? dot_bf16((const uint16_t *)w + row * D, (const uint16_t *)h, D)
+                     : dot_f32((const float *)w + row * D, (const float *)h, D);
+        raw[r] = rnd(a, dt);
+    }
+    float m[hd * hd], x[hd];
+    for (int i = 0; i < hd * hd; i++) m[i] = ld(R, i, dt);
+    for (int head = 0; head < H + K; head++) {            /* q heads, then k heads */
+        float *src = raw + (int64_t)head * hd, ss = 0.f;
+        for (int j = 0; j < hd; j++) ss += src[j] * src[j];
+        float inv = 1.f / sqrtf(ss / hd + eps);
+        for (int j = 0; j < hd; j++) x[j] = rnd(ld(qkn, (int64_t)head * hd + j, dt) * rnd(src[j] * inv, dt), dt);
+        float acc[hd];
+        for (int j = 0; j < hd; j++) acc[j] = 0.f;
+        for (int i = 0; i < hd; i++) {
+            float xi = x[i];
+            if (xi != 0.f) for (int j = 0; j < hd; j++) acc[j] += xi * m[i * hd + j];
+        }
+        if (head < H) for (int j = 0; j < hd; j++) st(qout, (int64_t)head * hd + j, acc[j], dt);
+        else for (int j = 0; j < hd; j++) st(kc, (head - H) * cs + (int64_t)slot * hd + j, acc[j], dt);
+    }
+    for (int kh = 0; kh < K; kh++)
+        for (int j = 0; j < hd; j++) st(vc, kh * cs + (int64_t)slot * hd + j, raw[nq + nk + kh * hd + j], dt);
 }
 
 /* The router of one token: logits [E] (rounded to the dtype) = W [E, D] @ h, float32 softmax, top-A in
@@ -374,7 +426,7 @@ def _build() -> ctypes.CDLL:
     vp, ci = ctypes.c_void_p, ctypes.c_int
     dll.linear_bf16.argtypes = dll.linear_f32.argtypes = [vp, vp, vp, ci, ci, ci, ci]
     dll.linear_bf16.restype = dll.linear_f32.restype = None
-    dll.moe_bf16.argtypes = dll.moe_f32.argtypes = [vp] * 7 + [ci] * 5
+    dll.moe_bf16.argtypes = dll.moe_f32.argtypes = [vp] * 7 + [ci] * 6
     dll.moe_bf16.restype = dll.moe_f32.restype = ci
     dll.q3_isa.restype = ci
     dll.moe_tokens.argtypes = [vp] * 7 + [ci] * 7
@@ -384,7 +436,8 @@ def _build() -> ctypes.CDLL:
     dll.rows_matmul.argtypes = [vp, vp, vp, ci, ci, ci]
     dll.attend_one.argtypes = [vp, vp, vp, vp, ci, ci, ci, ci, i64, i64, fl, ci]
     dll.route_one.argtypes = [vp, vp, vp, vp, vp, ci, ci, ci, ci, ci]
-    for f in (dll.rms_norm_rows, dll.rows_matmul, dll.attend_one, dll.route_one):
+    dll.project_one.argtypes = [vp] * 9 + [ci] * 4 + [i64, ci, fl, ci, ci]
+    for f in (dll.rms_norm_rows, dll.rows_matmul, dll.attend_one, dll.route_one, dll.project_one):
         f.restype = None
     return dll
 
@@ -403,7 +456,7 @@ def isa() -> str:
 
 
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype, dim: int) -> None:
-    if t.dtype != dtype or t.dim() != dim or not t.is_contiguous() or t.device.type != "cpu":
+    if t.dtype != dtype or t.dim() != dim or not t.is_contiguous() or not t.is_cpu:
         raise KernelError(f"{name}: expected a contiguous {dim}-D {dtype} CPU tensor, got {t.dim()}-D {t.dtype} "
                           f"on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
 
@@ -438,7 +491,8 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def moe_decode(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One token's MoE output [1, D] in float32 from a layer's resident experts (gate/up [E, I, D], down [E, D, I],
-    bf16 or float32, read in place) and its chosen experts `ids` [A] (rank order) with routing `weights` [A]:
+    bf16 or float32, read in place) and its chosen experts `ids` (A of them, rank order, any shape) with routing
+    `weights` (A, bf16 or float32):
     sum_a weights[a] * down[ids[a]] @ (silu(gate[ids[a]] @ h) * (up[ids[a]] @ h)), float32 sums; in bf16 the
     activation silu * up is rounded to bf16 once (as torch's bf16 experts round it)."""
     dt = gate.dtype
@@ -453,7 +507,7 @@ def moe_decode(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
                           f"down {list(down.shape)}: expected [1, D], [E, I, D], [E, I, D], [E, D, I]")
     if ids.dtype != torch.int64 or not ids.is_contiguous():
         ids = ids.to(torch.int64).contiguous()
-    if weights.dtype != torch.float32 or not weights.is_contiguous():
+    if weights.dtype not in DTYPES or not weights.is_contiguous():
         weights = weights.to(torch.float32).contiguous()
     A = ids.numel()
     if weights.numel() != A or A == 0:
@@ -461,7 +515,7 @@ def moe_decode(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     out = torch.empty(1, D, dtype=torch.float32)
     fn = lib().moe_bf16 if dt == torch.bfloat16 else lib().moe_f32
     rc = fn(h.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), ids.data_ptr(), weights.data_ptr(),
-            out.data_ptr(), A, I, D, E, _threads(3 * A * I * D))
+            out.data_ptr(), A, I, D, E, _threads(3 * A * I * D), int(weights.dtype == torch.bfloat16))
     if rc:   # the C code checks the ids before it reads any expert
         raise KernelError(f"moe_decode: expert ids {ids.tolist()} outside 0..{E - 1}")
     return out
@@ -552,6 +606,30 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     lib().attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, K, S, hd, q.stride(1),
                      k.stride(1), scale, dt)
     return out
+
+
+def project_one(h: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, qk_norm: torch.Tensor,
+                rot: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: int, eps: float) -> torch.Tensor:
+    """`step.qkv` + `step.kv_write` for one token: h [1, 1, D] normed; wq [H*hd, D], wk/wv [K*hd, D]; qk_norm
+    [H+K, hd]; rot the rotation matrix [hd, hd]; kc/vc one layer's cache [1, K, max_len, hd] (k and v written
+    at `slot`). Returns q [1, H, 1, hd]."""
+    dt = _dt(h, "h")
+    D = h.shape[-1]
+    K, L, hd = kc.shape[1], kc.shape[2], kc.shape[3]
+    H = wq.shape[0] // hd
+    ts = (h, wq, wk, wv, qk_norm, rot, kc, vc)
+    if (any(t.dtype != h.dtype or not t.is_contiguous() for t in ts) or h.numel() != D or kc.shape != vc.shape
+            or kc.shape[0] != 1 or wq.shape != (H * hd, D) or wk.shape != (K * hd, D) or wv.shape != wk.shape
+            or qk_norm.shape != (H + K, hd) or rot.shape != (hd, hd) or not 0 <= slot < L):
+        raise KernelError(f"project_one: h {list(h.shape)}, wq {list(wq.shape)}, wk {list(wk.shape)}, wv "
+                          f"{list(wv.shape)}, qk_norm {list(qk_norm.shape)}, rot {list(rot.shape)}, cache "
+                          f"{list(kc.shape)} slot {slot}: expected contiguous tensors of one dtype, [1, 1, D], "
+                          f"[H*hd, D], [K*hd, D], [H+K, hd], [hd, hd], [1, K, max_len, hd]")
+    q = torch.empty(1, H, 1, hd, dtype=h.dtype)
+    lib().project_one(h.data_ptr(), wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), qk_norm.data_ptr(), rot.data_ptr(),
+                      q.data_ptr(), kc.data_ptr(), vc.data_ptr(), D, H, K, hd, L * hd, slot, eps, dt,
+                      _threads((H + 2 * K) * hd * D))
+    return q
 
 
 def route_one(h: torch.Tensor, w: torch.Tensor, A: int, renorm: bool):

@@ -128,11 +128,14 @@ def kv_write(kv: KV, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, to
 def attention(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, ks: "Kernels") -> torch.Tensor:
     """Self-attention of the normed input h [B, T, D] -> [B, T, D] (before the residual); kv None: no cache."""
     B, T, _ = h.shape
-    q, k, v = qkv(h, w, d, rope, ks)
-    mask = None
-    if kv is not None:
-        k, v = kv_write(kv, k, v)
-        mask = kv.mask
+    got = ks.project(h, w, d, rope, kv) if ks.project is not None else None
+    if got is not None:               # the set's kernel computed q, k, v and wrote k, v into the cache
+        q, k, v = got
+    else:
+        q, k, v = qkv(h, w, d, rope, ks)
+        if kv is not None:
+            k, v = kv_write(kv, k, v)
+    mask = None if kv is None else kv.mask
     y = ks.attend(q, k, v, mask)                                                      # [B, H, T, hd]
     return ks.linear(y.transpose(1, 2).reshape(B, T, d.H * d.hd), w.wo)
 
@@ -303,7 +306,8 @@ class Kernels:
     """A kernel set: attend(q, k, v, mask), route(h, w_router, A, renorm) -> (logits, ids, weights),
     moe(h, ids, w, gate, up, down) -> weighted outputs [N, A, D] float32 (or [N, 1, D], already summed over A;
     `expert_sum` takes either), and linear(x, w) for the attention projections, norm(x, weight, eps) and
-    rotate(x, rope) (signatures as the torch functions, which are the defaults)."""
+    rotate(x, rope) (signatures as the torch functions, which are the defaults); project(h, w, d, rope, kv), when
+    set, is `qkv` + `kv_write` in one kernel: (q, k, v) as they would return, or None where it does not apply."""
     name: str
     attend: Callable
     route: Callable
@@ -311,6 +315,7 @@ class Kernels:
     linear: Callable = F.linear
     norm: Callable = rms_norm
     rotate: Callable = rotate
+    project: Callable | None = None
 
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
@@ -386,6 +391,18 @@ def rotate_cpu(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return rotate(x, rope)
 
 
+def project_cpu(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None):
+    """`qkv` + `kv_write` for one token of one sequence with a cache (int slot) and the rotation matrix:
+    `cpu_kernels.project_one` (projections, q/k norms, rotary, cache write in one call): (q, k, v); else None."""
+    if kv is None or kv.k is None or not isinstance(kv.at, int) or rope.sin is not None or w.qkv is not None \
+            or h.shape[0] * h.shape[1] != 1 or not _one_row(h) or w.wq.dtype != h.dtype or w.wq.requires_grad:
+        return None
+    from q3lab import cpu_kernels
+    q = cpu_kernels.project_one(h, w.wq, w.wk, w.wv, w.qk_norm, rope.cos, kv.k, kv.v, kv.at, d.eps)
+    n = kv.at + 1
+    return q, kv.k.narrow(2, 0, n), kv.v.narrow(2, 0, n)
+
+
 def attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`attend_torch`; one query token of one sequence without a mask (every slot attended):
     `cpu_kernels.attend_one`."""
@@ -405,13 +422,13 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
     if up is not None and isinstance(gate, torch.Tensor) and gate.dim() == 3 and _cpu_ok(h, gate):
         from q3lab import cpu_kernels
         if h.shape[0] == 1:
-            return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids[0], w[0]).view(1, 1, -1)
+            return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids, w).view(1, 1, -1)
         if h.shape[0] <= CPU_BF16_MAX_ROWS and h.dtype == torch.bfloat16:
             return cpu_kernels.moe_tokens(h.contiguous(), gate, up, down, ids, w).unsqueeze(1)
     return moe_torch(h, ids, w, gate, up, down, gather=gather)
 
 
-CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu)
+CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu, project_cpu)
 _CPU_STATE: list = []   # [True] once built, [False] once refused (the reason warned once)
 
 

@@ -133,6 +133,30 @@ def test_norm_rotate_attend_route_match_torch(dtype):
         assert lc.dtype == wc.dtype == dtype and ic.dtype == torch.int64
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_project_one_equals_qkv_and_the_cache_write(dtype):
+    tol = F32 if dtype == torch.float32 else BF16
+    g = _g(8)
+    H, Kv, hd, D, L = 8, 2, 32, 96, 20
+    w = step.LayerWeights(None, *(torch.randn(n * hd, D, generator=g).to(dtype) * 0.1 for n in (H, Kv, Kv)),
+                          torch.randn(H + Kv, hd, generator=g).to(dtype), None, None, None)
+    d = step.Dims(H, Kv, hd, 2, 1e-6, True)
+    from q3lab.model import mrope_freqs, rope_cos_sin, rope_inv_freq, rope_matrix
+    cos, sin = rope_cos_sin(mrope_freqs(torch.tensor([11])[None, None].expand(3, 1, 1), rope_inv_freq(hd, 1e4),
+                                        [6, 5, 5]), dtype)
+    rope = Rope(rope_matrix(cos[0, 0], sin[0, 0]), None)
+    h = torch.randn(1, 1, D, generator=g).to(dtype)
+    ck, cv = torch.randn(2, 1, Kv, L, hd, generator=g).to(dtype)
+    kv_c, kv_t = KV(ck.clone(), cv.clone(), 11, None), KV(ck.clone(), cv.clone(), 11, None)
+    qc, kc, vc = step.project_cpu(h, w, d, rope, kv_c)
+    qt, kt, vt = step.qkv(h, w, d, rope)
+    kt, vt = step.kv_write(kv_t, kt, vt)
+    assert qc.shape == qt.shape and kc.shape == kt.shape == (1, Kv, 12, hd)
+    for a, b in ((qc, qt), (kv_c.k, kv_t.k), (kv_c.v, kv_t.v)):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    assert torch.equal(kv_c.k[:, :, :11], ck[:, :, :11]) and torch.equal(kv_c.k[:, :, 12:], ck[:, :, 12:])
+
+
 def test_more_refusals():
     with pytest.raises(KernelError, match="attend_one"):
         K.attend_one(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), 1.0)
@@ -161,7 +185,7 @@ def hf_ckpt(tmp_path_factory):
 
 def _counting(monkeypatch):
     calls = {}
-    for name in ("linear", "moe_decode", "rms_norm_rows", "rows_matmul", "attend_one", "route_one"):
+    for name in ("linear", "moe_decode", "rms_norm_rows", "project_one", "attend_one", "route_one"):
         fn = getattr(K, name)
 
         def wrapped(*a, _fn=fn, _n=name, **kw):
@@ -183,9 +207,9 @@ def test_generate_on_the_cpu_set_equals_torch_and_transformers_in_float32(hf_ckp
     assert step.kernels_for(model.device, model.dtype, model.config.hidden_size) is step.CPU
     calls = _counting(monkeypatch)
     fast = model.generate(ids, 30)
-    # every decode step ran each kernel: 29 steps x 3 layers (linear: q, k, v, o per layer + lm_head)
-    assert calls["moe_decode"] == calls["route_one"] == calls["attend_one"] == calls["rows_matmul"] == 29 * 3
-    assert calls["rms_norm_rows"] == 29 * 3 * 3 and calls["linear"] == 29 * (3 * 4 + 1) + 1   # + prompt's lm_head
+    # every decode step ran each kernel: 29 steps x 3 layers (linear: o per layer + lm_head, + the prompt's lm_head)
+    assert calls["moe_decode"] == calls["route_one"] == calls["attend_one"] == calls["project_one"] == 29 * 3
+    assert calls["rms_norm_rows"] == 29 * 3 * 2 and calls["linear"] == 29 * (3 + 1) + 1
     want = ref.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert fast.tolist() == plain.tolist() == want.tolist()
     # one decode step's logits: the C kernels against the torch set, float32 rounding apart
