@@ -148,11 +148,14 @@ int moe_bf16(const uint16_t *h, const uint16_t *gate, const uint16_t *up, const 
             int64_t off = (ids[a] * (int64_t)I + i) * D;
             act[r] = f2bf(silu(dot_bf16(gate + off, h, D)) * dot_bf16(up + off, h, D));
         }
-        #pragma omp for schedule(static)
-        for (int d = 0; d < D; d++) {                   /* down rows: sum over experts in rank order */
-            float acc = 0.f;
-            for (int a = 0; a < A; a++) acc += wts[a] * dot_bf16(down + (ids[a] * (int64_t)D + d) * I, act + a * I, I);
-            out[d] = acc;
+        /* down rows: each thread owns a range of outputs and walks the experts one after the other (one
+           sequential stream of rows at a time for the prefetcher), summing in rank order */
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int d0 = (int)((int64_t)D * t / nt), d1 = (int)((int64_t)D * (t + 1) / nt);
+        for (int d = d0; d < d1; d++) out[d] = 0.f;
+        for (int a = 0; a < A; a++) {
+            const uint16_t *base = down + ids[a] * (int64_t)D * I;
+            for (int d = d0; d < d1; d++) out[d] += wts[a] * dot_bf16(base + (int64_t)d * I, act + a * I, I);
         }
     }
     return 0;
@@ -172,11 +175,12 @@ int moe_f32(const float *h, const float *gate, const float *up, const float *dow
             int64_t off = (ids[a] * (int64_t)I + i) * D;
             act[r] = silu(dot_f32(gate + off, h, D)) * dot_f32(up + off, h, D);
         }
-        #pragma omp for schedule(static)
-        for (int d = 0; d < D; d++) {
-            float acc = 0.f;
-            for (int a = 0; a < A; a++) acc += wts[a] * dot_f32(down + (ids[a] * (int64_t)D + d) * I, act + a * I, I);
-            out[d] = acc;
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int d0 = (int)((int64_t)D * t / nt), d1 = (int)((int64_t)D * (t + 1) / nt);
+        for (int d = d0; d < d1; d++) out[d] = 0.f;
+        for (int a = 0; a < A; a++) {
+            const float *base = down + ids[a] * (int64_t)D * I;
+            for (int d = d0; d < d1; d++) out[d] += wts[a] * dot_f32(base + (int64_t)d * I, act + a * I, I);
         }
     }
     return 0;
