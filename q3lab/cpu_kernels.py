@@ -47,6 +47,11 @@ SOURCE = r"""
 #else
 #define HAVE_DPBF16 0
 #endif
+/* software prefetch this far ahead of the row being read: 2 KiB measured 45 -> 52 GB/s for the one-token
+   MoE (cold experts, 2 threads; 4 KiB 49-51) */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
 
 /* which inner loops were compiled: 2 AVX-512 BF16 (vdpbf16ps) + AVX-512F FMA, 1 AVX-512F only, 0 portable C */
 int q3_isa(void) {
@@ -73,6 +78,8 @@ static inline float dot_bf16(const uint16_t *w, const uint16_t *x, int K) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int k = 0;
     for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES + 64, _MM_HINT_T0);
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
         a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
     }
@@ -98,6 +105,8 @@ static inline float dot_f32(const float *w, const float *x, int K) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int k = 0;
     for (; k + 32 <= K; k += 32) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES + 64, _MM_HINT_T0);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
     }
