@@ -465,7 +465,7 @@ def lib() -> ctypes.CDLL:
 
 def isa() -> str:
     """Which inner loops the built library runs (AVX-512 BF16, AVX-512F or portable C)."""
-    return ISA[lib().q3_isa()]
+    return ISA[(_LIB or lib()).q3_isa()]
 
 
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype, dim: int) -> None:
@@ -490,7 +490,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != K or M == 0:
         raise KernelError(f"linear: x {list(x.shape)} and w {list(w.shape)}: expected [M, K] and [N, K]")
     y = torch.empty(M, N, dtype=dt)
-    fn = lib().linear_bf16 if dt == torch.bfloat16 else lib().linear_f32
+    fn = (_LIB or lib()).linear_bf16 if dt == torch.bfloat16 else (_LIB or lib()).linear_f32
     fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K, _threads(N * K))
     return y
 
@@ -526,7 +526,7 @@ def moe_decode(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     if weights.numel() != A or A == 0:
         raise KernelError(f"moe_decode: {A} expert ids but {weights.numel()} weights")
     out = torch.empty(1, D, dtype=torch.float32)
-    fn = lib().moe_bf16 if dt == torch.bfloat16 else lib().moe_f32
+    fn = (_LIB or lib()).moe_bf16 if dt == torch.bfloat16 else (_LIB or lib()).moe_f32
     rc = fn(h.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), ids.data_ptr(), weights.data_ptr(),
             out.data_ptr(), A, I, D, E, _threads(3 * A * I * D), int(weights.dtype == torch.bfloat16))
     if rc:   # the C code checks the ids before it reads any expert
@@ -554,7 +554,7 @@ def moe_tokens(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     ids = ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
     out = torch.empty(N, D, dtype=torch.float32)
-    rc = lib().moe_tokens(h.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), ids.data_ptr(),
+    rc = (_LIB or lib()).moe_tokens(h.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), ids.data_ptr(),
                           weights.data_ptr(), out.data_ptr(), N, ids.shape[1], I, D, E,
                           _threads(3 * ids.numel() * I * D), int(dt == torch.bfloat16))
     if rc == -1:
@@ -588,7 +588,7 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     if weight.shape[-1] != C:
         raise KernelError(f"rms_norm_rows: x {list(x.shape)} and weight {list(weight.shape)}: last dims differ")
     out = torch.empty_like(x)
-    lib().rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // C, C, wrows, eps, dt)
+    (_LIB or lib()).rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // C, C, wrows, eps, dt)
     return out
 
 
@@ -600,7 +600,7 @@ def rows_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         raise KernelError(f"rows_matmul: x {list(x.shape)} {x.dtype} and m {list(m.shape)} {m.dtype}: expected "
                           f"contiguous [..., n] and [n, n] of one dtype")
     out = torch.empty_like(x)
-    lib().rows_matmul(x.data_ptr(), m.data_ptr(), out.data_ptr(), x.numel() // n, n, dt)
+    (_LIB or lib()).rows_matmul(x.data_ptr(), m.data_ptr(), out.data_ptr(), x.numel() // n, n, dt)
     return out
 
 
@@ -616,7 +616,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
         raise KernelError(f"attend_one: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: expected one "
                           f"token [1, H, 1, hd] and [1, K, S, hd] caches of one dtype with rows contiguous")
     out = torch.empty(1, H, 1, hd, dtype=q.dtype)
-    lib().attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, K, S, hd, q.stride(1),
+    (_LIB or lib()).attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, K, S, hd, q.stride(1),
                      k.stride(1), scale, dt)
     return out
 
@@ -630,8 +630,10 @@ def project_one(h: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.T
     D = h.shape[-1]
     K, L, hd = kc.shape[1], kc.shape[2], kc.shape[3]
     H = wq.shape[0] // hd
-    ts = (h, wq, wk, wv, qk_norm, rot, kc, vc)
-    if (any(t.dtype != h.dtype or not t.is_contiguous() for t in ts) or h.numel() != D or kc.shape != vc.shape
+    if (not (h.dtype == wq.dtype == wk.dtype == wv.dtype == qk_norm.dtype == rot.dtype == kc.dtype == vc.dtype)
+            or not (h.is_contiguous() and wq.is_contiguous() and wk.is_contiguous() and wv.is_contiguous()
+                    and qk_norm.is_contiguous() and rot.is_contiguous() and kc.is_contiguous() and vc.is_contiguous())
+            or h.numel() != D or kc.shape != vc.shape
             or kc.shape[0] != 1 or wq.shape != (H * hd, D) or wk.shape != (K * hd, D) or wv.shape != wk.shape
             or qk_norm.shape != (H + K, hd) or rot.shape != (hd, hd) or not 0 <= slot < L):
         raise KernelError(f"project_one: h {list(h.shape)}, wq {list(wq.shape)}, wk {list(wk.shape)}, wv "
@@ -639,7 +641,7 @@ def project_one(h: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.T
                           f"{list(kc.shape)} slot {slot}: expected contiguous tensors of one dtype, [1, 1, D], "
                           f"[H*hd, D], [K*hd, D], [H+K, hd], [hd, hd], [1, K, max_len, hd]")
     q = torch.empty(1, H, 1, hd, dtype=h.dtype)
-    lib().project_one(h.data_ptr(), wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), qk_norm.data_ptr(), rot.data_ptr(),
+    (_LIB or lib()).project_one(h.data_ptr(), wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), qk_norm.data_ptr(), rot.data_ptr(),
                       q.data_ptr(), kc.data_ptr(), vc.data_ptr(), D, H, K, hd, L * hd, slot, eps, dt,
                       _threads((H + 2 * K) * hd * D))
     return q
@@ -656,7 +658,7 @@ def route_one(h: torch.Tensor, w: torch.Tensor, A: int, renorm: bool):
     logits = torch.empty(1, E, dtype=h.dtype)
     ids = torch.empty(1, A, dtype=torch.int64)
     wts = torch.empty(1, A, dtype=h.dtype)
-    lib().route_one(h.data_ptr(), w.data_ptr(), logits.data_ptr(), ids.data_ptr(), wts.data_ptr(), E, D, A,
+    (_LIB or lib()).route_one(h.data_ptr(), w.data_ptr(), logits.data_ptr(), ids.data_ptr(), wts.data_ptr(), E, D, A,
                     int(renorm), dt)
     return logits, ids, wts
 

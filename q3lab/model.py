@@ -186,6 +186,11 @@ class Experts(nn.Module):
         stacked = stacked_experts(p, layer)
         if stacked is not None:                # stacked [E, ...] per layer: the ids index them on the device
             return step.expert_sum(step.moe_torch(h, idx, w, *stacked), h.dtype)
+        return self._served(h, idx, w, step.TORCH)
+
+    def _served(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ks: step.Kernels) -> torch.Tensor:
+        """`forward` for a provider that serves experts one by one (a cache), on the kernel set `ks`."""
+        p, layer = self.provider, self.layer_idx
         # any other provider: prepare() with the call's experts, then each asked for once, in ascending id
         flat = idx.reshape(-1).tolist()
         used = sorted(set(flat))
@@ -196,7 +201,8 @@ class Experts(nn.Module):
         def fetch(s: int):
             return p.weights(layer, used[s])
         fetch.numel = self.expert_numel // 3
-        return step.expert_sum(step.moe_torch(h, slots, w, fetch), h.dtype)
+        fetch.slots = len(used)
+        return step.expert_sum(ks.moe(h, slots, w, fetch), h.dtype)
 
 
     def step_fn(self, ks: step.Kernels = step.TORCH):
@@ -204,8 +210,10 @@ class Experts(nn.Module):
         once (a plan serves every step of a generation; with TORCH the same arithmetic, so bit-equal to
         `forward`) and computed by the kernel set `ks`'s moe."""
         stacked = stacked_experts(self.provider, self.layer_idx)
-        if stacked is None or type(self).forward is not Experts.forward:   # a cache, or a subclass's own forward
+        if type(self).forward is not Experts.forward:                     # a subclass's own forward
             return self.forward
+        if stacked is None:                                               # a cache: its experts on `ks`
+            return lambda h, idx, w: self._served(h, idx, w, ks)
         gate, up, down = stacked
 
         def experts(h, idx, w):

@@ -417,8 +417,20 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
             gather: bool | None = None) -> torch.Tensor:
     """One token over a layer's stacked experts (gate/up [E, I, D], down [E, D, I] tensors, bf16 or float32):
     `cpu_kernels.moe_decode`, the experts read in place, summed over A in float32: [1, 1, D]; up to
-    CPU_BF16_MAX_ROWS tokens in bf16: `cpu_kernels.moe_tokens` ([N, 1, D]). Anything else (more tokens, a
-    provider's callable, several float32 tokens): `moe_torch`."""
+    CPU_BF16_MAX_ROWS tokens in bf16: `cpu_kernels.moe_tokens` ([N, 1, D]). A provider's callable with `slots`
+    (`Experts._served`) is stacked first for those cases. Anything else (more tokens, several float32 tokens):
+    `moe_torch`."""
+    if up is None and getattr(gate, "slots", None) and _one_row(h) \
+            and (h.shape[0] == 1 or (h.shape[0] <= CPU_BF16_MAX_ROWS and h.dtype == torch.bfloat16)):
+        # a provider's experts (a cache): stacked in slot order, so that they run the kernel resident experts run
+        # (a copy of the served experts, but a cache gives the same numbers as the resident model)
+        fetch, g0 = gate, gate(0)
+        if g0[0].dtype == h.dtype:
+            # copied as served: a cache smaller than the call's experts reuses its buffers for the next one
+            gate, up, down = (torch.empty(fetch.slots, *t.shape, dtype=t.dtype) for t in g0)
+            for s in range(fetch.slots):
+                for dst, src in zip((gate, up, down), g0 if s == 0 else fetch(s)):
+                    dst[s].copy_(src)
     if up is not None and isinstance(gate, torch.Tensor) and gate.dim() == 3 and _cpu_ok(h, gate):
         from q3lab import cpu_kernels
         if h.shape[0] == 1:
