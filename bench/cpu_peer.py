@@ -70,7 +70,7 @@ def work_q3lab(a) -> dict:
     m = q3lab.load(a.model, dtype=dtype, progress=False)
     from q3lab import step
     ks = step.kernels_for(m.device, m.dtype, m.config.hidden_size).name   # q3lab-torch: Q3LAB_CPU_KERNELS=0 in its environment (run_worker)
-    if (ks == "cpu") != (a.engine == "q3lab"):
+    if a.engine == "q3lab-torch" and ks != "torch":
         raise SystemExit(f"{a.engine} worker runs the {ks} kernel set")
     load_s = time.perf_counter() - t0
     prompt = torch.tensor([a.prompt])
@@ -87,7 +87,7 @@ def work_q3lab(a) -> dict:
         return out[0, len(a.prompt):].tolist()
 
     m.generate(prompt, 4)   # warm-up
-    return dict(load_s=load_s, **timed(prefill, decode, a.repeats, stamps))
+    return dict(load_s=load_s, kernels=ks, **timed(prefill, decode, a.repeats, stamps))
 
 
 def work_llama(a) -> dict:
@@ -191,7 +191,7 @@ def bench(ckpt: Path, dtypes: list[str], rounds: int, threads: int, new_tokens: 
                              ("prefill", "prefill_s", prefill)):
             lt = [n / x[key] for x in L]
             qt = [n / x[key] for x in Q]
-            rows.append(dict(checkpoint=ckpt.name, dtype=dt, q3lab=eng,
+            rows.append(dict(checkpoint=ckpt.name, dtype=dt, q3lab=eng, kernels=Q[0].get("kernels", ""),
                              what={"decode": f"decode {n} tok", "steps": f"decode steps ({n})",
                                    "prefill": f"prefill T={n}"}[what],
                              llama_cpp_tok_s=statistics.median(lt), q3lab_tok_s=statistics.median(qt),
@@ -264,6 +264,7 @@ def main() -> None:
                     f"--new-tokens {a.new_tokens}",
                     f"--prefill {a.prefill}", *(["--torch-baseline"] if a.kernels else [])])
     import torch
+    from q3lab.step import CPU_F32_MIN_HIDDEN
     sysinfo = llama_cpp.llama_print_system_info().decode().strip()
     header = (f"\n## CPU: q3lab vs llama.cpp on the same weights ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
               f"{platform.platform()}; {platform.processor() or platform.machine()}; {os.cpu_count()} cores; "
@@ -280,7 +281,8 @@ def main() -> None:
               f"first_divergence = first greedy step where q3lab's token differs from llama.cpp's. "
               f"KV cache in the dtype of the weights for both. q3lab = `Thinker.generate` on its CPU kernel set "
               f"(step.CPU: q3lab.cpu_kernels, {cpu_kernels.isa()}); q3lab-torch = the same with "
-              f"Q3LAB_CPU_KERNELS=0 (torch's kernels, as before).\n\n")
+              f"Q3LAB_CPU_KERNELS=0 (torch's kernels, as before); kernels = the kernel set q3lab's step ran "
+              f"(`step.kernels_for`: cpu for bf16 and float32 from hidden {CPU_F32_MIN_HIDDEN}, else torch).\n\n")
     with open(a.results, "a") as f:
         f.write(header + "```\n" + text + "\n```\n\n" + "".join(f"- {n}\n" for n in notes))
     print("\n".join(notes))

@@ -340,17 +340,18 @@ def _cpu_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
         and not (x.requires_grad or w.requires_grad)
 
 
-# bf16 products and experts of up to this many tokens run in C (a short prompt: torch's bf16 GEMM with a few
-# rows runs at GEMV speed here); longer prompts stay in torch, whose bf16 GEMM pays from there on
-CPU_BF16_MAX_ROWS = 64
+# products and experts of up to this many tokens run in C (a short prompt: torch's bf16 GEMM with a few rows runs
+# at GEMV speed here, and its float32 experts of a 16-token prompt took 112 ms against 52 ms in C on
+# synth-medium); longer prompts stay in torch, whose GEMMs pay from there on
+CPU_MAX_ROWS = 64
 
 
 def linear_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x [..., K], w [N, K]); one row in bf16 or float32, or up to CPU_BF16_MAX_ROWS rows in bf16, runs
+    """F.linear(x [..., K], w [N, K]); up to CPU_MAX_ROWS rows in bf16 or float32 run
     `cpu_kernels.linear` (float32 sums, one rounding), anything else F.linear."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
-    if 0 < rows and (rows == 1 or (rows <= CPU_BF16_MAX_ROWS and x.dtype == torch.bfloat16)) and w.dim() == 2 \
+    if 0 < rows <= CPU_MAX_ROWS and w.dim() == 2 \
             and _cpu_ok(x, w):
         from q3lab import cpu_kernels
         return cpu_kernels.linear(x.reshape(rows, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
@@ -417,11 +418,11 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
             gather: bool | None = None) -> torch.Tensor:
     """One token over a layer's stacked experts (gate/up [E, I, D], down [E, D, I] tensors, bf16 or float32):
     `cpu_kernels.moe_decode`, the experts read in place, summed over A in float32: [1, 1, D]; up to
-    CPU_BF16_MAX_ROWS tokens in bf16: `cpu_kernels.moe_tokens` ([N, 1, D]). A provider's callable with `slots`
+    CPU_MAX_ROWS tokens: `cpu_kernels.moe_tokens` ([N, 1, D]). A provider's callable with `slots`
     (`Experts._served`) is stacked first for those cases. Anything else (more tokens, several float32 tokens):
     `moe_torch`."""
     if up is None and getattr(gate, "slots", None) and _one_row(h) \
-            and (h.shape[0] == 1 or (h.shape[0] <= CPU_BF16_MAX_ROWS and h.dtype == torch.bfloat16)):
+            and h.shape[0] <= CPU_MAX_ROWS:
         # a provider's experts (a cache): stacked in slot order, so that they run the kernel resident experts run
         # (a copy of the served experts, but a cache gives the same numbers as the resident model)
         fetch, g0 = gate, gate(0)
@@ -435,7 +436,7 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
         from q3lab import cpu_kernels
         if h.shape[0] == 1:
             return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids, w).view(1, 1, -1)
-        if h.shape[0] <= CPU_BF16_MAX_ROWS and h.dtype == torch.bfloat16:
+        if h.shape[0] <= CPU_MAX_ROWS:
             return cpu_kernels.moe_tokens(h.contiguous(), gate, up, down, ids, w).unsqueeze(1)
     return moe_torch(h, ids, w, gate, up, down, gather=gather)
 

@@ -207,9 +207,10 @@ def test_generate_on_the_cpu_set_equals_torch_and_transformers_in_float32(hf_ckp
     assert step.kernels_for(model.device, model.dtype, model.config.hidden_size) is step.CPU
     calls = _counting(monkeypatch)
     fast = model.generate(ids, 30)
-    # every decode step ran each kernel: 29 steps x 3 layers (linear: o per layer + lm_head, + the prompt's lm_head)
+    # every decode step ran each kernel: 29 steps x 3 layers (linear: o per layer + lm_head; the 9-token prompt:
+    # q, k, v, o per layer + its last row's lm_head)
     assert calls["moe_decode"] == calls["route_one"] == calls["attend_one"] == calls["project_one"] == 29 * 3
-    assert calls["rms_norm_rows"] == 29 * 3 * 2 and calls["linear"] == 29 * (3 + 1) + 1
+    assert calls["rms_norm_rows"] == 29 * 3 * 2 and calls["linear"] == 29 * (3 + 1) + 3 * 4 + 1
     want = ref.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert fast.tolist() == plain.tolist() == want.tolist()
     # one decode step's logits: the C kernels against the torch set, float32 rounding apart
