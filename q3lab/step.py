@@ -327,10 +327,11 @@ DECODE = Kernels("torch+triton-moe", attend_torch, route_torch, moe_triton)
 
 
 # -- the CPU set: one-row products and one-token experts in q3lab.cpu_kernels (C, AVX-512 BF16 where present) ----
-# float32 models narrower than this stay on TORCH: torch's float32 kernels are fast on small matrices, and a
-# small model's decode stays bit-equal to the module path (the C kernels sum in another order); bf16 always
-# takes the C kernels (torch's bf16 GEMV reads at 1-10 GB/s on this machine)
-CPU_F32_MIN_HIDDEN = 512
+# float32 models narrower than this stay on TORCH: a tiny model's decode stays bit-equal to the module path (the
+# C kernels sum in another order), as the embedded data/mini and data/mini128 (hidden 96) and the test models
+# (64) are; from 256 on the C kernels pay (synth-small, hidden 256: ~400 -> ~1150 tok/s decode, data/mini would
+# gain 1.5x). bf16 always takes the C kernels (torch's bf16 GEMV reads at 1-10 GB/s on this machine)
+CPU_F32_MIN_HIDDEN = 256
 
 
 def _cpu_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
