@@ -60,35 +60,6 @@ def timed(prefill, decode, repeats: int, stamps: list[float]) -> dict:
         tokens = out
     return dict(prefill_s=min(pre), decode_s=min(dec), steps_s=min(steps), tokens=tokens,
                 load_avg=os.getloadavg()[0])
-def install_kernels(m) -> None:
-    """Route q3lab's bf16 decode through q3lab.kernels.cpu, in this process only (a bench-side patch: the
-    library's layer step is not edited here). The call sites: `Experts._one_token` for resident experts, and
-    every bf16 nn.Linear called with one row (q/k/v/o projections, router, lm_head)."""
-    import torch
-    from torch import nn
-
-    from q3lab.kernels import cpu as K
-    from q3lab.runtime.experts import ResidentExperts
-    from q3lab.runtime.thinker import Experts
-    K.lib()
-    orig = Experts._one_token
-
-    def one_token(self, h, idx, w):
-        p = self.provider
-        if h.dtype == torch.bfloat16 and type(p) is ResidentExperts:
-            L = self.layer_idx
-            return K.moe_decode_bf16(h.contiguous(), p.gate[L], p.up[L], p.down[L], idx[0], w[0])
-        return orig(self, h, idx, w)
-    Experts._one_token = one_token
-    for mod in m.modules():
-        if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.bfloat16 and mod.bias is None:
-            def fwd(x, _orig=mod.forward, _w=mod.weight):
-                if x.numel() == x.shape[-1]:   # one row: the decode GEMV
-                    return K.linear_bf16(x.reshape(1, -1).contiguous(), _w).view(*x.shape[:-1], -1)
-                return _orig(x)
-            mod.forward = fwd
-
-
 def work_q3lab(a) -> dict:
     import torch
 
@@ -97,8 +68,10 @@ def work_q3lab(a) -> dict:
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     t0 = time.perf_counter()
     m = q3lab.load(a.model, dtype=dtype, progress=False)
-    if a.engine == "q3lab+kernels":
-        install_kernels(m)
+    from q3lab.runtime import step
+    ks = step.kernels_for(m.device, m.dtype, m.config.hidden_size).name   # q3lab-torch: Q3LAB_CPU_KERNELS=0 in its environment (run_worker)
+    if a.engine == "q3lab-torch" and ks != "torch":
+        raise SystemExit(f"{a.engine} worker runs the {ks} kernel set")
     load_s = time.perf_counter() - t0
     prompt = torch.tensor([a.prompt])
     long = torch.tensor([a.long])
@@ -114,7 +87,7 @@ def work_q3lab(a) -> dict:
         return out[0, len(a.prompt):].tolist()
 
     m.generate(prompt, 4)   # warm-up
-    return dict(load_s=load_s, **timed(prefill, decode, a.repeats, stamps))
+    return dict(load_s=load_s, kernels=ks, **timed(prefill, decode, a.repeats, stamps))
 
 
 def work_llama(a) -> dict:
@@ -161,7 +134,8 @@ def run_worker(engine: str, model: Path, dtype: str, prompt: list[int], long: li
                threads: int, repeats: int) -> dict:
     spec = json.dumps(dict(prompt=prompt, long=long))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               Q3LAB_CPU_KERNELS="0" if engine == "q3lab-torch" else "1")
     cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--dtype", dtype,
            "--new-tokens", str(new_tokens), "--threads", str(threads), "--repeats", str(repeats), "--spec", spec]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -198,14 +172,14 @@ def bench(ckpt: Path, dtypes: list[str], rounds: int, threads: int, new_tokens: 
     res: dict[tuple[str, str], list[dict]] = {}
     for r in range(rounds):
         for dt in dtypes:
-            engines = ["llama.cpp", "q3lab"] + (["q3lab+kernels"] if kernels and dt == "bf16" else [])
+            engines = ["llama.cpp", "q3lab"] + (["q3lab-torch"] if kernels else [])
             if r % 2:
                 engines.reverse()
             for eng in engines:
                 model = ggufs[dt] if eng == "llama.cpp" else ckpt
                 one = run_worker(eng, model, dt, prompt, long, new_tokens, threads, repeats)
                 res.setdefault((eng, dt), []).append(one)
-                print(f"  round {r + 1} {ckpt.name} {dt:>4} {eng:>9}: decode {new_tokens / one['decode_s']:7.1f} "
+                print(f"  round {r + 1} {ckpt.name} {dt:>4} {eng:>11}: decode {new_tokens / one['decode_s']:7.1f} "
                       f"tok/s, steps {(new_tokens - 1) / one['steps_s']:7.1f} tok/s, prefill {prefill / one['prefill_s']:7.1f} tok/s, rss {one['peak_rss_mib']:.0f} MiB, "
                       f"load {one['load_avg']:.1f}",
                       flush=True)
@@ -217,7 +191,7 @@ def bench(ckpt: Path, dtypes: list[str], rounds: int, threads: int, new_tokens: 
                              ("prefill", "prefill_s", prefill)):
             lt = [n / x[key] for x in L]
             qt = [n / x[key] for x in Q]
-            rows.append(dict(checkpoint=ckpt.name, dtype=dt, q3lab=eng,
+            rows.append(dict(checkpoint=ckpt.name, dtype=dt, q3lab=eng, kernels=Q[0].get("kernels", ""),
                              what={"decode": f"decode {n} tok", "steps": f"decode steps ({n})",
                                    "prefill": f"prefill T={n}"}[what],
                              llama_cpp_tok_s=statistics.median(lt), q3lab_tok_s=statistics.median(qt),
@@ -245,9 +219,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/q3lab-cpu-peer"), help="where the GGUF files go")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     # the worker (internal)
-    ap.add_argument("--kernels", action="store_true",
-                    help="also time q3lab with q3lab.kernels.cpu patched into its bf16 decode (bf16 only)")
-    ap.add_argument("--worker", choices=["llama.cpp", "q3lab", "q3lab+kernels"], help=argparse.SUPPRESS)
+    ap.add_argument("--torch-baseline", dest="kernels", action="store_true",
+                    help="also time q3lab on its torch kernel set (Q3LAB_CPU_KERNELS=0), as before the C kernels")
+    ap.add_argument("--worker", choices=["llama.cpp", "q3lab", "q3lab-torch"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -271,9 +245,9 @@ def main() -> None:
             q3lab.synth(a.synth_medium, "medium", seed=0)
         paths.append(a.synth_medium)
     a.work.mkdir(parents=True, exist_ok=True)
-    if a.kernels:   # build once here, not inside a timed worker
-        from q3lab.kernels import cpu as cpu_kernels
-        cpu_kernels.lib()
+    from q3lab.kernels import cpu as cpu_kernels   # build once here, not inside a timed worker (KernelError: say why, stop)
+    cpu_kernels.lib()
+    print(f"q3lab's CPU kernel set: q3lab.kernels.cpu, {cpu_kernels.isa()}", flush=True)
     dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     load0, t0 = os.getloadavg(), time.perf_counter()
     rows, notes = [], []
@@ -288,8 +262,9 @@ def main() -> None:
                     *([f"--synth-medium {a.synth_medium}"] if a.synth_medium else []),
                     f"--dtypes {a.dtypes} --rounds {a.rounds} --repeats {a.repeats} --threads {a.threads} "
                     f"--new-tokens {a.new_tokens}",
-                    f"--prefill {a.prefill}", *(["--kernels"] if a.kernels else [])])
+                    f"--prefill {a.prefill}", *(["--torch-baseline"] if a.kernels else [])])
     import torch
+    from q3lab.runtime.step import CPU_F32_MIN_HIDDEN
     sysinfo = llama_cpp.llama_print_system_info().decode().strip()
     header = (f"\n## CPU: q3lab vs llama.cpp on the same weights ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
               f"{platform.platform()}; {platform.processor() or platform.machine()}; {os.cpu_count()} cores; "
@@ -304,8 +279,10 @@ def main() -> None:
               f"decode = {a.new_tokens} tokens after a {PROMPT_LEN}-token prompt, its forward included; decode steps = "
               f"the one-token steps only (from the first new token to the last); "
               f"first_divergence = first greedy step where q3lab's token differs from llama.cpp's. "
-              f"KV cache in the dtype of the weights for both. q3lab+kernels: q3lab with q3lab.kernels.cpu patched into "
-              f"its bf16 decode (bench-side, see install_kernels).\n\n")
+              f"KV cache in the dtype of the weights for both. q3lab = `Thinker.generate` on its CPU kernel set "
+              f"(step.CPU: q3lab.kernels.cpu, {cpu_kernels.isa()}); q3lab-torch = the same with "
+              f"Q3LAB_CPU_KERNELS=0 (torch's kernels, as before); kernels = the kernel set q3lab's step ran "
+              f"(`step.kernels_for`: cpu for bf16 and float32 from hidden {CPU_F32_MIN_HIDDEN}, else torch).\n\n")
     with open(a.results, "a") as f:
         f.write(header + "```\n" + text + "\n```\n\n" + "".join(f"- {n}\n" for n in notes))
     print("\n".join(notes))

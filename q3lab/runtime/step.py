@@ -12,11 +12,16 @@ Every execution path calls these functions, none has its own copy of the math:
 
 A kernel set (`Kernels`) is the three places where a backend computes differently: attention over keys/values
 (`attend`), the router's logits + float32 softmax + top-k + renormalisation (`route`), and the weighted experts
-(`moe`). `TORCH` is the reference and what runs off CUDA; `TRITON` runs the fused kernels of
+(`moe`), plus the attention projections (`linear`). `TORCH` is the reference; `CPU` (what `Thinker.forward` /
+`generate` run on the CPU for bf16 and wide float32 models, `kernels_for`) sends a decode step's one-token
+products, norms, rotary, attention, router and stacked experts to the C kernels of `q3lab.kernels.cpu`, anything
+else (prefill, padding masks, a cache's experts) to TORCH's functions; `TRITON` runs the fused kernels of
 `q3lab.kernels.triton_decode` / `q3lab.kernels.triton_moe` where their shapes allow (one token, CUDA) and TORCH elsewhere.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -91,16 +96,18 @@ def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return x * rope.cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * rope.sin
 
 
-def qkv(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope):
-    """q [B, H, T, hd], k and v [B, K, T, hd] of the normed input h [B, T, D]: projections, q/k norms, rotary."""
+def qkv(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, ks: "Kernels | None" = None):
+    """q [B, H, T, hd], k and v [B, K, T, hd] of the normed input h [B, T, D]: projections, q/k norms, rotary (the
+    kernel set `ks`'s linear, norm and rotate; None: TORCH's)."""
     B, T, _ = h.shape
     H, K, hd = d.H, d.K, d.hd
+    linear, norm, rot = (F.linear, rms_norm, rotate) if ks is None else (ks.linear, ks.norm, ks.rotate)
     if w.qkv is not None:
-        q, k, v = F.linear(h, w.qkv).split([H * hd, K * hd, K * hd], dim=-1)
+        q, k, v = linear(h, w.qkv).split([H * hd, K * hd, K * hd], dim=-1)
     else:
-        q, k, v = F.linear(h, w.wq), F.linear(h, w.wk), F.linear(h, w.wv)
+        q, k, v = linear(h, w.wq), linear(h, w.wk), linear(h, w.wv)
     # each head's row sees the ops q_norm / k_norm and the rotation would apply to it alone
-    qk = rotate(rms_norm(torch.cat((q.view(B, T, H, hd), k.view(B, T, K, hd)), dim=2), w.qk_norm, d.eps), rope)
+    qk = rot(norm(torch.cat((q.view(B, T, H, hd), k.view(B, T, K, hd)), dim=2), w.qk_norm, d.eps), rope)
     return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.view(B, T, K, hd).transpose(1, 2)
 
 
@@ -121,13 +128,16 @@ def kv_write(kv: KV, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, to
 def attention(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, ks: "Kernels") -> torch.Tensor:
     """Self-attention of the normed input h [B, T, D] -> [B, T, D] (before the residual); kv None: no cache."""
     B, T, _ = h.shape
-    q, k, v = qkv(h, w, d, rope)
-    mask = None
-    if kv is not None:
-        k, v = kv_write(kv, k, v)
-        mask = kv.mask
+    got = ks.project(h, w, d, rope, kv) if ks.project is not None else None
+    if got is not None:               # the set's kernel computed q, k, v and wrote k, v into the cache
+        q, k, v = got
+    else:
+        q, k, v = qkv(h, w, d, rope, ks)
+        if kv is not None:
+            k, v = kv_write(kv, k, v)
+    mask = None if kv is None else kv.mask
     y = ks.attend(q, k, v, mask)                                                      # [B, H, T, hd]
-    return F.linear(y.transpose(1, 2).reshape(B, T, d.H * d.hd), w.wo)
+    return ks.linear(y.transpose(1, 2).reshape(B, T, d.H * d.hd), w.wo)
 
 
 def select(logits: torch.Tensor, A: int, renorm: bool, dtype: torch.dtype):
@@ -146,8 +156,8 @@ def attend_route(x: torch.Tensor, y_prev: torch.Tensor | None, w: LayerWeights, 
     Returns (x + attention [B, T, D], the experts' input h [N, D], router logits [N, E], ids [N, A], weights)."""
     if y_prev is not None:
         x = x + y_prev.sum(1).to(x.dtype).view(x.shape)
-    x = x + attention(rms_norm(x, w.ln1, d.eps), w, d, rope, kv, ks)
-    h = rms_norm(x, w.ln2, d.eps).view(-1, x.shape[-1])
+    x = x + attention(ks.norm(x, w.ln1, d.eps), w, d, rope, kv, ks)
+    h = ks.norm(x, w.ln2, d.eps).view(-1, x.shape[-1])
     logits, ids, wts = ks.route(h, w.router, d.A, d.renorm)
     return x, h, logits, ids, wts
 
@@ -163,7 +173,10 @@ def layer(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, 
 
 
 def expert_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Each token's weighted expert outputs [N, A, D] (float32) summed, rounded once to `dtype`: [N, D]."""
+    """Each token's weighted expert outputs [N, A, D] (float32) summed, rounded once to `dtype`: [N, D]. A kernel
+    that sums itself gives [N, 1, D]."""
+    if partials.shape[1] == 1:
+        return partials.view(partials.shape[0], -1).to(dtype)
     return partials.sum(1).to(dtype)
 
 
@@ -290,12 +303,19 @@ def moe_triton(h, ids, w, gate, up, down, *, gather: bool | None = None):
 
 @dataclass(frozen=True)
 class Kernels:
-    """A kernel set: attend(q, k, v, mask), route(h, w_router, A, renorm) -> (logits, ids, weights) and
-    moe(h, ids, w, gate, up, down) -> weighted outputs [N, A, D] float32 (signatures as the torch functions)."""
+    """A kernel set: attend(q, k, v, mask), route(h, w_router, A, renorm) -> (logits, ids, weights),
+    moe(h, ids, w, gate, up, down) -> weighted outputs [N, A, D] float32 (or [N, 1, D], already summed over A;
+    `expert_sum` takes either), and linear(x, w) for the attention projections, norm(x, weight, eps) and
+    rotate(x, rope) (signatures as the torch functions, which are the defaults); project(h, w, d, rope, kv), when
+    set, is `qkv` + `kv_write` in one kernel: (q, k, v) as they would return, or None where it does not apply."""
     name: str
     attend: Callable
     route: Callable
     moe: Callable
+    linear: Callable = F.linear
+    norm: Callable = rms_norm
+    rotate: Callable = rotate
+    project: Callable | None = None
 
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
@@ -304,6 +324,147 @@ TRITON = Kernels("triton", attend_triton, route_triton, moe_triton)
 # CUDA (a gathered copy of 8 experts per layer costs more than the rest of the step: 58% of its kernel time on
 # an H200); off CUDA moe_triton is moe_torch, so this set is TORCH there
 DECODE = Kernels("torch+triton-moe", attend_torch, route_torch, moe_triton)
+
+
+# -- the CPU set: one-row products and one-token experts in q3lab.kernels.cpu (C, AVX-512 BF16 where present) ----
+# float32 models narrower than this stay on TORCH: a tiny model's decode stays bit-equal to the module path (the
+# C kernels sum in another order), as the embedded data/mini and data/mini128 (hidden 96) and the test models
+# (64) are; from 256 on the C kernels pay (synth-small, hidden 256: ~400 -> ~1150 tok/s decode, data/mini would
+# gain 1.5x). bf16 always takes the C kernels (torch's bf16 GEMV reads at 1-10 GB/s on this machine)
+CPU_F32_MIN_HIDDEN = 256
+
+
+def _cpu_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a one-token product of x and weights w can go to the C kernels: one CPU dtype they take, and no
+    autograd that would need the product."""
+    return x.dtype == w.dtype and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) \
+        and not (x.requires_grad or w.requires_grad)
+
+
+# products and experts of up to this many tokens run in C (a short prompt: torch's bf16 GEMM with a few rows runs
+# at GEMV speed here, and its float32 experts of a 16-token prompt took 112 ms against 52 ms in C on
+# synth-medium); longer prompts stay in torch, whose GEMMs pay from there on
+CPU_MAX_ROWS = 64
+
+
+def linear_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K]); up to CPU_MAX_ROWS rows in bf16 or float32 run
+    `cpu_kernels.linear` (float32 sums, one rounding), anything else F.linear."""
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if 0 < rows <= CPU_MAX_ROWS and w.dim() == 2 \
+            and _cpu_ok(x, w):
+        from q3lab.kernels import cpu as cpu_kernels
+        return cpu_kernels.linear(x.reshape(rows, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    """A decode step's tensor of one token on the CPU, in a dtype the C kernels take, no autograd."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and not x.requires_grad
+
+
+def route_cpu(h: torch.Tensor, w_router: torch.Tensor, A: int, renorm: bool):
+    """`route_torch`; one token: `cpu_kernels.route_one` (logits, softmax, top-k and renormalisation in one call)."""
+    if h.shape[0] == 1 and _one_row(h) and w_router.dtype == h.dtype and not w_router.requires_grad:
+        from q3lab.kernels import cpu as cpu_kernels
+        return cpu_kernels.route_one(h.contiguous(), w_router, A, renorm)
+    return route_torch(h, w_router, A, renorm)
+
+
+def norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm`; one token's rows (x [1, 1, D] or [1, 1, heads, hd]): `cpu_kernels.rms_norm_rows`."""
+    C = x.shape[-1]
+    rows = x.numel() // C
+    if _one_row(x) and weight.dtype == x.dtype and not weight.requires_grad and x.shape[0] * x.shape[1] == 1 \
+            and (weight.dim() == 1 or (weight.dim() == 2 and weight.shape[0] == rows)) and x.is_contiguous():
+        from q3lab.kernels import cpu as cpu_kernels
+        return cpu_kernels.rms_norm_rows(x, weight, eps)
+    return rms_norm(x, weight, eps)
+
+
+def rotate_cpu(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """`rotate`; one token with the rotation matrix: `cpu_kernels.rows_matmul` (torch's bf16 matmul of a
+    [heads, hd] block costs ~40 us here)."""
+    if rope.sin is None and _one_row(x) and rope.cos.dtype == x.dtype and x.is_contiguous() \
+            and x.shape[0] * x.shape[1] == 1:
+        from q3lab.kernels import cpu as cpu_kernels
+        return cpu_kernels.rows_matmul(x, rope.cos)
+    return rotate(x, rope)
+
+
+def project_cpu(h: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None):
+    """`qkv` + `kv_write` for one token of one sequence with a cache (int slot) and the rotation matrix:
+    `cpu_kernels.project_one` (projections, q/k norms, rotary, cache write in one call): (q, k, v); else None."""
+    if kv is None or kv.k is None or not isinstance(kv.at, int) or rope.sin is not None or w.qkv is not None \
+            or h.shape[0] * h.shape[1] != 1 or not _one_row(h) or w.wq.dtype != h.dtype or w.wq.requires_grad:
+        return None
+    from q3lab.kernels import cpu as cpu_kernels
+    q = cpu_kernels.project_one(h, w.wq, w.wk, w.wv, w.qk_norm, rope.cos, kv.k, kv.v, kv.at, d.eps)
+    n = kv.at + 1
+    return q, kv.k.narrow(2, 0, n), kv.v.narrow(2, 0, n)
+
+
+def attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`attend_torch`; one query token of one sequence without a mask (every slot attended):
+    `cpu_kernels.attend_one`."""
+    if mask is None and q.shape[0] == 1 and q.shape[2] == 1 and _one_row(q) and k.dtype == q.dtype \
+            and q.stride(3) == 1 and k.stride(3) == 1 and k.stride(2) == k.shape[3] and k.stride() == v.stride():
+        from q3lab.kernels import cpu as cpu_kernels
+        return cpu_kernels.attend_one(q, k, v, q.shape[-1] ** -0.5)
+    return attend_torch(q, k, v, mask)
+
+
+def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, down=None, *,
+            gather: bool | None = None) -> torch.Tensor:
+    """One token over a layer's stacked experts (gate/up [E, I, D], down [E, D, I] tensors, bf16 or float32):
+    `cpu_kernels.moe_decode`, the experts read in place, summed over A in float32: [1, 1, D]; up to
+    CPU_MAX_ROWS tokens: `cpu_kernels.moe_tokens` ([N, 1, D]). A provider's callable with `slots`
+    (`Experts._served`) is stacked first for those cases. Anything else (more tokens, several float32 tokens):
+    `moe_torch`."""
+    if up is None and getattr(gate, "slots", None) and _one_row(h) \
+            and h.shape[0] <= CPU_MAX_ROWS:
+        # a provider's experts (a cache): stacked in slot order, so that they run the kernel resident experts run
+        # (a copy of the served experts, but a cache gives the same numbers as the resident model)
+        fetch, g0 = gate, gate(0)
+        if g0[0].dtype == h.dtype:
+            # copied as served: a cache smaller than the call's experts reuses its buffers for the next one
+            gate, up, down = (torch.empty(fetch.slots, *t.shape, dtype=t.dtype) for t in g0)
+            for s in range(fetch.slots):
+                for dst, src in zip((gate, up, down), g0 if s == 0 else fetch(s)):
+                    dst[s].copy_(src)
+    if up is not None and isinstance(gate, torch.Tensor) and gate.dim() == 3 and _cpu_ok(h, gate):
+        from q3lab.kernels import cpu as cpu_kernels
+        if h.shape[0] == 1:
+            return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids, w).view(1, 1, -1)
+        if h.shape[0] <= CPU_MAX_ROWS:
+            return cpu_kernels.moe_tokens(h.contiguous(), gate, up, down, ids, w).unsqueeze(1)
+    return moe_torch(h, ids, w, gate, up, down, gather=gather)
+
+
+CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu, project_cpu)
+_CPU_STATE: list = []   # [True] once built, [False] once refused (the reason warned once)
+
+
+def kernels_for(device: torch.device, dtype: torch.dtype, hidden: int) -> Kernels:
+    """The kernel set `Thinker.forward` / `generate` run for a model of `dtype` and `hidden` size on `device`
+    when no hook listens: CPU on the CPU for bf16, and for float32 from CPU_F32_MIN_HIDDEN (the C kernels
+    built on first use; Q3LAB_CPU_KERNELS=0 chooses TORCH), TORCH elsewhere. If the C kernels cannot be built,
+    one warning gives the reason and says that the torch kernels run."""
+    if torch.device(device).type != "cpu" or os.environ.get("Q3LAB_CPU_KERNELS", "1") == "0":
+        return TORCH
+    if not (dtype == torch.bfloat16 or (dtype == torch.float32 and hidden >= CPU_F32_MIN_HIDDEN)):
+        return TORCH
+    if not _CPU_STATE:
+        from q3lab.kernels import cpu as cpu_kernels
+        try:
+            cpu_kernels.lib()
+            _CPU_STATE.append(True)
+        except cpu_kernels.KernelError as e:
+            _CPU_STATE.append(False)
+            warnings.warn(f"q3lab: the CPU decode kernels (q3lab.kernels.cpu) are not available, so the torch "
+                          f"kernels run (bf16 decode several times slower): {e}", RuntimeWarning, stacklevel=2)
+    return CPU if _CPU_STATE[0] else TORCH
 
 
 def kernels(fused: bool = False, fused_router: bool = True) -> Kernels:

@@ -187,6 +187,11 @@ class Experts(nn.Module):
         stacked = stacked_experts(p, layer)
         if stacked is not None:                # stacked [E, ...] per layer: the ids index them on the device
             return step.expert_sum(step.moe_torch(h, idx, w, *stacked), h.dtype)
+        return self._served(h, idx, w, step.TORCH)
+
+    def _served(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ks: step.Kernels) -> torch.Tensor:
+        """`forward` for a provider that serves experts one by one (a cache), on the kernel set `ks`."""
+        p, layer = self.provider, self.layer_idx
         # any other provider: prepare() with the call's experts, then each asked for once, in ascending id
         flat = idx.reshape(-1).tolist()
         used = sorted(set(flat))
@@ -197,19 +202,23 @@ class Experts(nn.Module):
         def fetch(s: int):
             return p.weights(layer, used[s])
         fetch.numel = self.expert_numel // 3
-        return step.expert_sum(step.moe_torch(h, slots, w, fetch), h.dtype)
+        fetch.slots = len(used)
+        return step.expert_sum(ks.moe(h, slots, w, fetch), h.dtype)
 
 
-    def step_fn(self):
+    def step_fn(self, ks: step.Kernels = step.TORCH):
         """What `step.layer` calls for this layer's experts: `forward`, with a stacked provider's slabs looked up
-        once (a plan serves every step of a generation; same arithmetic, so bit-equal to `forward`)."""
+        once (a plan serves every step of a generation; with TORCH the same arithmetic, so bit-equal to
+        `forward`) and computed by the kernel set `ks`'s moe."""
         stacked = stacked_experts(self.provider, self.layer_idx)
-        if stacked is None or type(self).forward is not Experts.forward:   # a cache, or a subclass's own forward
+        if type(self).forward is not Experts.forward:                     # a subclass's own forward
             return self.forward
+        if stacked is None:                                               # a cache: its experts on `ks`
+            return lambda h, idx, w: self._served(h, idx, w, ks)
         gate, up, down = stacked
 
         def experts(h, idx, w):
-            return step.expert_sum(step.moe_torch(h, idx, w, gate, up, down), h.dtype)
+            return step.expert_sum(ks.moe(h, idx, w, gate, up, down), h.dtype)
         return experts
 
 
@@ -299,10 +308,12 @@ class Thinker(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, device=self.device, dtype=self.dtype)
 
-    def plan(self) -> list[tuple[step.LayerWeights, object]]:
-        """Per layer, what `step.layer` reads: the layer's weights and its experts' forward. Gathered once per
-        call (generate: once per generation)."""
-        return [(lay.weights(), lay.mlp.experts.step_fn()) for lay in self.model.layers]
+    def plan(self, ks: step.Kernels | None = None) -> list[tuple[step.LayerWeights, object]]:
+        """Per layer, what `step.layer` reads: the layer's weights and its experts' forward on the kernel set `ks`
+        (default `step.kernels_for(...)`, what `_forward` runs). Gathered once per call (generate: once
+        per generation)."""
+        ks = step.kernels_for(self.device, self.dtype, self.config.hidden_size) if ks is None else ks
+        return [(lay.weights(), lay.mlp.experts.step_fn(ks)) for lay in self.model.layers]
 
     # -- forward -------------------------------------------------------------------------------
     def _check_ids(self, input_ids: torch.Tensor) -> None:
@@ -391,9 +402,9 @@ class Thinker(nn.Module):
                 if deepstack is not None:    # vision features after the first layers (q3lab.omni.towers.DeepStack)
                     x = deepstack.add(x, i)
         else:
-            d = model.layers[0].self_attn.dims
+            d, ks = model.layers[0].self_attn.dims, step.kernels_for(dev, self.dtype, self.config.hidden_size)
             for i, ((w, experts), kv) in enumerate(zip(plan, kvs)):
-                x = step.layer(x, w, d, rope, kv, step.TORCH, experts)
+                x = step.layer(x, w, d, rope, kv, ks, experts)
                 if deepstack is not None:
                     x = deepstack.add(x, i)
         if cache is not None:
@@ -401,7 +412,7 @@ class Thinker(nn.Module):
         x = x if not last_only else x[:, -1:]
         if plan is None:
             return self.lm_head(model.hook_final_norm(model.norm(x))).float()
-        return F.linear(rms_norm(x, model.norm.weight, self.config.rms_norm_eps), self.lm_head.weight).float()
+        return ks.linear(rms_norm(x, model.norm.weight, self.config.rms_norm_eps), self.lm_head.weight).float()
 
     def _rope(self, x, T, past, position_ids, attention_mask, cache) -> Rope:
         """The new tokens' rotary: rows of the cache's table (text positions), else from the positions."""
