@@ -191,3 +191,251 @@ def topk_renorm(probs, k, renorm, dtype):
     if fused_available(probs) and probs.shape[0] <= 4096:
         return topk_renorm_triton(probs, k, renorm, dtype)
     return topk_renorm_torch(probs, k, renorm, dtype)
+
+
+# -- the layer's remaining small steps, fused (issue 15) ----------------------------------------------------------
+# At batch 1 on an H200 the decode step was 15.5 kernels per layer, most of them latency-bound (profile of
+# 2026-12-01: router GEMV 4.4 us for 0.5 MB, softmax + top-k 3.4, q/k norm 1.6, two cache writes 2.0, the
+# attention 6.5, cuBLAS GEMVs at ~2.3 TB/s). The kernels below cut that to: one GEMV for q/k/v, one kernel
+# for q/k norms + rotary + cache write + attention, one GEMV for o_proj with the residual added, one kernel for
+# the post-attention norm + router GEMV + softmax + top-k. Each has a torch twin with the same arithmetic.
+
+# GEMV block rows / block columns / warps; `GEMV_CONFIGS` holds per-shape choices (N, K) from a sweep
+# (bench/gpu_decode.py), `GEMV_CONFIG` serves every other shape
+GEMV_CONFIG: dict[str, int] = dict(block_n=4, block_k=1024, num_warps=4)
+GEMV_CONFIGS: dict[tuple[int, int], dict[str, int]] = {}
+# the router kernel's rows per program (E / block_e programs; the last one to finish does softmax + top-k)
+NORM_ROUTE_BLOCK_E = 2
+# the fused attention's cache block and warps
+QKV_ATTN_CONFIG: dict[str, int] = dict(block_s=64, num_warps=4)
+
+
+def gemv_torch(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
+    """x [K] @ w [N, K].T -> [N] in x's dtype (float32 sums, rounded once), plus res [N] (rounded again) when given."""
+    y = torch.nn.functional.linear(x, w)
+    return y if res is None else res + y
+
+
+def qkv_attend_torch(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor, bias: torch.Tensor, scale: float,
+                     eps: float, H: int, K: int) -> torch.Tensor:
+    """One token's attention from its q/k/v projection qkv [(H+2K)*hd]: q and k heads normed (qk_norm [H+K, hd])
+    and rotated (cos, sign-folded sin [hd]) as `q3lab.step.qkv` does, k/v written into the layer's cache kc/vc
+    [K, S, hd] at slot [1] (int64, on the device), then `decode_attention_torch` over the cache with bias [S].
+    Returns [H, hd]."""
+    from q3lab.step import Rope, rms_norm, rotate
+    hd = qk_norm.shape[-1]
+    qk = rotate(rms_norm(qkv[:(H + K) * hd].view(H + K, hd), qk_norm, eps), Rope(cos, sin))
+    kc.index_copy_(1, slot, qk[H:, None])
+    vc.index_copy_(1, slot, qkv[(H + K) * hd:].view(K, 1, hd))
+    return decode_attention_torch(qk[:H], kc, vc, bias, scale)
+
+
+def norm_route_torch(x: torch.Tensor, ln: torch.Tensor, eps: float, w_router: torch.Tensor, k: int, renorm: bool):
+    """The post-attention norm and the router of one token: x [D] -> (h [D] = rms_norm(x) * ln, logits [E] float32,
+    ids [k], weights [k] in x's dtype), as `q3lab.step.rms_norm` and `route_torch` compute them."""
+    from q3lab.step import rms_norm
+    h = rms_norm(x, ln, eps)
+    logits, idx, w = route_torch(h, w_router, k, renorm)
+    return h, logits, idx, w
+
+
+if triton is not None:
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, res_ptr, o_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + cols).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            acc += w * xk[None, :]
+        dt = o_ptr.dtype.element_ty
+        y = tl.sum(acc, axis=1).to(dt)
+        if HAS_RES:     # x + linear(...): the product rounded, then the sum rounded, as torch does
+            y = (y.to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)).to(dt)
+        tl.store(o_ptr + rows, y, mask=rmask)
+
+    @triton.jit
+    def _rms_rot(x, xp, w, wp, cos, sin, eps, HD: tl.constexpr, dt: tl.constexpr):
+        # q3lab.step: w * rms_norm(x) rounded to dt, then x * cos + rotated(x) * sin, each product rounded to dt
+        r = tl.rsqrt(tl.sum(x * x, axis=-1, keep_dims=True) / HD + eps)
+        n = (w * (x * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        n_p = (wp * (xp * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        return ((n * cos).to(dt).to(tl.float32) + (n_p * sin).to(dt).to(tl.float32)).to(dt)
+
+    @triton.jit
+    def _qkv_attn_kernel(qkv_ptr, qkn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, bias_ptr, o_ptr, scale, eps,
+                         s_kh, s_ks, S: tl.constexpr, H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+                         BLOCK_G: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr):
+        kv = tl.program_id(0)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, HD)
+        dp = (d + HD // 2) % HD                      # rotate-half partner of each lane
+        gmask = g < G
+        dt = o_ptr.dtype.element_ty
+        cdt = k_ptr.dtype.element_ty
+        cos = tl.load(cos_ptr + d).to(tl.float32)[None, :]
+        sin = tl.load(sin_ptr + d).to(tl.float32)[None, :]
+        qh = (kv * G + g)[:, None] * HD
+        q = tl.load(qkv_ptr + qh + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        qp = tl.load(qkv_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        wq = tl.load(qkn_ptr + qh + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        wqp = tl.load(qkn_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q = _rms_rot(q, qp, wq, wqp, cos, sin, eps, HD, dt)                       # [BLOCK_G, HD]
+        kb = (H + kv) * HD
+        k = tl.load(qkv_ptr + kb + d).to(tl.float32)[None, :]
+        kp = tl.load(qkv_ptr + kb + dp).to(tl.float32)[None, :]
+        wk = tl.load(qkn_ptr + kb + d).to(tl.float32)[None, :]
+        wkp = tl.load(qkn_ptr + kb + dp).to(tl.float32)[None, :]
+        kn = _rms_rot(k, kp, wk, wkp, cos, sin, eps, HD, dt)                      # [1, HD]
+        vn = tl.load(qkv_ptr + (H + K + kv) * HD + d)
+        slot = tl.load(slot_ptr)
+        tl.store(k_ptr + kv * s_kh + slot * s_ks + d[None, :], kn.to(cdt))
+        tl.store(v_ptr + kv * s_kh + slot * s_ks + d, vn.to(cdt))
+        # the block's own cache writes are visible to all its threads after a barrier (same SM, same head)
+        tl.debug_barrier()
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HD], tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < S
+            kk = tl.load(k_ptr + kv * s_kh + s[:, None] * s_ks + d[None, :], mask=smask[:, None], other=0.0)
+            vv = tl.load(v_ptr + kv * s_kh + s[:, None] * s_ks + d[None, :], mask=smask[:, None], other=0.0)
+            b = tl.load(bias_ptr + s, mask=smask, other=float("-inf")).to(tl.float32)
+            sc = tl.dot(q, tl.trans(kk)).to(dt).to(tl.float32) * scale + b[None, :]
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(sc - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + (kv * G + g)[:, None] * HD + d[None, :], out.to(dt), mask=gmask[:, None])
+
+    @triton.jit
+    def _norm_route_kernel(x_ptr, ln_ptr, w_ptr, h_ptr, logit_ptr, idx_ptr, wt_ptr, cnt_ptr, eps,
+                           D: tl.constexpr, E: tl.constexpr, A: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_EA: tl.constexpr, BLOCK_A: tl.constexpr,
+                           RENORM: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        dt = h_ptr.dtype.element_ty
+        # every program norms the whole row (4 KB): cheaper than another kernel boundary
+        x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        h = (tl.load(ln_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * (x * r).to(dt).to(tl.float32)).to(dt)
+        tl.store(h_ptr + cols, h, mask=cmask & (pid == 0))
+        rows = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+        w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+        logit = tl.sum(w * h.to(tl.float32)[None, :], axis=1)
+        tl.store(logit_ptr + rows, logit.to(w_ptr.dtype.element_ty).to(tl.float32))
+        # the last program to finish picks the top-k: release our logits, count, acquire everyone's
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        if done == tl.num_programs(0) - 1:
+            offs = tl.arange(0, BLOCK_EA)
+            z = tl.load(logit_ptr + offs, mask=offs < E, other=float("-inf"), cache_modifier=".cg")
+            e = tl.exp(z - tl.max(z, axis=0))
+            p = e / tl.sum(e, axis=0)
+            p = tl.where(offs < E, p, float("-inf"))
+            _store_topk(p, offs, idx_ptr, wt_ptr, A, BLOCK_EA, BLOCK_A, RENORM)
+            tl.atomic_xchg(cnt_ptr, 0)              # ready for the next call (the next layer)
+
+
+_COUNTERS: dict = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    """One int32 arrival counter per device for `_norm_route_kernel` (calls on one stream run one at a time; the
+    kernel's last program resets it). Made on first use, i.e. in a decoder's warm-up, before any graph capture."""
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def gemv_triton(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None, *, block_n: int | None = None,
+                block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """`gemv_torch` in one kernel: N / block_n programs, each block_n full rows of w (K a multiple of block_k)."""
+    N, K = w.shape
+    cfg = dict(GEMV_CONFIGS.get((N, K), GEMV_CONFIG))
+    cfg.update({k: v for k, v in dict(block_n=block_n, block_k=block_k, num_warps=num_warps).items() if v})
+    if K % cfg["block_k"] or w.stride(-1) != 1 or w.stride(0) != K:
+        raise ValueError(f"gemv needs a contiguous weight [N, K] with K a multiple of block_k={cfg['block_k']}, "
+                         f"got {tuple(w.shape)} strides {w.stride()}")
+    out = torch.empty(N, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, cfg["block_n"]),)](x.contiguous(), w, res if res is not None else out, out, N,
+                                                    K=K, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+                                                    HAS_RES=res is not None, num_warps=cfg["num_warps"])
+    return out
+
+
+def qkv_attend_triton(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K, *, block_s: int | None = None,
+                      num_warps: int | None = None) -> torch.Tensor:
+    """`qkv_attend_torch` in one kernel: one program per KV head norms and rotates its query heads and its key,
+    writes the key and value into the cache slot, then attends over the cache (online softmax)."""
+    hd = qk_norm.shape[-1]
+    _, S, _ = kc.shape
+    G = H // K
+    if kc.stride(-1) != 1 or kc.stride() != vc.stride():
+        raise ValueError(f"keys and values need the same layout with contiguous rows, got {kc.stride()} "
+                         f"and {vc.stride()}")
+    out = torch.empty(H, hd, dtype=qkv.dtype, device=qkv.device)
+    _qkv_attn_kernel[(K,)](qkv.contiguous(), qk_norm.contiguous(), cos.contiguous(), sin.contiguous(), kc, vc, slot,
+                           bias.contiguous(), out, scale, eps, kc.stride(0), kc.stride(1), S=S, H=H, K=K, G=G,
+                           BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd,
+                           BLOCK_S=block_s or QKV_ATTN_CONFIG["block_s"],
+                           num_warps=num_warps or QKV_ATTN_CONFIG["num_warps"])
+    return out
+
+
+def norm_route_triton(x: torch.Tensor, ln: torch.Tensor, eps: float, w_router: torch.Tensor, k: int, renorm: bool,
+                      *, block_e: int | None = None):
+    """`norm_route_torch` in one kernel: E / block_e programs each norm x and compute block_e logits; the last
+    to finish (an atomic counter) does softmax + top-k."""
+    E, D = w_router.shape
+    be = block_e or NORM_ROUTE_BLOCK_E
+    if E % be or not w_router.is_contiguous():
+        raise ValueError(f"router weight {tuple(w_router.shape)} needs to be contiguous with E a multiple of {be}")
+    h = torch.empty(D, dtype=x.dtype, device=x.device)
+    logits = torch.empty(E, dtype=torch.float32, device=x.device)
+    idx = torch.empty(k, dtype=torch.long, device=x.device)
+    w = torch.empty(k, dtype=x.dtype, device=x.device)
+    _norm_route_kernel[(E // be,)](x.contiguous(), ln, w_router, h, logits, idx, w, _counter(x.device), eps, D=D, E=E,
+                                   A=k, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=be,
+                                   BLOCK_EA=triton.next_power_of_2(E), BLOCK_A=triton.next_power_of_2(k),
+                                   RENORM=renorm, num_warps=4)
+    return h, logits, idx, w
+
+
+def gemv(x, w, res=None):
+    """One row times a weight (plus a residual): the Triton GEMV on CUDA, F.linear elsewhere."""
+    N, K = w.shape
+    cfg = GEMV_CONFIGS.get((N, K), GEMV_CONFIG)
+    if fused_available(x) and K % cfg["block_k"] == 0 and w.is_contiguous():
+        return gemv_triton(x, w, res)
+    return gemv_torch(x, w, res)
+
+
+def qkv_attend(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K):
+    """Norms, rotary, the cache write and attention of one token: one Triton kernel on CUDA, the twin elsewhere."""
+    hd = qk_norm.shape[-1]
+    if (fused_available(qkv) and kc.shape[1] <= MAX_FUSED_SLOTS and hd in (64, 128, 256) and H % K == 0
+            and kc.stride(-1) == 1 and kc.stride() == vc.stride()):
+        return qkv_attend_triton(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K)
+    return qkv_attend_torch(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K)
+
+
+def norm_route(x, ln, eps, w_router, k, renorm):
+    """The post-attention norm + router of one token: one Triton kernel on CUDA, torch elsewhere."""
+    E, D = w_router.shape
+    if fused_available(x) and E % NORM_ROUTE_BLOCK_E == 0 and E <= 4096 and D <= 8192 and w_router.is_contiguous():
+        return norm_route_triton(x, ln, eps, w_router, k, renorm)
+    return norm_route_torch(x, ln, eps, w_router, k, renorm)
