@@ -16,4 +16,4 @@ t1=$(date +%s)
 OUT="$OUT" timeout 330 python3 bench/gpu_decode.py --rows decode --skip-reference --sweep --profile \
     --json "$OUT/gpu_decode.json" > "$OUT/gpu_decode_log.txt" 2>&1
 echo "bench rc=$? in $(( $(date +%s) - t1 )) s"
-grep -vE "^\s*$|Warning|warn\(" "$OUT/gpu_decode_log.txt" | cut -c1-400 | tail -120
+grep -vE "^\s*$|Warning|warn\(" "$OUT/gpu_decode_log.txt" | cut -c1-300 | tail -400

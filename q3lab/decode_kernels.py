@@ -231,6 +231,15 @@ def qkv_attend_torch(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tensor
     return decode_attention_torch(qk[:H], kc, vc, bias, scale)
 
 
+def residual_norm_torch(x: torch.Tensor, y: torch.Tensor | None, ln: torch.Tensor, eps: float):
+    """The layer's entry for one token: x [D] plus the previous layer's weighted expert outputs y [A, D] (float32,
+    summed then rounded to x's dtype; None: nothing to add), and its input norm: (x' [D], rms_norm(x') * ln [D])."""
+    from q3lab.step import rms_norm
+    if y is not None:
+        x = x + y.sum(0).to(x.dtype)
+    return x, rms_norm(x, ln, eps)
+
+
 def norm_route_torch(x: torch.Tensor, ln: torch.Tensor, eps: float, w_router: torch.Tensor, k: int, renorm: bool):
     """The post-attention norm and the router of one token: x [D] -> (h [D] = rms_norm(x) * ln, logits [E] float32,
     ids [k], weights [k] in x's dtype), as `q3lab.step.rms_norm` and `route_torch` compute them."""
@@ -319,6 +328,22 @@ if triton is not None:
         tl.store(o_ptr + (kv * G + g)[:, None] * HD + d[None, :], out.to(dt), mask=gmask[:, None])
 
     @triton.jit
+    def _residual_norm_kernel(x_ptr, y_ptr, ln_ptr, xo_ptr, h_ptr, eps, D: tl.constexpr, A: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, HAS_Y: tl.constexpr):
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        dt = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_Y:
+            a = tl.arange(0, BLOCK_A)
+            y = tl.load(y_ptr + a[:, None] * D + cols[None, :], mask=(a < A)[:, None] & cmask[None, :], other=0.0)
+            x = (x + tl.sum(y, axis=0).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        tl.store(xo_ptr + cols, x.to(dt), mask=cmask)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        h = (tl.load(ln_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * (x * r).to(dt).to(tl.float32)).to(dt)
+        tl.store(h_ptr + cols, h, mask=cmask)
+
+    @triton.jit
     def _norm_route_kernel(x_ptr, ln_ptr, w_ptr, h_ptr, logit_ptr, idx_ptr, wt_ptr, cnt_ptr, eps,
                            D: tl.constexpr, E: tl.constexpr, A: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_EA: tl.constexpr, BLOCK_A: tl.constexpr,
@@ -396,6 +421,18 @@ def qkv_attend_triton(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H,
     return out
 
 
+def residual_norm_triton(x: torch.Tensor, y: torch.Tensor | None, ln: torch.Tensor, eps: float):
+    """`residual_norm_torch` in one kernel (one program: the norm needs the whole row)."""
+    D = x.shape[-1]
+    xo = torch.empty(D, dtype=x.dtype, device=x.device)
+    h = torch.empty(D, dtype=x.dtype, device=x.device)
+    A = y.shape[0] if y is not None else 1
+    _residual_norm_kernel[(1,)](x.contiguous(), y.contiguous() if y is not None else xo, ln, xo, h, eps, D=D, A=A,
+                                BLOCK_D=triton.next_power_of_2(D), BLOCK_A=triton.next_power_of_2(A),
+                                HAS_Y=y is not None, num_warps=8)
+    return xo, h
+
+
 def norm_route_triton(x: torch.Tensor, ln: torch.Tensor, eps: float, w_router: torch.Tensor, k: int, renorm: bool,
                       *, block_e: int | None = None):
     """`norm_route_torch` in one kernel: E / block_e programs each norm x and compute block_e logits; the last
@@ -431,6 +468,13 @@ def qkv_attend(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K):
             and kc.stride(-1) == 1 and kc.stride() == vc.stride()):
         return qkv_attend_triton(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K)
     return qkv_attend_torch(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K)
+
+
+def residual_norm(x, y, ln, eps):
+    """A layer's entry (previous experts' sum + residual, input norm) for one token: one Triton kernel on CUDA."""
+    if fused_available(x) and x.shape[-1] <= 16384 and (y is None or y.dtype == torch.float32):
+        return residual_norm_triton(x, y, ln, eps)
+    return residual_norm_torch(x, y, ln, eps)
 
 
 def norm_route(x, ln, eps, w_router, k, renorm):

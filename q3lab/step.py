@@ -144,12 +144,16 @@ def attend_route(x: torch.Tensor, y_prev: torch.Tensor | None, w: LayerWeights, 
     """A layer up to its experts. x [B, T, D] the residual; y_prev the previous layer's weighted expert outputs
     [N, A, D] (added here, so that a compiled step fuses the sum into this layer's first kernels) or None.
     Returns (x + attention [B, T, D], the experts' input h [N, D], router logits [N, E], ids [N, A], weights)."""
-    if y_prev is not None:
-        x = x + y_prev.sum(1).to(x.dtype).view(x.shape)
-    if ks.attend_residual is not None:     # the kernel set computes x + attention(...) itself (fused)
-        x = ks.attend_residual(x, rms_norm(x, w.ln1, d.eps), w, d, rope, kv)
+    if ks.residual_norm is not None:       # the kernel set adds the experts and norms in one go (fused)
+        x, h1 = ks.residual_norm(x, y_prev, w.ln1, d.eps)
     else:
-        x = x + attention(rms_norm(x, w.ln1, d.eps), w, d, rope, kv, ks)
+        if y_prev is not None:
+            x = x + y_prev.sum(1).to(x.dtype).view(x.shape)
+        h1 = rms_norm(x, w.ln1, d.eps)
+    if ks.attend_residual is not None:     # the kernel set computes x + attention(...) itself (fused)
+        x = ks.attend_residual(x, h1, w, d, rope, kv)
+    else:
+        x = x + attention(h1, w, d, rope, kv, ks)
     if ks.norm_route is not None:          # the kernel set norms and routes in one go (fused)
         h, logits, ids, wts = ks.norm_route(x, w, d)
         return x, h, logits, ids, wts
@@ -312,6 +316,19 @@ def attend_residual_triton(x, h, w, d, rope, kv):
 
 
 @torch.compiler.disable   # Triton launches stay outside a compiled graph
+def residual_norm_triton(x, y_prev, ln, eps):
+    """x + the previous layer's expert sum, and its input norm, for one token in one kernel
+    (`decode_kernels.residual_norm`): (x [1, 1, D], h [1, 1, D]); anything else: the composed torch ops."""
+    from q3lab.decode_kernels import residual_norm
+    if x.numel() == x.shape[-1] and _triton_ok(x) and (y_prev is None or y_prev.shape[0] == 1):
+        xo, h = residual_norm(x.reshape(-1), None if y_prev is None else y_prev[0], ln, eps)
+        return xo.view(x.shape), h.view(x.shape)
+    if y_prev is not None:
+        x = x + y_prev.sum(1).to(x.dtype).view(x.shape)
+    return x, rms_norm(x, ln, eps)
+
+
+@torch.compiler.disable   # Triton launches stay outside a compiled graph
 def norm_route_triton(x, w, d):
     """The post-attention norm and the router of one token in one kernel (`decode_kernels.norm_route`):
     (h [1, D], logits [1, E], ids [1, A], weights [1, A]); anything else: `rms_norm` + `route_triton`."""
@@ -329,13 +346,15 @@ class Kernels:
     """A kernel set: attend(q, k, v, mask), route(h, w_router, A, renorm) -> (logits, ids, weights) and
     moe(h, ids, w, gate, up, down) -> weighted outputs [N, A, D] float32 (signatures as the torch functions).
     Optional, for sets that fuse across those boundaries (None: the step composes the functions above):
-    attend_residual(x, h, w, d, rope, kv) -> x + attention(h) and norm_route(x, w, d) -> (h, logits, ids, weights)."""
+    attend_residual(x, h, w, d, rope, kv) -> x + attention(h), norm_route(x, w, d) -> (h, logits, ids, weights)
+    and residual_norm(x, y_prev, ln1, eps) -> (x + the previous experts' sum, rms_norm of it)."""
     name: str
     attend: Callable
     route: Callable
     moe: Callable
     attend_residual: Callable | None = None
     norm_route: Callable | None = None
+    residual_norm: Callable | None = None
 
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
@@ -344,9 +363,11 @@ TRITON = Kernels("triton", attend_triton, route_triton, moe_triton)
 # CUDA (a gathered copy of 8 experts per layer costs more than the rest of the step: 58% of its kernel time on
 # an H200); off CUDA moe_triton is moe_torch, so this set is TORCH there
 DECODE = Kernels("torch+triton-moe", attend_torch, route_torch, moe_triton)
-# the Triton set with the layer's small steps fused across the set's boundaries (issue 15): per layer a q/k/v GEMV,
-# one kernel for norms + rotary + cache write + attention, o_proj GEMV + residual, norm + router + top-k, experts
-LAYER = Kernels("triton-layer", attend_triton, route_triton, moe_triton, attend_residual_triton, norm_route_triton)
+# the Triton set with the layer's small steps fused across the set's boundaries (issue 15): per layer the previous
+# experts' sum + residual + input norm, a q/k/v GEMV, one kernel for norms + rotary + cache write + attention,
+# o_proj GEMV + residual, norm + router + top-k, the two expert kernels: 7 kernels
+LAYER = Kernels("triton-layer", attend_triton, route_triton, moe_triton, attend_residual_triton, norm_route_triton,
+                residual_norm_triton)
 
 
 def kernels(fused: bool | str = False, fused_router: bool = True) -> Kernels:

@@ -74,6 +74,11 @@ def test_norm_route_and_gemv_twins_equal_the_step(dtype):
     assert torch.equal(logits, l2[0].float())
     # weights sum to one after renormalisation, descending
     assert abs(w.float().sum().item() - 1) < 1e-2 and (w[:-1] >= w[1:]).all()
+    y = torch.randn(4, D, generator=g) * 0.3                                  # previous experts, float32
+    x1, h1 = dk.residual_norm_torch(x, y, ln, 1e-6)
+    x2 = x[None] + y[None].sum(1).to(dtype)                                    # step.attend_route's entry
+    assert torch.equal(x1, x2[0]) and torch.equal(h1, step.rms_norm(x2, ln, 1e-6)[0])
+    assert torch.equal(dk.residual_norm(x, None, ln, 1e-6)[1], step.rms_norm(x, ln, 1e-6))
     wo = (torch.randn(24, D, generator=g) * 0.3).to(dtype)
     res = torch.randn(24, generator=g).to(dtype)
     assert torch.equal(dk.gemv_torch(x, wo, res), res + F.linear(x, wo))

@@ -38,6 +38,19 @@ def test_gemv_matches_twin(dtype, N, K):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [2048, 1024, 96])
+def test_residual_norm_matches_twin(dtype, D):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(D, generator=g, device="cuda").to(dtype)
+    y = torch.randn(8, D, generator=g, device="cuda") * 0.3
+    ln = (1 + 0.1 * torch.randn(D, generator=g, device="cuda")).to(dtype)
+    for yy in (y, None):
+        for a, b in zip(dk.residual_norm_triton(x, yy, ln, 1e-6), dk.residual_norm_torch(x, yy, ln, 1e-6)):
+            # bf16: the float32 sum of 8 in another order can round the other way (one unit in the last place)
+            torch.testing.assert_close(a.float(), b.float(), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_norm_route_matches_twin_in_a_graph(dtype):
     """48 calls (one per layer) captured in one graph and replayed 3 times with new inputs: every call's top-k equals
     the torch top-k of that call's own logits (the arrival counter orders the last program after all others), and
