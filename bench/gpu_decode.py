@@ -446,6 +446,8 @@ def main() -> None:
                              dict(compile=args.compile, fused=True, fused_router=False)))
             variants.append((f"{pre}fused attention/router + CUDA graph",
                              dict(compile=args.compile, fused=True, fused_router=True)))
+            if args.compile:   # the LAYER set leaves inductor only glue: is compiling still worth anything?
+                variants.append(("fused layer (no compile) + CUDA graph", dict(compile=False, fused="layer")))
             variants.append((f"{pre}fused layer (GEMVs, norm/rope/KV/attention, norm/router/top-k) + CUDA graph",
                              dict(compile=args.compile, fused="layer")))
         best = dict(compile=False, fused=False)
