@@ -269,8 +269,9 @@ if triton is not None:
         tl.store(o_ptr + rows, y, mask=rmask)
 
     @triton.jit
-    def _rms_rot(x, xp, w, wp, cos, sin, eps, HD: tl.constexpr, dt: tl.constexpr):
+    def _rms_rot(x, xp, w, wp, cos, sin, eps, o_ptr, HD: tl.constexpr):
         # q3lab.step: w * rms_norm(x) rounded to dt, then x * cos + rotated(x) * sin, each product rounded to dt
+        dt = o_ptr.dtype.element_ty
         r = tl.rsqrt(tl.sum(x * x, axis=-1, keep_dims=True) / HD + eps)
         n = (w * (x * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         n_p = (wp * (xp * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
@@ -294,13 +295,13 @@ if triton is not None:
         qp = tl.load(qkv_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         wq = tl.load(qkn_ptr + qh + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         wqp = tl.load(qkn_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-        q = _rms_rot(q, qp, wq, wqp, cos, sin, eps, HD, dt)                       # [BLOCK_G, HD]
+        q = _rms_rot(q, qp, wq, wqp, cos, sin, eps, o_ptr, HD)                       # [BLOCK_G, HD]
         kb = (H + kv) * HD
         k = tl.load(qkv_ptr + kb + d).to(tl.float32)[None, :]
         kp = tl.load(qkv_ptr + kb + dp).to(tl.float32)[None, :]
         wk = tl.load(qkn_ptr + kb + d).to(tl.float32)[None, :]
         wkp = tl.load(qkn_ptr + kb + dp).to(tl.float32)[None, :]
-        kn = _rms_rot(k, kp, wk, wkp, cos, sin, eps, HD, dt)                      # [1, HD]
+        kn = _rms_rot(k, kp, wk, wkp, cos, sin, eps, o_ptr, HD)                      # [1, HD]
         vn = tl.load(qkv_ptr + (H + K + kv) * HD + d)
         slot = tl.load(slot_ptr)
         tl.store(k_ptr + kv * s_kh + slot * s_ks + d[None, :], kn.to(cdt))
