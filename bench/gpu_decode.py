@@ -42,8 +42,11 @@ DEV = "cuda"
 PIN = True
 
 
+_T0 = time.perf_counter()
+
+
 def log(*a) -> None:
-    print(*a, flush=True)
+    print(f"[{time.perf_counter() - _T0:5.0f} s]", *a, flush=True)
 
 
 def _sync() -> None:
