@@ -253,19 +253,27 @@ def layer_kernel_check(cfg, layers: int = 8) -> dict:
     slot = torch.tensor([100], device=DEV)
     bias = torch.where(torch.arange(S, device=DEV) <= 100, 0.0, float("-inf")).bfloat16()
     rows = []
-    for bs, nw in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (32, 2)):
+    for bs, nw, sp in ((32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (32, 2, 1), (32, 4, 2), (64, 4, 2),
+                       (32, 4, 4), (16, 4, 8), (16, 2, 8)):
         try:
-            t = _graph_time(lambda bs=bs, nw=nw: [dk.qkv_attend_triton(qkv, qkn, cos, sin, kc, vc, slot, bias,
-                                                                        hd ** -0.5, 1e-6, H, K, block_s=bs,
-                                                                        num_warps=nw)
-                                                  for kc, vc in zip(kcs, vcs)], layers)
-            rows.append(dict(kernel="qkv_attend", block_s=bs, num_warps=nw, us=t * 1e6))
+            t = _graph_time(lambda bs=bs, nw=nw, sp=sp: [dk.qkv_attend_triton(qkv, qkn, cos, sin, kc, vc, slot, bias,
+                                                                               hd ** -0.5, 1e-6, H, K, block_s=bs,
+                                                                               num_warps=nw, split=sp)
+                                                         for kc, vc in zip(kcs, vcs)], layers)
+            rows.append(dict(kernel="qkv_attend", block_s=bs, num_warps=nw, split=sp, us=t * 1e6))
         except Exception as e:
-            log(f"  qkv_attend {bs}/{nw} failed: {type(e).__name__}: {e}")
+            log(f"  qkv_attend {bs}/{nw}/{sp} failed: {type(e).__name__}: {e}")
     att = [r_ for r_ in rows]
     if att:
         b_ = min(att, key=lambda r_: r_["us"])
-        dk.QKV_ATTN_CONFIG.update(block_s=int(b_["block_s"]), num_warps=int(b_["num_warps"]))
+        dk.QKV_ATTN_CONFIG.update(block_s=int(b_["block_s"]), num_warps=int(b_["num_warps"]), split=int(b_["split"]))
+        for r_ in att:     # every timed config against the twin (the split ones merge partial softmax states)
+            a = dk.qkv_attend_triton(qkv, qkn, cos, sin, kcs[0].clone(), vcs[0].clone(), slot, bias, hd ** -0.5, 1e-6,
+                                     H, K, block_s=int(r_["block_s"]), num_warps=int(r_["num_warps"]),
+                                     split=int(r_["split"]))
+            b = dk.qkv_attend_torch(qkv, qkn, cos, sin, kcs[0].clone(), vcs[0].clone(), slot, bias, hd ** -0.5, 1e-6,
+                                    H, K)
+            r_["rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
         a = dk.qkv_attend_triton(qkv, qkn, cos, sin, kcs[0].clone(), vcs[0].clone(), slot, bias, hd ** -0.5, 1e-6, H, K)
         b = dk.qkv_attend_torch(qkv, qkn, cos, sin, kcs[0].clone(), vcs[0].clone(), slot, bias, hd ** -0.5, 1e-6, H, K)
         res["qkv_attend_rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -206,8 +206,8 @@ GEMV_CONFIG: dict[str, int] = dict(block_n=4, block_k=1024, num_warps=4)
 GEMV_CONFIGS: dict[tuple[int, int], dict[str, int]] = {}
 # the router kernel's rows per program (E / block_e programs; the last one to finish does softmax + top-k)
 NORM_ROUTE_BLOCK_E = 2
-# the fused attention's cache block and warps
-QKV_ATTN_CONFIG: dict[str, int] = dict(block_s=64, num_warps=4)
+# the fused attention's cache block, warps and split of the cache over programs (flash-decoding; 1: none)
+QKV_ATTN_CONFIG: dict[str, int] = dict(block_s=64, num_warps=4, split=1)
 
 
 def gemv_torch(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,9 +279,11 @@ if triton is not None:
 
     @triton.jit
     def _qkv_attn_kernel(qkv_ptr, qkn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, bias_ptr, o_ptr, scale, eps,
-                         s_kh, s_ks, S: tl.constexpr, H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
-                         BLOCK_G: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr):
+                         s_kh, s_ks, m_ptr, l_ptr, acc_ptr, cnt_ptr, S: tl.constexpr, H: tl.constexpr,
+                         K: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
+                         BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr):
         kv = tl.program_id(0)
+        sp = tl.program_id(1)                        # which CHUNK of the cache (split-S when SPLIT > 1)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, HD)
         dp = (d + HD // 2) % HD                      # rotate-half partner of each lane
@@ -295,24 +297,25 @@ if triton is not None:
         qp = tl.load(qkv_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         wq = tl.load(qkn_ptr + qh + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         wqp = tl.load(qkn_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-        q = _rms_rot(q, qp, wq, wqp, cos, sin, eps, o_ptr, HD)                       # [BLOCK_G, HD]
+        q = _rms_rot(q, qp, wq, wqp, cos, sin, eps, o_ptr, HD)                    # [BLOCK_G, HD]
         kb = (H + kv) * HD
         k = tl.load(qkv_ptr + kb + d).to(tl.float32)[None, :]
         kp = tl.load(qkv_ptr + kb + dp).to(tl.float32)[None, :]
         wk = tl.load(qkn_ptr + kb + d).to(tl.float32)[None, :]
         wkp = tl.load(qkn_ptr + kb + dp).to(tl.float32)[None, :]
-        kn = _rms_rot(k, kp, wk, wkp, cos, sin, eps, o_ptr, HD)                      # [1, HD]
+        kn = _rms_rot(k, kp, wk, wkp, cos, sin, eps, o_ptr, HD)                   # [1, HD]
         vn = tl.load(qkv_ptr + (H + K + kv) * HD + d)
         slot = tl.load(slot_ptr)
+        # every program of this head writes the new key/value (the same values), so whichever chunk holds the
+        # slot reads its own write: visible to all its threads after a barrier (same SM)
         tl.store(k_ptr + kv * s_kh + slot * s_ks + d[None, :], kn.to(cdt))
         tl.store(v_ptr + kv * s_kh + slot * s_ks + d, vn.to(cdt))
-        # the block's own cache writes are visible to all its threads after a barrier (same SM, same head)
         tl.debug_barrier()
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HD], tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
+        for s0 in range(0, CHUNK, BLOCK_S):
+            s = sp * CHUNK + s0 + tl.arange(0, BLOCK_S)
             smask = s < S
             kk = tl.load(k_ptr + kv * s_kh + s[:, None] * s_ks + d[None, :], mask=smask[:, None], other=0.0)
             vv = tl.load(v_ptr + kv * s_kh + s[:, None] * s_ks + d[None, :], mask=smask[:, None], other=0.0)
@@ -325,8 +328,32 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(o_ptr + (kv * G + g)[:, None] * HD + d[None, :], out.to(dt), mask=gmask[:, None])
+        orow = o_ptr + (kv * G + g)[:, None] * HD + d[None, :]
+        if SPLIT == 1:
+            tl.store(orow, (acc / l_i[:, None]).to(dt), mask=gmask[:, None])
+        else:
+            # partial softmax state of this chunk; the head's last program to arrive merges them (flash-decoding)
+            part = kv * SPLIT + sp
+            tl.store(m_ptr + part * BLOCK_G + g, m_i)
+            tl.store(l_ptr + part * BLOCK_G + g, l_i)
+            tl.store(acc_ptr + (part * BLOCK_G + g)[:, None] * HD + d[None, :], acc)
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + kv, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                mt = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                for j in tl.static_range(SPLIT):
+                    mt = tl.maximum(mt, tl.load(m_ptr + (kv * SPLIT + j) * BLOCK_G + g, cache_modifier=".cg"))
+                mt = tl.where(mt == float("-inf"), 0.0, mt)
+                lt = tl.zeros([BLOCK_G], tl.float32)
+                at = tl.zeros([BLOCK_G, HD], tl.float32)
+                for j in tl.static_range(SPLIT):
+                    pj = kv * SPLIT + j
+                    f = tl.exp(tl.load(m_ptr + pj * BLOCK_G + g, cache_modifier=".cg") - mt)
+                    lt += tl.load(l_ptr + pj * BLOCK_G + g, cache_modifier=".cg") * f
+                    at += tl.load(acc_ptr + (pj * BLOCK_G + g)[:, None] * HD + d[None, :],
+                                  cache_modifier=".cg") * f[:, None]
+                tl.store(orow, (at / lt[:, None]).to(dt), mask=gmask[:, None])
+                tl.atomic_xchg(cnt_ptr + kv, 0)
 
     @triton.jit
     def _residual_norm_kernel(x_ptr, y_ptr, ln_ptr, xo_ptr, h_ptr, eps, D: tl.constexpr, A: tl.constexpr,
@@ -376,14 +403,18 @@ if triton is not None:
 
 
 _COUNTERS: dict = {}
+_MAX_COUNTERS = 64
 
 
-def _counter(device: torch.device) -> torch.Tensor:
-    """One int32 arrival counter per device for `_norm_route_kernel` (calls on one stream run one at a time; the
-    kernel's last program resets it). Made on first use, i.e. in a decoder's warm-up, before any graph capture."""
-    key = str(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+def _counter(device: torch.device, use: str = "route", n: int = 1) -> torch.Tensor:
+    """int32 arrival counters (n of them) per device and use, for the kernels whose last program finishes the
+    work (calls on one stream run one at a time; that program resets its counter). Made on first use, i.e. in a
+    decoder's warm-up, before any graph capture."""
+    key = (str(device), use)
+    if key not in _COUNTERS:    # never replaced: captured graphs keep its address
+        _COUNTERS[key] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
+    if n > _MAX_COUNTERS:
+        raise ValueError(f"{n} arrival counters asked for, at most {_MAX_COUNTERS}")
     return _COUNTERS[key]
 
 
@@ -404,21 +435,36 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = Non
 
 
 def qkv_attend_triton(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K, *, block_s: int | None = None,
-                      num_warps: int | None = None) -> torch.Tensor:
-    """`qkv_attend_torch` in one kernel: one program per KV head norms and rotates its query heads and its key,
-    writes the key and value into the cache slot, then attends over the cache (online softmax)."""
+                      num_warps: int | None = None, split: int | None = None) -> torch.Tensor:
+    """`qkv_attend_torch` in one kernel: programs per KV head norm and rotate its query heads and its key, write
+    the key and value into the cache slot, then attend over the cache (online softmax); with split > 1 each head's
+    cache is cut into `split` chunks, one program each, the last to finish merging their softmax states."""
     hd = qk_norm.shape[-1]
     _, S, _ = kc.shape
     G = H // K
     if kc.stride(-1) != 1 or kc.stride() != vc.stride():
         raise ValueError(f"keys and values need the same layout with contiguous rows, got {kc.stride()} "
                          f"and {vc.stride()}")
+    bs = block_s or QKV_ATTN_CONFIG["block_s"]
+    # long caches are split so that no program walks more than ~512 slots (one program per head would leave
+    # most of the GPU idle); short ones as configured
+    sp = split or max(QKV_ATTN_CONFIG.get("split", 1), triton.cdiv(S, 512))
+    sp = max(1, min(sp, triton.cdiv(S, bs), _MAX_COUNTERS // K if K <= _MAX_COUNTERS else 1))
+    chunk = triton.cdiv(triton.cdiv(S, sp), bs) * bs
+    sp = triton.cdiv(S, chunk)
+    BG = max(16, triton.next_power_of_2(G))
     out = torch.empty(H, hd, dtype=qkv.dtype, device=qkv.device)
-    _qkv_attn_kernel[(K,)](qkv.contiguous(), qk_norm.contiguous(), cos.contiguous(), sin.contiguous(), kc, vc, slot,
-                           bias.contiguous(), out, scale, eps, kc.stride(0), kc.stride(1), S=S, H=H, K=K, G=G,
-                           BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd,
-                           BLOCK_S=block_s or QKV_ATTN_CONFIG["block_s"],
-                           num_warps=num_warps or QKV_ATTN_CONFIG["num_warps"])
+    if sp > 1:
+        m = torch.empty(K * sp * BG, dtype=torch.float32, device=qkv.device)
+        l_ = torch.empty_like(m)
+        acc = torch.empty(K * sp * BG * hd, dtype=torch.float32, device=qkv.device)
+        cnt = _counter(qkv.device, "attn", K)
+    else:
+        m = l_ = acc = cnt = out
+    _qkv_attn_kernel[(K, sp)](qkv.contiguous(), qk_norm.contiguous(), cos.contiguous(), sin.contiguous(), kc, vc,
+                              slot, bias.contiguous(), out, scale, eps, kc.stride(0), kc.stride(1), m, l_, acc, cnt,
+                              S=S, H=H, K=K, G=G, BLOCK_G=BG, HD=hd, BLOCK_S=bs, CHUNK=chunk, SPLIT=sp,
+                              num_warps=num_warps or QKV_ATTN_CONFIG["num_warps"])
     return out
 
 
@@ -465,7 +511,7 @@ def gemv(x, w, res=None):
 def qkv_attend(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K):
     """Norms, rotary, the cache write and attention of one token: one Triton kernel on CUDA, the twin elsewhere."""
     hd = qk_norm.shape[-1]
-    if (fused_available(qkv) and kc.shape[1] <= MAX_FUSED_SLOTS and hd in (64, 128, 256) and H % K == 0
+    if (fused_available(qkv) and hd in (64, 128, 256) and H % K == 0 and K <= _MAX_COUNTERS
             and kc.stride(-1) == 1 and kc.stride() == vc.stride()):
         return qkv_attend_triton(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K)
     return qkv_attend_torch(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H, K)

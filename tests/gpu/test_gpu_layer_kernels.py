@@ -76,11 +76,11 @@ def test_norm_route_matches_twin_in_a_graph(dtype):
             assert ids.tolist() == i3.tolist(), (rep, i)
             torch.testing.assert_close(w.float(), w3.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                        atol=1e-6)
-    assert dk._counter(xs.device).item() == 0
+    assert (dk._counter(xs.device) == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("H,K,hd,S", [(32, 4, 128, 129), (16, 4, 64, 200)])
+@pytest.mark.parametrize("H,K,hd,S", [(32, 4, 128, 129), (16, 4, 64, 200), (32, 4, 128, 3000)])
 def test_qkv_attend_matches_twin(dtype, H, K, hd, S):
     g = torch.Generator(device="cuda").manual_seed(2)
     qkv = torch.randn((H + 2 * K) * hd, generator=g, device="cuda").to(dtype)
@@ -97,7 +97,8 @@ def test_qkv_attend_matches_twin(dtype, H, K, hd, S):
     torch.testing.assert_close(kc, kc2, **_tol(dtype))
     assert torch.equal(vc, vc2)
     torch.testing.assert_close(a, b, **_tol(dtype))
-    for cfg in (dict(block_s=32, num_warps=4), dict(block_s=128, num_warps=8)):
+    for cfg in (dict(block_s=32, num_warps=4), dict(block_s=128, num_warps=8), dict(block_s=32, split=4),
+                dict(block_s=64, split=2)):
         c = dk.qkv_attend_triton(qkv, qkn, cos, sin, kc.clone(), vc.clone(), slot, bias, hd ** -0.5, 1e-6, H, K, **cfg)
         torch.testing.assert_close(c, b, **_tol(dtype))
 
