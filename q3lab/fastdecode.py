@@ -194,9 +194,12 @@ class StaticDecoder:
         return self.kernels.moe(h, ids, w, gate, up, down, gather=True)
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x + y.sum(1).to(x.dtype).view(x.shape)
-        x = rms_norm(x, self.model.model.norm.weight, self.config.rms_norm_eps)
-        self.logits.copy_(F.linear(x, self.model.lm_head.weight).float().view(self.batch, -1))
+        if self.kernels.residual_norm is not None:       # the last experts' sum + residual + final norm, fused
+            _, x = self.kernels.residual_norm(x, y, self.model.model.norm.weight, self.config.rms_norm_eps)
+        else:
+            x = x + y.sum(1).to(x.dtype).view(x.shape)
+            x = rms_norm(x, self.model.model.norm.weight, self.config.rms_norm_eps)
+        self.logits.copy_(F.linear(x, self.model.lm_head.weight).view(self.batch, -1))   # copy_ casts to float32
         # the greedy choice stays on the device too, so `step()` alone decodes greedily (bench/gpu_decode.py);
         # generate feeds its own pick (sampling, eos) into `tok` before each step
         self.tok.copy_(self.logits.argmax(-1))
