@@ -224,16 +224,19 @@ def layer_kernel_check(cfg, layers: int = 8) -> dict:
     x = torch.randn(D, device=DEV, generator=g).bfloat16()
     ln = torch.ones(D, device=DEV, dtype=torch.bfloat16)
     rows = []
-    for be in (1, 2, 4, 8):
+    for be, nw, rk in ((2, 4, 1), (2, 4, 0), (1, 4, 1), (4, 4, 1), (8, 4, 1), (2, 2, 1), (2, 1, 1), (4, 2, 1),
+                       (1, 1, 1), (8, 8, 1)):
         try:
-            t = _graph_time(lambda be=be: [dk.norm_route_triton(x, ln, 1e-6, w, A, True, block_e=be) for w in wrs],
-                            layers)
-            rows.append(dict(kernel=f"norm_route block_e={be}", block_e=be, us=t * 1e6))
+            t = _graph_time(lambda be=be, nw=nw, rk=rk: [dk.norm_route_triton(x, ln, 1e-6, w, A, True, block_e=be,
+                                                                               num_warps=nw, rank_topk=bool(rk))
+                                                         for w in wrs], layers)
+            rows.append(dict(kernel="norm_route", block_e=be, num_warps=nw, rank_topk=rk, us=t * 1e6))
         except Exception as e:
-            log(f"  norm_route block_e={be} failed: {type(e).__name__}: {e}")
-    best_be = min((r_ for r_ in rows), key=lambda r_: r_["us"])["block_e"] if rows else None
-    if best_be:
-        dk.NORM_ROUTE_BLOCK_E = int(best_be)
+            log(f"  norm_route {be}/{nw}/{rk} failed: {type(e).__name__}: {e}")
+    best_nr = min((r_ for r_ in rows), key=lambda r_: r_["us"]) if rows else None
+    if best_nr:
+        dk.NORM_ROUTE_BLOCK_E = int(best_nr["block_e"])
+        dk.NORM_ROUTE_CONFIG.update(num_warps=int(best_nr["num_warps"]), rank_topk=int(best_nr["rank_topk"]))
         (h1, l1, i1, w1) = dk.norm_route_triton(x, ln, 1e-6, wrs[0], A, True)
         (h2, l2, i2, w2) = dk.norm_route_torch(x, ln, 1e-6, wrs[0], A, True)
         res["norm_route_ids_equal"] = torch.equal(i1, i2)
@@ -284,7 +287,8 @@ def layer_kernel_check(cfg, layers: int = 8) -> dict:
     log(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     res["qkv_attend"] = rows
     res["qkv_attend_config"] = dict(dk.QKV_ATTN_CONFIG)
-    log(f"norm_route block_e {dk.NORM_ROUTE_BLOCK_E}; qkv_attend config {dk.QKV_ATTN_CONFIG}; "
+    res["norm_route_config"] = dict(dk.NORM_ROUTE_CONFIG, block_e=dk.NORM_ROUTE_BLOCK_E)
+    log(f"norm_route block_e {dk.NORM_ROUTE_BLOCK_E} {dk.NORM_ROUTE_CONFIG}; qkv_attend config {dk.QKV_ATTN_CONFIG}; "
         f"qkv_attend rel. error vs twin {res.get('qkv_attend_rel_err', float('nan')):.1e}; norm_route ids equal "
         f"{res.get('norm_route_ids_equal')}")
     return res

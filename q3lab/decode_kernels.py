@@ -204,8 +204,10 @@ def topk_renorm(probs, k, renorm, dtype):
 # (bench/gpu_decode.py), `GEMV_CONFIG` serves every other shape
 GEMV_CONFIG: dict[str, int] = dict(block_n=4, block_k=1024, num_warps=4)
 GEMV_CONFIGS: dict[tuple[int, int], dict[str, int]] = {}
-# the router kernel's rows per program (E / block_e programs; the last one to finish does softmax + top-k)
+# the router kernel's rows per program (E / block_e programs; the last one to finish does softmax + top-k), its
+# warps, and whether that top-k ranks all experts at once (True) or takes A rounds of max-and-mask
 NORM_ROUTE_BLOCK_E = 2
+NORM_ROUTE_CONFIG: dict[str, int] = dict(num_warps=4, rank_topk=1)
 # the fused attention's cache block, warps and split of the cache over programs (flash-decoding; 1: none)
 QKV_ATTN_CONFIG: dict[str, int] = dict(block_s=64, num_warps=4, split=1)
 
@@ -356,6 +358,24 @@ if triton is not None:
                 tl.atomic_xchg(cnt_ptr + kv, 0)
 
     @triton.jit
+    def _store_topk_rank(p, offs, idx_ptr, w_ptr, A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
+                         RENORM: tl.constexpr):
+        # the same choice as _store_topk (descending, ties to the lower index) from every element's rank: one
+        # [E, E] comparison and two [A, E] selections instead of 2 x A dependent reductions
+        pi = p[:, None]
+        pj = p[None, :]
+        ahead = (pj > pi) | ((pj == pi) & (offs[None, :] < offs[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), axis=1)                                 # [BLOCK_E]
+        ar = tl.arange(0, BLOCK_A)
+        hit = rank[None, :] == ar[:, None]                                         # [BLOCK_A, BLOCK_E]
+        vals = tl.sum(tl.where(hit, p[None, :], 0.0), axis=1)
+        ids = tl.sum(tl.where(hit, offs[None, :], 0), axis=1)
+        if RENORM:
+            vals = vals / tl.sum(tl.where(ar < A, vals, 0.0), axis=0)
+        tl.store(idx_ptr + ar, ids.to(tl.int64), mask=ar < A)
+        tl.store(w_ptr + ar, vals.to(w_ptr.dtype.element_ty), mask=ar < A)
+
+    @triton.jit
     def _residual_norm_kernel(x_ptr, y_ptr, ln_ptr, xo_ptr, h_ptr, eps, D: tl.constexpr, A: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, HAS_Y: tl.constexpr):
         cols = tl.arange(0, BLOCK_D)
@@ -375,7 +395,7 @@ if triton is not None:
     def _norm_route_kernel(x_ptr, ln_ptr, w_ptr, h_ptr, logit_ptr, idx_ptr, wt_ptr, cnt_ptr, eps,
                            D: tl.constexpr, E: tl.constexpr, A: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_EA: tl.constexpr, BLOCK_A: tl.constexpr,
-                           RENORM: tl.constexpr):
+                           RENORM: tl.constexpr, RANK_TOPK: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
@@ -398,7 +418,10 @@ if triton is not None:
             e = tl.exp(z - tl.max(z, axis=0))
             p = e / tl.sum(e, axis=0)
             p = tl.where(offs < E, p, float("-inf"))
-            _store_topk(p, offs, idx_ptr, wt_ptr, A, BLOCK_EA, BLOCK_A, RENORM)
+            if RANK_TOPK:
+                _store_topk_rank(p, offs, idx_ptr, wt_ptr, A, BLOCK_EA, BLOCK_A, RENORM)
+            else:
+                _store_topk(p, offs, idx_ptr, wt_ptr, A, BLOCK_EA, BLOCK_A, RENORM)
             tl.atomic_xchg(cnt_ptr, 0)              # ready for the next call (the next layer)
 
 
@@ -481,7 +504,7 @@ def residual_norm_triton(x: torch.Tensor, y: torch.Tensor | None, ln: torch.Tens
 
 
 def norm_route_triton(x: torch.Tensor, ln: torch.Tensor, eps: float, w_router: torch.Tensor, k: int, renorm: bool,
-                      *, block_e: int | None = None):
+                      *, block_e: int | None = None, num_warps: int | None = None, rank_topk: bool | None = None):
     """`norm_route_torch` in one kernel: E / block_e programs each norm x and compute block_e logits; the last
     to finish (an atomic counter) does softmax + top-k."""
     E, D = w_router.shape
@@ -495,7 +518,9 @@ def norm_route_triton(x: torch.Tensor, ln: torch.Tensor, eps: float, w_router: t
     _norm_route_kernel[(E // be,)](x.contiguous(), ln, w_router, h, logits, idx, w, _counter(x.device), eps, D=D, E=E,
                                    A=k, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=be,
                                    BLOCK_EA=triton.next_power_of_2(E), BLOCK_A=triton.next_power_of_2(k),
-                                   RENORM=renorm, num_warps=4)
+                                   RENORM=renorm,
+                                   RANK_TOPK=bool(NORM_ROUTE_CONFIG["rank_topk"] if rank_topk is None else rank_topk),
+                                   num_warps=num_warps or NORM_ROUTE_CONFIG["num_warps"])
     return h, logits, idx, w
 
 
@@ -527,6 +552,6 @@ def residual_norm(x, y, ln, eps):
 def norm_route(x, ln, eps, w_router, k, renorm):
     """The post-attention norm + router of one token: one Triton kernel on CUDA, torch elsewhere."""
     E, D = w_router.shape
-    if fused_available(x) and E % NORM_ROUTE_BLOCK_E == 0 and E <= 4096 and D <= 8192 and w_router.is_contiguous():
+    if fused_available(x) and E % NORM_ROUTE_BLOCK_E == 0 and E <= 512 and D <= 8192 and w_router.is_contiguous():
         return norm_route_triton(x, ln, eps, w_router, k, renorm)
     return norm_route_torch(x, ln, eps, w_router, k, renorm)

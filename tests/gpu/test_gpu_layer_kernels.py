@@ -77,6 +77,15 @@ def test_norm_route_matches_twin_in_a_graph(dtype):
             torch.testing.assert_close(w.float(), w3.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                        atol=1e-6)
     assert (dk._counter(xs.device) == 0).all()
+    # the two top-k variants (ranks at once / rounds of max-and-mask) choose the same, also on exact ties
+    wr[:, 5] = wr[:, 3]
+    wr[:, 9] = wr[:, 3]
+    for i in range(L):
+        a = dk.norm_route_triton(xs[i], ln, 1e-6, wr[i], A, True, rank_topk=True)
+        for cfg in (dict(rank_topk=False), dict(rank_topk=True, num_warps=1, block_e=1),
+                    dict(rank_topk=True, num_warps=8, block_e=8)):
+            b = dk.norm_route_triton(xs[i], ln, 1e-6, wr[i], A, True, **cfg)
+            assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]), (i, cfg)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
