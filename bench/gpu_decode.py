@@ -111,7 +111,7 @@ def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
     # around the H100's best (2x1024 / 8x256, 4 warps each); each gate/up and down config compiles once
     configs = [dict(block_i=bi, block_d=bd, warps_up=wu, block_o=bo, block_k=bk, warps_down=wd)
                for bi, bd, wu in ((2, 1024, 4), (4, 1024, 4), (1, 2048, 4), (2, 2048, 8), (4, 512, 4), (8, 512, 8),
-                                  (2, 512, 2), (4, 2048, 8))
+                                  (2, 512, 2), (4, 2048, 8), (4, 2048, 4), (8, 1024, 4))
                for bo, bk, wd in ((8, 256, 4), (4, 256, 2), (16, 256, 8), (4, 512, 4), (8, 512, 8), (4, 1024, 4),
                                   (8, 1024, 8))]
     import q3lab.moe_kernels as mk
@@ -191,7 +191,8 @@ def layer_kernel_check(cfg, layers: int = 8) -> dict:
     res: dict = {"gemv": []}
     gemv_cfgs = [dict(block_n=bn, block_k=bk, num_warps=nw)
                  for bn, bk, nw in ((1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 8), (2, 2048, 8),
-                                    (4, 2048, 8), (4, 512, 4), (8, 512, 4), (16, 256, 4), (1, 2048, 4), (2, 512, 2))]
+                                    (4, 2048, 8), (4, 512, 4), (8, 512, 4), (16, 256, 4), (1, 2048, 4), (2, 512, 2),
+                                    (8, 1024, 4), (4, 2048, 4), (2, 2048, 4))]
     for N, Kd in (((H + 2 * K) * hd, D), (D, H * hd)):
         ws = [(torch.randn(N, Kd, device=DEV, generator=g) * 0.02).bfloat16() for _ in range(layers)]
         x = torch.randn(Kd, device=DEV, generator=g).bfloat16()
@@ -340,7 +341,7 @@ def main() -> None:
     ap.add_argument("--no-fused", dest="fused", action="store_false",
                     help="skip the fused-kernel decoder rows (q/k/v as one projection, Triton attention + top-k)")
     ap.add_argument("--profile", action="store_true", help="kernel-time table of 5 compiled decode steps")
-    ap.add_argument("--sweep", action="store_true", help="time 56 block/warp configs of the MoE kernels first")
+    ap.add_argument("--sweep", action="store_true", help="time 70 block/warp configs of the MoE kernels first")
     ap.add_argument("--rows", default="decode,offload,prefill,batch,traced",
                     help="comma list of row groups to run: decode (floor, transformers, eager, the StaticDecoder "
                          "rows, recorded), offload, prefill, batch, traced")
