@@ -467,9 +467,14 @@ def main() -> None:
                 variants.append(("fused layer (no compile) + CUDA graph", dict(compile=False, fused="layer")))
             variants.append((f"{pre}fused layer (GEMVs, norm/rope/KV/attention, norm/router/top-k) + CUDA graph",
                              dict(compile=args.compile, fused="layer")))
-        best = dict(compile=False, fused=False)
+            # programmatic dependent launch: each kernel loads its weights while the previous one finishes
+            variants.append(("fused layer + PDL + CUDA graph", dict(compile=False, fused="layer", pdl=True)))
+        best, best_pdl = dict(compile=False, fused=False), False
+        import q3lab.decode_kernels as dk
         for label, kw in variants:
             t = time.perf_counter()
+            kw = dict(kw)
+            dk.PDL = kw.pop("pdl", False)        # read at graph capture (the kernels' launches)
             try:
                 dec_v = StaticDecoder(ours, max_len, **kw)
                 with torch.inference_mode():
@@ -490,8 +495,10 @@ def main() -> None:
             log(rows[-1]); save()
             if args.profile:
                 _profile(dec_v, args.json.parent / f"profile_{len(rows)}.txt")
-            dec, best = dec_v, kw
+            dec, best, best_pdl = dec_v, kw, dk.PDL
             del dec_v
+        dk.PDL = best_pdl if variants else False
+        res["best_pdl"] = dk.PDL
         # recording on the fast path: routing written on the device into buffers inside the graph, handed to
         # q3lab.record once per generate (issue 14); the same generate timed with and without it
         import q3lab

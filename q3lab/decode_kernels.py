@@ -13,8 +13,20 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
+
+# Programmatic dependent launch (Hopper+): the LAYER set's kernels and the expert kernels launch before their
+# predecessor ends, load what does not depend on it (weights), then wait (griddepcontrol.wait); each signals its
+# dependents only after its own wait, so a kernel may read anything two launches back without waiting. Off by
+# default; read at launch time (so at graph capture).
+PDL: bool = False
+
+
+def _pdl() -> dict:
+    """Launch keywords: launch_pdl and the kernels' USE_GDC switch."""
+    return dict(launch_pdl=True, USE_GDC=True) if PDL else dict(USE_GDC=False)
 
 # attention in one program per KV head walks the whole cache; past this many slots a split-S kernel
 # (flash-decoding) would be needed to fill the GPU, so longer caches use the torch twin
@@ -254,16 +266,22 @@ def norm_route_torch(x: torch.Tensor, ln: torch.Tensor, eps: float, w_router: to
 if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, res_ptr, o_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr):
+                     BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, USE_GDC: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         w_rows = w_ptr + rows[:, None].to(tl.int64) * K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
+        c0 = tl.arange(0, BLOCK_K)
+        w0 = tl.load(w_rows + c0[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)   # weights: no wait
+        if USE_GDC:
+            gdc_wait()
+        acc = w0 * tl.load(x_ptr + c0).to(tl.float32)[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            cols = k0 + c0
             xk = tl.load(x_ptr + cols).to(tl.float32)
             w = tl.load(w_rows + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
             acc += w * xk[None, :]
+        if USE_GDC:
+            gdc_launch_dependents()
         dt = o_ptr.dtype.element_ty
         y = tl.sum(acc, axis=1).to(dt)
         if HAS_RES:     # x + linear(...): the product rounded, then the sum rounded, as torch does
@@ -283,7 +301,7 @@ if triton is not None:
     def _qkv_attn_kernel(qkv_ptr, qkn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, bias_ptr, o_ptr, scale, eps,
                          s_kh, s_ks, m_ptr, l_ptr, acc_ptr, cnt_ptr, S: tl.constexpr, H: tl.constexpr,
                          K: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
-                         BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr):
+                         BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr, USE_GDC: tl.constexpr):
         kv = tl.program_id(0)
         sp = tl.program_id(1)                        # which CHUNK of the cache (split-S when SPLIT > 1)
         g = tl.arange(0, BLOCK_G)
@@ -292,19 +310,22 @@ if triton is not None:
         gmask = g < G
         dt = o_ptr.dtype.element_ty
         cdt = k_ptr.dtype.element_ty
+        # rotary rows (written before the previous kernel) and norm weights: no wait
         cos = tl.load(cos_ptr + d).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + d).to(tl.float32)[None, :]
         qh = (kv * G + g)[:, None] * HD
-        q = tl.load(qkv_ptr + qh + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-        qp = tl.load(qkv_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         wq = tl.load(qkn_ptr + qh + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         wqp = tl.load(qkn_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-        q = _rms_rot(q, qp, wq, wqp, cos, sin, eps, o_ptr, HD)                    # [BLOCK_G, HD]
         kb = (H + kv) * HD
-        k = tl.load(qkv_ptr + kb + d).to(tl.float32)[None, :]
-        kp = tl.load(qkv_ptr + kb + dp).to(tl.float32)[None, :]
         wk = tl.load(qkn_ptr + kb + d).to(tl.float32)[None, :]
         wkp = tl.load(qkn_ptr + kb + dp).to(tl.float32)[None, :]
+        if USE_GDC:
+            gdc_wait()
+        q = tl.load(qkv_ptr + qh + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        qp = tl.load(qkv_ptr + qh + dp[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q = _rms_rot(q, qp, wq, wqp, cos, sin, eps, o_ptr, HD)                    # [BLOCK_G, HD]
+        k = tl.load(qkv_ptr + kb + d).to(tl.float32)[None, :]
+        kp = tl.load(qkv_ptr + kb + dp).to(tl.float32)[None, :]
         kn = _rms_rot(k, kp, wk, wkp, cos, sin, eps, o_ptr, HD)                   # [1, HD]
         vn = tl.load(qkv_ptr + (H + K + kv) * HD + d)
         slot = tl.load(slot_ptr)
@@ -330,6 +351,8 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
             m_i = m_new
+        if USE_GDC:
+            gdc_launch_dependents()
         orow = o_ptr + (kv * G + g)[:, None] * HD + d[None, :]
         if SPLIT == 1:
             tl.store(orow, (acc / l_i[:, None]).to(dt), mask=gmask[:, None])
@@ -377,10 +400,15 @@ if triton is not None:
 
     @triton.jit
     def _residual_norm_kernel(x_ptr, y_ptr, ln_ptr, xo_ptr, h_ptr, eps, D: tl.constexpr, A: tl.constexpr,
-                              BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, HAS_Y: tl.constexpr):
+                              BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, HAS_Y: tl.constexpr,
+                              USE_GDC: tl.constexpr):
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         dt = x_ptr.dtype.element_ty
+        lnw = tl.load(ln_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if USE_GDC:
+            gdc_wait()
+            gdc_launch_dependents()
         x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         if HAS_Y:
             a = tl.arange(0, BLOCK_A)
@@ -388,25 +416,29 @@ if triton is not None:
             x = (x + tl.sum(y, axis=0).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         tl.store(xo_ptr + cols, x.to(dt), mask=cmask)
         r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        h = (tl.load(ln_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * (x * r).to(dt).to(tl.float32)).to(dt)
+        h = (lnw * (x * r).to(dt).to(tl.float32)).to(dt)
         tl.store(h_ptr + cols, h, mask=cmask)
 
     @triton.jit
     def _norm_route_kernel(x_ptr, ln_ptr, w_ptr, h_ptr, logit_ptr, idx_ptr, wt_ptr, cnt_ptr, eps,
                            D: tl.constexpr, E: tl.constexpr, A: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_EA: tl.constexpr, BLOCK_A: tl.constexpr,
-                           RENORM: tl.constexpr, RANK_TOPK: tl.constexpr):
+                           RENORM: tl.constexpr, RANK_TOPK: tl.constexpr, USE_GDC: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         dt = h_ptr.dtype.element_ty
+        rows = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+        w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+        lnw = tl.load(ln_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if USE_GDC:
+            gdc_wait()
+            gdc_launch_dependents()
         # every program norms the whole row (4 KB): cheaper than another kernel boundary
         x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        h = (tl.load(ln_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * (x * r).to(dt).to(tl.float32)).to(dt)
+        h = (lnw * (x * r).to(dt).to(tl.float32)).to(dt)
         tl.store(h_ptr + cols, h, mask=cmask & (pid == 0))
-        rows = pid * BLOCK_E + tl.arange(0, BLOCK_E)
-        w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
         logit = tl.sum(w * h.to(tl.float32)[None, :], axis=1)
         tl.store(logit_ptr + rows, logit.to(w_ptr.dtype.element_ty).to(tl.float32))
         # the last program to finish picks the top-k: release our logits, count, acquire everyone's
@@ -453,7 +485,7 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = Non
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, cfg["block_n"]),)](x.contiguous(), w, res if res is not None else out, out, N,
                                                     K=K, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-                                                    HAS_RES=res is not None, num_warps=cfg["num_warps"])
+                                                    HAS_RES=res is not None, num_warps=cfg["num_warps"], **_pdl())
     return out
 
 
@@ -487,7 +519,7 @@ def qkv_attend_triton(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H,
     _qkv_attn_kernel[(K, sp)](qkv.contiguous(), qk_norm.contiguous(), cos.contiguous(), sin.contiguous(), kc, vc,
                               slot, bias.contiguous(), out, scale, eps, kc.stride(0), kc.stride(1), m, l_, acc, cnt,
                               S=S, H=H, K=K, G=G, BLOCK_G=BG, HD=hd, BLOCK_S=bs, CHUNK=chunk, SPLIT=sp,
-                              num_warps=num_warps or QKV_ATTN_CONFIG["num_warps"])
+                              num_warps=num_warps or QKV_ATTN_CONFIG["num_warps"], **_pdl())
     return out
 
 
@@ -499,7 +531,7 @@ def residual_norm_triton(x: torch.Tensor, y: torch.Tensor | None, ln: torch.Tens
     A = y.shape[0] if y is not None else 1
     _residual_norm_kernel[(1,)](x.contiguous(), y.contiguous() if y is not None else xo, ln, xo, h, eps, D=D, A=A,
                                 BLOCK_D=triton.next_power_of_2(D), BLOCK_A=triton.next_power_of_2(A),
-                                HAS_Y=y is not None, num_warps=8)
+                                HAS_Y=y is not None, num_warps=8, **_pdl())
     return xo, h
 
 
@@ -520,7 +552,7 @@ def norm_route_triton(x: torch.Tensor, ln: torch.Tensor, eps: float, w_router: t
                                    BLOCK_EA=triton.next_power_of_2(E), BLOCK_A=triton.next_power_of_2(k),
                                    RENORM=renorm,
                                    RANK_TOPK=bool(NORM_ROUTE_CONFIG["rank_topk"] if rank_topk is None else rank_topk),
-                                   num_warps=num_warps or NORM_ROUTE_CONFIG["num_warps"])
+                                   num_warps=num_warps or NORM_ROUTE_CONFIG["num_warps"], **_pdl())
     return h, logits, idx, w
 
 

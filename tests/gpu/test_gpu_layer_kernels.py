@@ -167,3 +167,33 @@ def test_layer_set_offloaded_bit_equal_and_recording(ckpt):
     off = OffloadedDecoder(model, 48, cache, fused="layer")
     assert off.generate(ids, 24).tolist() == want.tolist()
     assert cache.stats()["misses"] > 0
+
+
+def test_pdl_graph_decodes_the_same_tokens(ckpt):
+    """Programmatic dependent launch changes when kernels start, not what they compute: the LAYER decoder captured
+    with PDL gives the tokens, logits and KV cache of the one without, bit for bit (a missing wait would race)."""
+    model = q3lab.load(ckpt, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    want_dec = StaticDecoder(model, 64, fused="layer")
+    want = want_dec.generate(ids, 40)
+    try:
+        dk.PDL = True
+        dec = StaticDecoder(model, 64, fused="layer")
+        for _ in range(3):
+            assert dec.generate(ids, 40).tolist() == want.tolist()
+        assert torch.equal(dec.logits, want_dec.logits)
+        assert torch.equal(dec.cache.k, want_dec.cache.k)
+        # the kernels alone, PDL-launched back to back in a graph, against their twins
+        g = torch.Generator(device="cuda").manual_seed(6)
+        x = torch.randn(2048, generator=g, device="cuda").bfloat16()
+        w = (torch.randn(5120, 2048, generator=g, device="cuda") * 0.02).bfloat16()
+        w2 = (torch.randn(2048, 5120, generator=g, device="cuda") * 0.02).bfloat16()
+        run = lambda: dk.gemv_triton(dk.gemv_triton(x, w), w2, x)  # noqa: E731
+        run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        graph.replay()
+        torch.testing.assert_close(out, dk.gemv_torch(dk.gemv_torch(x, w), w2, x), rtol=3e-2, atol=3e-2)
+    finally:
+        dk.PDL = False
