@@ -13,9 +13,13 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
+if triton is not None:
+    try:  # grid dependency control (PDL); without it PDL stays off and the kernels never call these
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - depends on the Triton version
+        gdc_launch_dependents = gdc_wait = None
 
 # Programmatic dependent launch (Hopper+): the LAYER set's kernels and the expert kernels launch before their
 # predecessor ends, load what does not depend on it (weights), then wait (griddepcontrol.wait); each signals its
@@ -26,6 +30,9 @@ PDL: bool = False
 
 def _pdl() -> dict:
     """Launch keywords: launch_pdl and the kernels' USE_GDC switch."""
+    if PDL and gdc_wait is None:
+        from q3lab.errors import InputError
+        raise InputError("decode_kernels.PDL needs triton.language.extra.cuda.gdc_wait (Triton 3.4+)")
     return dict(launch_pdl=True, USE_GDC=True) if PDL else dict(USE_GDC=False)
 
 # attention in one program per KV head walks the whole cache; past this many slots a split-S kernel

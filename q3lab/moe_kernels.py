@@ -20,9 +20,13 @@ import torch.nn.functional as F
 try:  # Triton is present where CUDA PyTorch is; the CPU wheel has none
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
+if triton is not None:
+    try:  # grid dependency control (PDL); without it PDL stays off and the kernels never call these
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - depends on the Triton version
+        gdc_launch_dependents = gdc_wait = None
 
 
 def triton_available(device: torch.device) -> bool:
