@@ -222,13 +222,16 @@ def topk_renorm(probs, k, renorm, dtype):
 # GEMV block rows / block columns / warps; `GEMV_CONFIGS` holds per-shape choices (N, K) from a sweep
 # (bench/gpu_decode.py), `GEMV_CONFIG` serves every other shape
 GEMV_CONFIG: dict[str, int] = dict(block_n=4, block_k=1024, num_warps=4)
-GEMV_CONFIGS: dict[tuple[int, int], dict[str, int]] = {}
+# the thinker's q/k/v and o_proj shapes: the fastest of 14 configs on an H200 (2026-12-01, bench/gpu_decode.py)
+GEMV_CONFIGS: dict[tuple[int, int], dict[str, int]] = {(5120, 2048): dict(block_n=1, block_k=1024, num_warps=4),
+                                                       (2048, 4096): dict(block_n=4, block_k=2048, num_warps=4)}
 # the router kernel's rows per program (E / block_e programs; the last one to finish does softmax + top-k), its
 # warps, and whether that top-k ranks all experts at once (True) or takes A rounds of max-and-mask
 NORM_ROUTE_BLOCK_E = 2
 NORM_ROUTE_CONFIG: dict[str, int] = dict(num_warps=4, rank_topk=1)
 # the fused attention's cache block, warps and split of the cache over programs (flash-decoding; 1: none)
-QKV_ATTN_CONFIG: dict[str, int] = dict(block_s=64, num_warps=4, split=1)
+# (H200 sweep, 129 slots: 16 x 8 splits 6.65 us against 7.30 for one program per head of 64-slot blocks)
+QKV_ATTN_CONFIG: dict[str, int] = dict(block_s=16, num_warps=4, split=8)
 
 
 def gemv_torch(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
@@ -508,6 +511,8 @@ def qkv_attend_triton(qkv, qk_norm, cos, sin, kc, vc, slot, bias, scale, eps, H,
         raise ValueError(f"keys and values need the same layout with contiguous rows, got {kc.stride()} "
                          f"and {vc.stride()}")
     bs = block_s or QKV_ATTN_CONFIG["block_s"]
+    if qkv.dtype == torch.float32 and hd >= 128:
+        bs = min(bs, 64)     # float32 tiles of 128 slots x 128 need more shared memory than an SM has
     # long caches are split so that no program walks more than ~512 slots (one program per head would leave
     # most of the GPU idle); short ones as configured
     sp = split or max(QKV_ATTN_CONFIG.get("split", 1), triton.cdiv(S, 512))

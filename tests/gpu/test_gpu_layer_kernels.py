@@ -72,8 +72,10 @@ def test_norm_route_matches_twin_in_a_graph(dtype):
             h2, l2, i2, w2 = dk.norm_route_torch(xs[i], ln, 1e-6, wr[i], A, True)
             torch.testing.assert_close(h.float(), h2.float(), **_tol(dtype))
             torch.testing.assert_close(logits, l2, **_tol(dtype))
-            i3, w3 = dk.topk_renorm_torch(torch.softmax(logits, -1), A, True, dtype)
-            assert ids.tolist() == i3.tolist(), (rep, i)
+            pr = torch.softmax(logits, -1)
+            i3, w3 = dk.topk_renorm_torch(pr, A, True, dtype)
+            # bf16-rounded logits tie often; torch.topk orders ties arbitrarily, the kernel by lower index
+            assert ids.tolist() == i3.tolist() or torch.equal(pr[ids], pr[i3]), (rep, i)
             torch.testing.assert_close(w.float(), w3.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                        atol=1e-6)
     assert (dk._counter(xs.device) == 0).all()
@@ -85,7 +87,10 @@ def test_norm_route_matches_twin_in_a_graph(dtype):
         for cfg in (dict(rank_topk=False), dict(rank_topk=True, num_warps=1, block_e=1),
                     dict(rank_topk=True, num_warps=8, block_e=8)):
             b = dk.norm_route_triton(xs[i], ln, 1e-6, wr[i], A, True, **cfg)
-            assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]), (i, cfg)
+            assert torch.equal(a[2], b[2]), (i, cfg)
+            # another warp count sums the softmax in another order: the last bit of a float32 weight may move
+            torch.testing.assert_close(a[3].float(), b[3].float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
+                                       atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
