@@ -42,8 +42,11 @@ DEV = "cuda"
 PIN = True
 
 
+_T0 = time.perf_counter()
+
+
 def log(*a) -> None:
-    print(*a, flush=True)
+    print(f"[{time.perf_counter() - _T0:5.0f} s]", *a, flush=True)
 
 
 def _sync() -> None:
@@ -105,10 +108,12 @@ def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
     x = torch.randn(D, device=DEV, generator=g).bfloat16()
     nbytes = A * 3 * I * D * 2
     sweep = []
+    # around the H100's best (2x1024 / 8x256, 4 warps each); each gate/up and down config compiles once
     configs = [dict(block_i=bi, block_d=bd, warps_up=wu, block_o=bo, block_k=bk, warps_down=wd)
-               for bi, bd, wu in ((16, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (16, 512, 8), (32, 256, 8),
-                                  (4, 1024, 8), (2, 1024, 4))
-               for bo, bk, wd in ((16, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (32, 256, 8))]
+               for bi, bd, wu in ((2, 1024, 4), (4, 1024, 4), (1, 2048, 4), (2, 2048, 8), (4, 512, 4), (8, 512, 8),
+                                  (2, 512, 2), (4, 2048, 8), (4, 2048, 4), (8, 1024, 4))
+               for bo, bk, wd in ((8, 256, 4), (4, 256, 2), (16, 256, 8), (4, 512, 4), (8, 512, 8), (4, 1024, 4),
+                                  (8, 1024, 8))]
     import q3lab.kernels.triton_moe as mk
     if not sweep_configs:
         configs = [dict(mk.TRITON_CONFIG)]
@@ -154,8 +159,140 @@ def kernel_check(cfg, layers: int = 8, sweep_configs: bool = True) -> dict:
     import pandas as pd
     log(pd.DataFrame(sweep[:8]).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     best = sweep[0]
-    return {"rel_err_vs_torch_max": max(errs), "us_per_layer": best["us_per_layer"], "GBps": best["GBps"],
-            "best": best, "sweep": sweep}
+    out = {"rel_err_vs_torch_max": max(errs), "us_per_layer": best["us_per_layer"], "GBps": best["GBps"],
+           "best": best, "sweep": sweep}
+    try:  # the LAYER set's kernels (issue 15): reported, never fatal (its decoder row then fails on its own)
+        out["layer_kernels"] = layer_kernel_check(cfg, layers)
+    except Exception as e:
+        log(f"LAYER kernel sweep failed: {type(e).__name__}: {e}")
+    return out
+
+
+def _graph_time(run, layers: int, reps: int = 20) -> float:
+    """Seconds per call of run() (which makes `layers` calls) replayed in a CUDA graph."""
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    return statistics.median(sync_time(graph.replay) for _ in range(reps)) / layers
+
+
+def layer_kernel_check(cfg, layers: int = 8) -> dict:
+    """The LAYER set's kernels at the real shapes, each timed in a CUDA graph over `layers` weight sets (beyond
+    the L2): the GEMV block configs for q/k/v and o_proj (the fastest is used from here on; cuBLAS beside them),
+    the norm + router kernel against the Triton set's two router kernels + a norm, and the fused attention's
+    cache block against the Triton set's attention."""
+    import pandas as pd
+    import q3lab.kernels.triton_decode as dk
+    D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    E, A = cfg.num_experts, cfg.num_experts_per_tok
+    g = torch.Generator(device=DEV).manual_seed(3)
+    res: dict = {"gemv": []}
+    gemv_cfgs = [dict(block_n=bn, block_k=bk, num_warps=nw)
+                 for bn, bk, nw in ((1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 8), (2, 2048, 8),
+                                    (4, 2048, 8), (4, 512, 4), (8, 512, 4), (16, 256, 4), (1, 2048, 4), (2, 512, 2),
+                                    (8, 1024, 4), (4, 2048, 4), (2, 2048, 4))]
+    for N, Kd in (((H + 2 * K) * hd, D), (D, H * hd)):
+        ws = [(torch.randn(N, Kd, device=DEV, generator=g) * 0.02).bfloat16() for _ in range(layers)]
+        x = torch.randn(Kd, device=DEV, generator=g).bfloat16()
+        r = torch.randn(N, device=DEV, generator=g).bfloat16()
+        nbytes = N * Kd * 2
+        rows = []
+        t = _graph_time(lambda: [torch.nn.functional.linear(x, w) for w in ws], layers)
+        rows.append(dict(N=N, K=Kd, kernel="cuBLAS F.linear", us=t * 1e6, GBps=nbytes / t / GB))
+        for c in gemv_cfgs:
+            if Kd % c["block_k"]:
+                continue
+            try:
+                err = (dk.gemv_triton(x, ws[0], r, **c).float() - dk.gemv_torch(x, ws[0], r).float()).abs().max().item()
+                t = _graph_time(lambda c=c: [dk.gemv_triton(x, w, r, **c) for w in ws], layers)
+            except Exception as e:
+                log(f"  gemv config {c} failed: {type(e).__name__}: {e}")
+                continue
+            rows.append(dict(N=N, K=Kd, kernel="triton", **c, us=t * 1e6, GBps=nbytes / t / GB, max_err=err))
+        tri = sorted((r_ for r_ in rows if r_["kernel"] == "triton"), key=lambda r_: r_["us"])
+        if tri:
+            dk.GEMV_CONFIGS[(N, Kd)] = {k: int(tri[0][k]) for k in ("block_n", "block_k", "num_warps")}
+        log(pd.DataFrame(rows).sort_values("us").head(6).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        res["gemv"] += rows
+        del ws
+    res["gemv_configs"] = {f"{n}x{k}": c for (n, k), c in dk.GEMV_CONFIGS.items()}
+    log(f"GEMV configs in use: {res['gemv_configs']}")
+    # norm + router + softmax + top-k in one kernel vs rms_norm + the Triton set's two kernels
+    from q3lab.runtime.step import rms_norm
+    wrs = [(torch.randn(E, D, device=DEV, generator=g) * 0.02).bfloat16() for _ in range(layers)]
+    x = torch.randn(D, device=DEV, generator=g).bfloat16()
+    ln = torch.ones(D, device=DEV, dtype=torch.bfloat16)
+    rows = []
+    for be, nw, rk in ((2, 4, 1), (2, 4, 0), (1, 4, 1), (4, 4, 1), (8, 4, 1), (2, 2, 1), (2, 1, 1), (4, 2, 1),
+                       (1, 1, 1), (8, 8, 1)):
+        try:
+            t = _graph_time(lambda be=be, nw=nw, rk=rk: [dk.norm_route_triton(x, ln, 1e-6, w, A, True, block_e=be,
+                                                                               num_warps=nw, rank_topk=bool(rk))
+                                                         for w in wrs], layers)
+            rows.append(dict(kernel="norm_route", block_e=be, num_warps=nw, rank_topk=rk, us=t * 1e6))
+        except Exception as e:
+            log(f"  norm_route {be}/{nw}/{rk} failed: {type(e).__name__}: {e}")
+    best_nr = min((r_ for r_ in rows), key=lambda r_: r_["us"]) if rows else None
+    if best_nr:
+        dk.NORM_ROUTE_BLOCK_E = int(best_nr["block_e"])
+        dk.NORM_ROUTE_CONFIG.update(num_warps=int(best_nr["num_warps"]), rank_topk=int(best_nr["rank_topk"]))
+        (h1, l1, i1, w1) = dk.norm_route_triton(x, ln, 1e-6, wrs[0], A, True)
+        (h2, l2, i2, w2) = dk.norm_route_torch(x, ln, 1e-6, wrs[0], A, True)
+        res["norm_route_ids_equal"] = torch.equal(i1, i2)
+        res["norm_route_w_maxdiff"] = (w1.float() - w2.float()).abs().max().item()
+    t = _graph_time(lambda: [dk.route_triton(rms_norm(x, ln, 1e-6), w, A, True) for w in wrs], layers)
+    rows.append(dict(kernel="rms_norm + route_triton (2 Triton kernels)", us=t * 1e6))
+    log(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    res["norm_route"] = rows
+    # attention: q/k norms + rotary + KV write + attention in one kernel, over a cache of the bench's length
+    S = 129
+    qkv = torch.randn((H + 2 * K) * hd, device=DEV, generator=g).bfloat16()
+    qkn = torch.ones(H + K, hd, device=DEV, dtype=torch.bfloat16)
+    cos = torch.ones(hd, device=DEV, dtype=torch.bfloat16)
+    sin = torch.zeros(hd, device=DEV, dtype=torch.bfloat16)
+    kcs = [torch.randn(K, S, hd, device=DEV, generator=g).bfloat16() for _ in range(layers)]
+    vcs = [torch.randn(K, S, hd, device=DEV, generator=g).bfloat16() for _ in range(layers)]
+    slot = torch.tensor([100], device=DEV)
+    bias = torch.where(torch.arange(S, device=DEV) <= 100, 0.0, float("-inf")).bfloat16()
+    rows = []
+    for bs, nw, sp in ((32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (32, 2, 1), (32, 4, 2), (64, 4, 2),
+                       (32, 4, 4), (16, 4, 8), (16, 2, 8)):
+        try:
+            t = _graph_time(lambda bs=bs, nw=nw, sp=sp: [dk.qkv_attend_triton(qkv, qkn, cos, sin, kc, vc, slot, bias,
+                                                                               hd ** -0.5, 1e-6, H, K, block_s=bs,
+                                                                               num_warps=nw, split=sp)
+                                                         for kc, vc in zip(kcs, vcs)], layers)
+            rows.append(dict(kernel="qkv_attend", block_s=bs, num_warps=nw, split=sp, us=t * 1e6))
+        except Exception as e:
+            log(f"  qkv_attend {bs}/{nw}/{sp} failed: {type(e).__name__}: {e}")
+    att = [r_ for r_ in rows]
+    if att:
+        b_ = min(att, key=lambda r_: r_["us"])
+        dk.QKV_ATTN_CONFIG.update(block_s=int(b_["block_s"]), num_warps=int(b_["num_warps"]), split=int(b_["split"]))
+        for r_ in att:     # every timed config against the twin (the split ones merge partial softmax states)
+            a = dk.qkv_attend_triton(qkv, qkn, cos, sin, kcs[0].clone(), vcs[0].clone(), slot, bias, hd ** -0.5, 1e-6,
+                                     H, K, block_s=int(r_["block_s"]), num_warps=int(r_["num_warps"]),
+                                     split=int(r_["split"]))
+            b = dk.qkv_attend_torch(qkv, qkn, cos, sin, kcs[0].clone(), vcs[0].clone(), slot, bias, hd ** -0.5, 1e-6,
+                                    H, K)
+            r_["rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        a = dk.qkv_attend_triton(qkv, qkn, cos, sin, kcs[0].clone(), vcs[0].clone(), slot, bias, hd ** -0.5, 1e-6, H, K)
+        b = dk.qkv_attend_torch(qkv, qkn, cos, sin, kcs[0].clone(), vcs[0].clone(), slot, bias, hd ** -0.5, 1e-6, H, K)
+        res["qkv_attend_rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    q = qkv[:H * hd].view(H, hd)
+    t = _graph_time(lambda: [dk.decode_attention_triton(q, kc, vc, bias, hd ** -0.5) for kc, vc in zip(kcs, vcs)],
+                    layers)
+    rows.append(dict(kernel="decode_attention_triton (attention alone, Triton set)", us=t * 1e6))
+    log(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    res["qkv_attend"] = rows
+    res["qkv_attend_config"] = dict(dk.QKV_ATTN_CONFIG)
+    res["norm_route_config"] = dict(dk.NORM_ROUTE_CONFIG, block_e=dk.NORM_ROUTE_BLOCK_E)
+    log(f"norm_route block_e {dk.NORM_ROUTE_BLOCK_E} {dk.NORM_ROUTE_CONFIG}; qkv_attend config {dk.QKV_ATTN_CONFIG}; "
+        f"qkv_attend rel. error vs twin {res.get('qkv_attend_rel_err', float('nan')):.1e}; norm_route ids equal "
+        f"{res.get('norm_route_ids_equal')}")
+    return res
 
 
 def decode_bytes(cfg, dtype_bytes: int = 2) -> dict:
@@ -204,9 +341,21 @@ def main() -> None:
     ap.add_argument("--no-fused", dest="fused", action="store_false",
                     help="skip the fused-kernel decoder rows (q/k/v as one projection, Triton attention + top-k)")
     ap.add_argument("--profile", action="store_true", help="kernel-time table of 5 compiled decode steps")
-    ap.add_argument("--sweep", action="store_true", help="time 40 block/warp configs of the MoE kernels first")
+    ap.add_argument("--sweep", action="store_true", help="time 70 block/warp configs of the MoE kernels first")
+    ap.add_argument("--rows", default="decode,offload,prefill,batch,traced",
+                    help="comma list of row groups to run: decode (floor, transformers, eager, the StaticDecoder "
+                         "rows, recorded), offload, prefill, batch, traced")
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_decode.json")
     args = ap.parse_args()
+    groups = {g.strip() for g in args.rows.split(",") if g.strip()}
+    known = {"decode", "offload", "prefill", "batch", "traced"}
+    if groups - known:
+        sys.exit(f"--rows: unknown group(s) {sorted(groups - known)}; choose from {sorted(known)}")
+    if "offload" not in groups:
+        args.skip_offload = True
+    missing = groups - {"decode", "offload"}
+    if missing:
+        log(f"--rows: {sorted(missing)} are not in this version of the bench; skipped")
     global DEV, PIN
     DEV, PIN = args.device, args.device == "cuda"
     if DEV == "cuda" and not torch.cuda.is_available():
@@ -314,9 +463,18 @@ def main() -> None:
                              dict(compile=args.compile, fused=True, fused_router=False)))
             variants.append((f"{pre}fused attention/router + CUDA graph",
                              dict(compile=args.compile, fused=True, fused_router=True)))
-        best = dict(compile=False, fused=False)
+            if args.compile:   # the LAYER set leaves inductor only glue: is compiling still worth anything?
+                variants.append(("fused layer (no compile) + CUDA graph", dict(compile=False, fused="layer")))
+            variants.append((f"{pre}fused layer (GEMVs, norm/rope/KV/attention, norm/router/top-k) + CUDA graph",
+                             dict(compile=args.compile, fused="layer")))
+            # programmatic dependent launch: each kernel loads its weights while the previous one finishes
+            variants.append(("fused layer + PDL + CUDA graph", dict(compile=False, fused="layer", pdl=True)))
+        best, best_pdl = dict(compile=False, fused=False), False
+        import q3lab.kernels.triton_decode as dk
         for label, kw in variants:
             t = time.perf_counter()
+            kw = dict(kw)
+            dk.PDL = kw.pop("pdl", False)        # read at graph capture (the kernels' launches)
             try:
                 dec_v = StaticDecoder(ours, max_len, **kw)
                 with torch.inference_mode():
@@ -337,8 +495,10 @@ def main() -> None:
             log(rows[-1]); save()
             if args.profile:
                 _profile(dec_v, args.json.parent / f"profile_{len(rows)}.txt")
-            dec, best = dec_v, kw
+            dec, best, best_pdl = dec_v, kw, dk.PDL
             del dec_v
+        dk.PDL = best_pdl if variants else False
+        res["best_pdl"] = dk.PDL
         # recording on the fast path: routing written on the device into buffers inside the graph, handed to
         # q3lab.record once per generate (issue 14); the same generate timed with and without it
         import q3lab
@@ -358,9 +518,19 @@ def main() -> None:
             fe, fs = rec_eager.to_frame(), rec.to_frame()
             same = float((fe.expert.to_numpy() == fs.expert.to_numpy()).mean()) if len(fe) == len(fs) else float("nan")
             ratio = statistics.median(recorded) / statistics.median(plain)
+            # the captured step alone, recorded vs not (pipelined steps after a prefill, each mode captured once)
+            with q3lab.record(ours):
+                dec.generate(prompt, 2)
+                pipe_rec = _pipelined(dec, prompt, n - 1, reps)
+            dec.generate(prompt, 2)
+            pipe_plain = _pipelined(dec, prompt, n - 1, reps)
             rows.append(dict(system=f"q3lab StaticDecoder ({best}) under q3lab.record", tok_s=n / statistics.median(recorded),
-                             recorded_over_plain=ratio, rows=len(fs), experts_equal_to_eager_record=same))
+                             recorded_over_plain=ratio, rows=len(fs), experts_equal_to_eager_record=same,
+                             pipelined_ms=pipe_rec * 1e3, step_recorded_over_plain=pipe_rec / pipe_plain))
             res["recorded_over_plain"], res["record_rows_equal"] = ratio, len(fe) == len(fs)
+            res["recorded_step_over_plain"] = pipe_rec / pipe_plain
+            log(f"recorded: whole generate {ratio:.3f}x, captured step {pipe_rec * 1e3:.3f} vs "
+                f"{pipe_plain * 1e3:.3f} ms = {pipe_rec / pipe_plain:.3f}x")
             log(rows[-1]); save()
         except Exception as e:  # reported; the rest of the bench carries on
             log(f"recorded decode failed: {type(e).__name__}: {e}")

@@ -78,6 +78,9 @@ class StaticDecoder:
         copy of them, about 1 GB at the real size), attention over the cache, the router and the experts as Triton
         kernels where they apply (one sequence on CUDA; the torch set elsewhere).
     fused_router: with fused, also the router's GEMV and softmax in Triton (default: = fused; else only its top-k).
+        fused="layer": the `step.LAYER` set instead, with the layer's small steps fused further (q/k/v and o_proj
+        as Triton GEMVs, the o_proj one adding the residual; q/k norms + rotary + cache write + attention in one
+        kernel; the post-attention norm + router + softmax + top-k in one kernel).
     layer_experts: callable(layer) -> (gate [E, I, D], up [E, I, D], down [E, D, I]); default: the model's
         resident provider's stacked tensors.
     """
@@ -152,8 +155,14 @@ class StaticDecoder:
         self._recording = (ids or logits, logits)
 
     def _write_routing(self, layer: int, logits, ids, w) -> None:
-        """Routing of this step into the device buffers at step index n (no host value: graph-safe)."""
+        """Routing of this step into the device buffers at step index n (no host value: graph-safe). Inside
+        `_step` the layers' routing is collected and written once at the end of the step (`_flush_routing`)."""
         rec_ids, rec_logits = self._recording
+        pending = getattr(self, "_pending", None)
+        if pending is not None:
+            if rec_ids:
+                pending.append((logits, ids, w))
+            return
         if rec_ids:
             self.rec_ids.select(1, layer).index_copy_(0, self.n, ids.view(1, self.batch, -1))
             self.rec_w.select(1, layer).index_copy_(0, self.n, w.float().view(1, self.batch, -1))
@@ -185,9 +194,12 @@ class StaticDecoder:
         return self.kernels.moe(h, ids, w, gate, up, down, gather=True)
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x + y.sum(1).to(x.dtype).view(x.shape)
-        x = rms_norm(x, self.model.model.norm.weight, self.config.rms_norm_eps)
-        self.logits.copy_(F.linear(x, self.model.lm_head.weight).float().view(self.batch, -1))
+        if self.kernels.residual_norm is not None:       # the last experts' sum + residual + final norm, fused
+            _, x = self.kernels.residual_norm(x, y, self.model.model.norm.weight, self.config.rms_norm_eps)
+        else:
+            x = x + y.sum(1).to(x.dtype).view(x.shape)
+            x = rms_norm(x, self.model.model.norm.weight, self.config.rms_norm_eps)
+        self.logits.copy_(F.linear(x, self.model.lm_head.weight).view(self.batch, -1))   # copy_ casts to float32
         # the greedy choice stays on the device too, so `step()` alone decodes greedily (bench/gpu_decode.py);
         # generate feeds its own pick (sampling, eos) into `tok` before each step
         self.tok.copy_(self.logits.argmax(-1))
@@ -196,12 +208,31 @@ class StaticDecoder:
         self.slot.add_(1)
         self.n.add_(1)
 
+    def _flush_routing(self, pending: list) -> None:
+        """The step's routing of every layer into the recording buffers at step n: a stack and one index_copy
+        per buffer (3-4 kernels a step instead of 2-3 a layer, issue 15)."""
+        if not pending:
+            return
+        B, L = self.batch, len(pending)
+        ids = torch.stack([p[1].view(B, -1) for p in pending])                        # [L, B, A]
+        w = torch.stack([p[2].view(B, -1) for p in pending]).float()
+        self.rec_ids.index_copy_(0, self.n, ids.view(1, L, B, -1))
+        self.rec_w.index_copy_(0, self.n, w.view(1, L, B, -1))
+        if self._recording[1]:
+            logits = torch.stack([p[0].reshape(B, -1) for p in pending]).float()
+            self.rec_logits.index_copy_(0, self.n, logits.view(1, L, B, -1))
+
     def _step(self) -> None:
         x, rope, bias = self._embed()
         y = self.no_experts
-        for layer in range(self.config.num_hidden_layers):
-            x, h, idx, w = self._pre(layer, x, y, rope, bias)
-            y = self._moe(h, idx, w, *self.layer_experts(layer))
+        self._pending = []
+        try:
+            for layer in range(self.config.num_hidden_layers):
+                x, h, idx, w = self._pre(layer, x, y, rope, bias)
+                y = self._moe(h, idx, w, *self.layer_experts(layer))
+            self._flush_routing(self._pending)
+        finally:
+            self._pending = None
         self._finish(x, y)
 
     def _warm_and_capture(self, fns: dict) -> dict:

@@ -154,9 +154,19 @@ def attend_route(x: torch.Tensor, y_prev: torch.Tensor | None, w: LayerWeights, 
     """A layer up to its experts. x [B, T, D] the residual; y_prev the previous layer's weighted expert outputs
     [N, A, D] (added here, so that a compiled step fuses the sum into this layer's first kernels) or None.
     Returns (x + attention [B, T, D], the experts' input h [N, D], router logits [N, E], ids [N, A], weights)."""
-    if y_prev is not None:
-        x = x + y_prev.sum(1).to(x.dtype).view(x.shape)
-    x = x + attention(ks.norm(x, w.ln1, d.eps), w, d, rope, kv, ks)
+    if ks.residual_norm is not None:       # the kernel set adds the experts and norms in one go (fused)
+        x, h1 = ks.residual_norm(x, y_prev, w.ln1, d.eps)
+    else:
+        if y_prev is not None:
+            x = x + y_prev.sum(1).to(x.dtype).view(x.shape)
+        h1 = ks.norm(x, w.ln1, d.eps)
+    if ks.attend_residual is not None:     # the kernel set computes x + attention(...) itself (fused)
+        x = ks.attend_residual(x, h1, w, d, rope, kv)
+    else:
+        x = x + attention(h1, w, d, rope, kv, ks)
+    if ks.norm_route is not None:          # the kernel set norms and routes in one go (fused)
+        h, logits, ids, wts = ks.norm_route(x, w, d)
+        return x, h, logits, ids, wts
     h = ks.norm(x, w.ln2, d.eps).view(-1, x.shape[-1])
     logits, ids, wts = ks.route(h, w.router, d.A, d.renorm)
     return x, h, logits, ids, wts
@@ -296,9 +306,52 @@ def moe_triton(h, ids, w, gate, up, down, *, gather: bool | None = None):
     reading the chosen experts in place (ids stay on the device)."""
     from q3lab.kernels.triton_moe import TRITON_CONFIG, moe_one_token_triton, triton_available
     if isinstance(gate, torch.Tensor) and triton_available(h.device) and h.shape[-1] % TRITON_CONFIG["block_d"] == 0:
-        return torch.stack([moe_one_token_triton(h[n], ids[n], w[n], gate, up, down, partials=True,
-                                                 **TRITON_CONFIG) for n in range(h.shape[0])])
+        ys = [moe_one_token_triton(h[n], ids[n], w[n], gate, up, down, partials=True, **TRITON_CONFIG)
+              for n in range(h.shape[0])]
+        return ys[0][None] if len(ys) == 1 else torch.stack(ys)    # one token: a view, not a copy kernel
     return moe_torch(h, ids, w, gate, up, down, gather=gather)
+
+
+@torch.compiler.disable   # Triton launches stay outside a compiled graph
+def attend_residual_triton(x, h, w, d, rope, kv):
+    """x + attention(h) of one token over a fixed-shape cache with a device-side slot, in three kernels of
+    `q3lab.kernels.triton_decode`: the q/k/v GEMV, `qkv_attend` (q/k norms, rotary, the cache write and attention in one
+    kernel), the o_proj GEMV with the residual added. Anything else: `x + attention(..., TRITON)`."""
+    from q3lab.kernels.triton_decode import gemv, qkv_attend
+    B, T, _ = h.shape
+    if (B == 1 and T == 1 and w.qkv is not None and kv is not None and kv.k is not None
+            and not isinstance(kv.at, int) and rope.sin is not None and kv.mask is not None
+            and kv.mask.is_floating_point() and _triton_ok(h)):
+        y = qkv_attend(gemv(h.view(-1), w.qkv), w.qk_norm, rope.cos.reshape(-1), rope.sin.reshape(-1), kv.k[0],
+                       kv.v[0], kv.at, kv.mask.reshape(-1), d.hd ** -0.5, d.eps, d.H, d.K)
+        return gemv(y.view(-1), w.wo, x.reshape(-1)).view(x.shape)
+    return x + attention(h, w, d, rope, kv, TRITON)
+
+
+@torch.compiler.disable   # Triton launches stay outside a compiled graph
+def residual_norm_triton(x, y_prev, ln, eps):
+    """x + the previous layer's expert sum, and its input norm, for one token in one kernel
+    (`decode_kernels.residual_norm`): (x [1, 1, D], h [1, 1, D]); anything else: the composed torch ops."""
+    from q3lab.kernels.triton_decode import residual_norm
+    if x.numel() == x.shape[-1] and _triton_ok(x) and (y_prev is None or y_prev.shape[0] == 1):
+        xo, h = residual_norm(x.reshape(-1), None if y_prev is None else y_prev[0], ln, eps)
+        return xo.view(x.shape), h.view(x.shape)
+    if y_prev is not None:
+        x = x + y_prev.sum(1).to(x.dtype).view(x.shape)
+    return x, rms_norm(x, ln, eps)
+
+
+@torch.compiler.disable   # Triton launches stay outside a compiled graph
+def norm_route_triton(x, w, d):
+    """The post-attention norm and the router of one token in one kernel (`decode_kernels.norm_route`):
+    (h [1, D], logits [1, E], ids [1, A], weights [1, A]); anything else: `rms_norm` + `route_triton`."""
+    from q3lab.kernels.triton_decode import norm_route
+    if x.numel() == x.shape[-1] and _triton_ok(x):
+        h, logits, ids, wts = norm_route(x.reshape(-1), w.ln2, d.eps, w.router, d.A, d.renorm)
+        return h[None], logits[None], ids[None], wts[None]
+    h = rms_norm(x, w.ln2, d.eps).view(-1, x.shape[-1])
+    logits, ids, wts = route_triton(h, w.router, d.A, d.renorm)
+    return h, logits, ids, wts
 
 
 @dataclass(frozen=True)
@@ -307,7 +360,10 @@ class Kernels:
     moe(h, ids, w, gate, up, down) -> weighted outputs [N, A, D] float32 (or [N, 1, D], already summed over A;
     `expert_sum` takes either), and linear(x, w) for the attention projections, norm(x, weight, eps) and
     rotate(x, rope) (signatures as the torch functions, which are the defaults); project(h, w, d, rope, kv), when
-    set, is `qkv` + `kv_write` in one kernel: (q, k, v) as they would return, or None where it does not apply."""
+    set, is `qkv` + `kv_write` in one kernel: (q, k, v) as they would return, or None where it does not apply.
+    Optional, for sets that fuse across those boundaries (None: the step composes the functions above):
+    attend_residual(x, h, w, d, rope, kv) -> x + attention(h), norm_route(x, w, d) -> (h, logits, ids, weights)
+    and residual_norm(x, y_prev, ln1, eps) -> (x + the previous experts' sum, rms_norm of it)."""
     name: str
     attend: Callable
     route: Callable
@@ -316,6 +372,9 @@ class Kernels:
     norm: Callable = rms_norm
     rotate: Callable = rotate
     project: Callable | None = None
+    attend_residual: Callable | None = None
+    norm_route: Callable | None = None
+    residual_norm: Callable | None = None
 
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
@@ -324,6 +383,11 @@ TRITON = Kernels("triton", attend_triton, route_triton, moe_triton)
 # CUDA (a gathered copy of 8 experts per layer costs more than the rest of the step: 58% of its kernel time on
 # an H200); off CUDA moe_triton is moe_torch, so this set is TORCH there
 DECODE = Kernels("torch+triton-moe", attend_torch, route_torch, moe_triton)
+# the Triton set with the layer's small steps fused across the set's boundaries (issue 15): per layer the previous
+# experts' sum + residual + input norm, a q/k/v GEMV, one kernel for norms + rotary + cache write + attention,
+# o_proj GEMV + residual, norm + router + top-k, the two expert kernels: 7 kernels
+LAYER = Kernels("triton-layer", attend_triton, route_triton, moe_triton, attend_residual=attend_residual_triton,
+                norm_route=norm_route_triton, residual_norm=residual_norm_triton)
 
 
 # -- the CPU set: one-row products and one-token experts in q3lab.kernels.cpu (C, AVX-512 BF16 where present) ----
@@ -467,10 +531,15 @@ def kernels_for(device: torch.device, dtype: torch.dtype, hidden: int) -> Kernel
     return CPU if _CPU_STATE[0] else TORCH
 
 
-def kernels(fused: bool = False, fused_router: bool = True) -> Kernels:
+def kernels(fused: bool | str = False, fused_router: bool = True) -> Kernels:
     """The decoders' kernel set: DECODE, or the Triton set (fused attention, experts and, with fused_router, the
-    router's GEMV + softmax + top-k; without it only the top-k). The Triton set falls back to TORCH's functions
-    where Triton cannot run."""
+    router's GEMV + softmax + top-k; without it only the top-k), or with fused="layer" the LAYER set. The Triton
+    sets fall back to TORCH's functions where Triton cannot run."""
     if not fused:
         return DECODE
+    if fused == "layer":
+        return LAYER
+    if fused is not True:
+        from q3lab.errors import InputError
+        raise InputError(f"fused must be False, True or 'layer', got {fused!r}")
     return TRITON if fused_router else Kernels("triton-topk", attend_triton, route_triton_topk, moe_triton)
