@@ -14,6 +14,8 @@ A kernel set (`Kernels`) is the three places where a backend computes differentl
 (`attend`), the router's logits + float32 softmax + top-k + renormalisation (`route`), and the weighted experts
 (`moe`). `TORCH` is the reference and what runs off CUDA; `TRITON` runs the fused kernels of
 `q3lab.decode_kernels` / `q3lab.moe_kernels` where their shapes allow (one token, CUDA) and TORCH elsewhere.
+Many tokens on CUDA in bf16 (prefill, batched decode) run the experts as grouped GEMMs
+(`q3lab.grouped_moe`), in either set.
 """
 from __future__ import annotations
 
@@ -189,6 +191,11 @@ def moe_torch(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None
     if gather is None:
         numel = (gate.shape[1] * gate.shape[2]) if fetch is None else fetch.numel
         gather = (N * A * 3 * numel <= GATHER_MAX_ELEMENTS) or (ids.is_cuda and N <= 8)
+        if not gather and fetch is None and ids.is_cuda and _grouped_ok(gate):
+            # many tokens on CUDA (prefill): three grouped GEMMs, ids on the device, instead of a host loop over
+            # experts (same layout and rounding; q3lab.grouped_moe)
+            from q3lab.grouped_moe import moe_grouped
+            return moe_grouped(h, ids, w, gate, up, down)
     if gather:
         flat = ids.reshape(-1)
         if fetch is None:                                          # on the device: no host sync
@@ -240,6 +247,11 @@ def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                                           scale=q.shape[-1] ** -0.5, enable_gqa=True)
 
 
+def _grouped_ok(gate: torch.Tensor) -> bool:
+    from q3lab.grouped_moe import grouped_ok
+    return grouped_ok(gate)
+
+
 def _triton_ok(t: torch.Tensor) -> bool:
     from .decode_kernels import fused_available
     return fused_available(t)
@@ -279,9 +291,15 @@ def route_triton_topk(h, w_router, A, renorm):
 
 @torch.compiler.disable   # Triton launches stay outside a compiled graph
 def moe_triton(h, ids, w, gate, up, down, *, gather: bool | None = None):
-    """`moe_torch` with stacked slabs on CUDA: the two fused kernels of `moe_kernels.moe_one_token` per token,
-    reading the chosen experts in place (ids stay on the device)."""
+    """`moe_torch` with stacked slabs on CUDA: for several tokens in bf16 the grouped GEMMs of
+    `q3lab.grouped_moe.moe_grouped`, else the two fused kernels of `moe_kernels.moe_one_token` per token, reading
+    the chosen experts in place (ids stay on the device either way)."""
     from .moe_kernels import TRITON_CONFIG, moe_one_token_triton, triton_available
+    if isinstance(gate, torch.Tensor) and h.shape[0] > 1 and h.is_cuda and _grouped_ok(gate):
+        # several tokens (batched decode, prefill): grouped GEMMs read each touched expert once, where the
+        # per-token kernels below would read it once per token (q3lab.grouped_moe)
+        from q3lab.grouped_moe import moe_grouped
+        return moe_grouped(h, ids, w, gate, up, down)
     if isinstance(gate, torch.Tensor) and triton_available(h.device) and h.shape[-1] % TRITON_CONFIG["block_d"] == 0:
         return torch.stack([moe_one_token_triton(h[n], ids[n], w[n], gate, up, down, partials=True,
                                                  **TRITON_CONFIG) for n in range(h.shape[0])])
