@@ -205,6 +205,9 @@ def main() -> None:
                     help="skip the fused-kernel decoder rows (q/k/v as one projection, Triton attention + top-k)")
     ap.add_argument("--profile", action="store_true", help="kernel-time table of 5 compiled decode steps")
     ap.add_argument("--sweep", action="store_true", help="time 40 block/warp configs of the MoE kernels first")
+    ap.add_argument("--rows", default="decode,offload,prefill,batch,traced",
+                    help="row groups to run, comma-separated (offload needs decode): decode,offload,prefill,batch,"
+                         "traced (the last three: bench/gpu_rows_prefill.py)")
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_decode.json")
     args = ap.parse_args()
     global DEV, PIN
@@ -285,6 +288,13 @@ def main() -> None:
     if want_hf is not None:
         res["eager_vs_hf_tokens_equal"] = agree(want_eager, want_hf)
     save()
+    from bench.gpu_rows_prefill import GROUPS, run as run_rows       # issue 15 goals 3-5
+    groups = args.rows.split(",")
+    run_rows([g for g in GROUPS if g in groups], hf, ours, cfg, res, rows, save, prompt=args.prompt, small=small)
+    if "decode" not in groups:
+        save()
+        _table(rows)
+        return
 
     # -- timing, everything resident -------------------------------------------------------------
     with torch.inference_mode():
@@ -370,7 +380,7 @@ def main() -> None:
         kv_slots = args.prompt + args.offload_tokens - 1        # the last new token is never fed back
         resident_k = dec.cache.k[:, :, :, :kv_slots].clone()
 
-    if args.skip_offload:
+    if args.skip_offload or "offload" not in args.rows.split(","):
         save()
         _table(rows)
         return
