@@ -58,6 +58,18 @@ def grouped_ok(gate: torch.Tensor) -> bool:
             and (gate.shape[2] * size) % 16 == 0)
 
 
+def fused_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """The [E, 2I, D] tensor whose halves gate and up [E, I, D] are (transformers' gate_up_proj sliced), else
+    None: then gate and up are two separate GEMMs."""
+    E, I, D = gate.shape
+    size = gate.element_size()
+    if (up.shape == gate.shape and up.dtype == gate.dtype and up.stride() == gate.stride()
+            and gate.stride() == (2 * I * D, D, 1)
+            and up.data_ptr() == gate.data_ptr() + I * D * size):
+        return gate.as_strided((E, 2 * I, D), (2 * I * D, D, 1))
+    return None
+
+
 def group_by_expert(ids: torch.Tensor, w: torch.Tensor, E: int):
     """The grouped layout of routing ids/w [N, A]: (order [M] the flat (token, ascending-expert slot) index of each
     sorted row, w_sorted [M] the routing weights in that order, offs [E] int32 cumulative row ends per expert).
@@ -98,8 +110,12 @@ def moe_grouped(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch
     order, w_sorted, offs = group_by_expert(ids, w, gate.shape[0])
     dt = gate.dtype
     x = h.to(dt).index_select(0, order // A)                                        # [M, D]
-    a = mm(x, gate.transpose(-2, -1), offs=offs)                                    # [M, I]
-    b = mm(x, up.transpose(-2, -1), offs=offs)
+    fused = fused_gate_up(gate, up)
+    if fused is not None:       # transformers' layout: one GEMM over [E, 2I, D], each group's rows contiguous
+        a, b = mm(x, fused.transpose(-2, -1), offs=offs).split(gate.shape[1], dim=-1)   # [M, I] each
+    else:
+        a = mm(x, gate.transpose(-2, -1), offs=offs)                                # [M, I]
+        b = mm(x, up.transpose(-2, -1), offs=offs)
     y = mm(F.silu(a) * b, down.transpose(-2, -1), offs=offs)                        # [M, D]
     return _finish(y, w_sorted, order, N, A)
 

@@ -62,6 +62,20 @@ def test_grouped_twin_and_hand_computation_fp32():
         torch.testing.assert_close(gm.moe_grouped(*args), twin, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_gate_up_layout():
+    h, ids, w, _, _, down = _experts(E=5, I=8, D=16, N=9, A=2, seed=6)
+    gate_up = torch.randn(5, 16, 16, generator=torch.Generator().manual_seed(1))
+    gate, up = gate_up[:, :8], gate_up[:, 8:]
+    assert gm.fused_gate_up(gate, up).data_ptr() == gate_up.data_ptr()
+    assert torch.equal(gm.fused_gate_up(gate, up), gate_up)
+    assert gm.fused_gate_up(gate.contiguous(), up.contiguous()) is None
+    assert gm.fused_gate_up(up, gate) is None
+    want = _by_hand(h, ids, w, gate, up, down)
+    torch.testing.assert_close(gm.moe_grouped_torch(h, ids, w, gate, up, down).double(), want, rtol=1e-5, atol=1e-5)
+    if gm.grouped_mm_available(torch.float32, "cpu"):
+        torch.testing.assert_close(gm.moe_grouped(h, ids, w, gate, up, down).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_bf16_rounding_matches_twin():
     if not gm.grouped_mm_available(torch.bfloat16, "cpu"):
         pytest.skip("this torch has no CPU grouped GEMM for bf16")
