@@ -62,6 +62,27 @@ def _guard(label: str, res: dict, fn) -> None:
             torch.cuda.empty_cache()
 
 
+def profile_to(path, fn, repeats: int = 1) -> None:
+    """Kernel-time table (top 25 by device time) of `repeats` calls of fn, written to `path` and its summary
+    printed: where the time of a row goes (kernels vs gaps)."""
+    if path is None or not torch.cuda.is_available():
+        return
+    from torch.profiler import ProfilerActivity, profile
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    table = ka.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    cuda = [e for e in ka if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in cuda) / repeats
+    count = sum(e.count for e in cuda) / repeats
+    log(f"profile {path.name}: {count:.0f} kernels, {total / 1e3:.2f} ms of kernel time per call")
+    log("\n".join(table.splitlines()[:14]))
+
+
 def matmul_rate(device: str = "cuda", n: int = 8192, repeats: int = 10) -> float:
     """bf16 FLOP/s of one large square torch.matmul (n^3 multiply-adds)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -91,7 +112,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- prefill -----------------------------------------------------------------------------------------------------
 def prefill_rows(hf, ours, cfg, res: dict, rows: list, save, *, lengths=(512, 4096), repeats: int = 3,
-                 seed: int = 0) -> None:
+                 seed: int = 0, profile_dir=None) -> None:
     """Goal 3: one sequence of each length, q3lab forward vs transformers' forward, against a compute floor."""
     from q3lab.reference import text_model
     dev = ours.device
@@ -123,6 +144,9 @@ def prefill_rows(hf, ours, cfg, res: dict, rows: list, save, *, lengths=(512, 40
                 last_rel = _rel(ours(ids, last_only=True)[0, -1], hf_prefill(ids)[0, -1])
                 t_hf = _time(lambda: hf_prefill(ids), repeats)
                 t_q = _time(lambda: ours(ids, last_only=True), repeats)
+                if profile_dir is not None and T == lengths[-1]:
+                    profile_to(profile_dir / f"profile_prefill{T}_q3lab.txt", lambda: ours(ids, last_only=True))
+                    profile_to(profile_dir / f"profile_prefill{T}_transformers.txt", lambda: hf_prefill(ids))
             fl = prefill_flops(cfg, T)
             floor = fl["total"] / rate
             for system, t in ((f"transformers forward ({res.get('experts_implementation', '?')})", t_hf),
@@ -144,7 +168,7 @@ def _dense_bytes(cfg, dtype_bytes: int = 2) -> float:
 
 def batch_rows(hf, ours, cfg, res: dict, rows: list, save, *, batches=(1, 4, 16, 64), prompt: int = 32,
                new_tokens: int = 16, repeats: int = 2, bandwidth: float | None = None, compile: bool = True,
-               fused: bool = True, seed: int = 0) -> None:
+               fused: bool = True, seed: int = 0, profile_dir=None) -> None:
     """Goal 4: tokens/s of q3lab StaticDecoder at batch B vs transformers generate at B; step vs a bytes floor."""
     import q3lab
     from q3lab.fastdecode import StaticDecoder
@@ -192,6 +216,9 @@ def batch_rows(hf, ours, cfg, res: dict, rows: list, save, *, batches=(1, 4, 16,
                     _sync()
                     pipe.append((time.perf_counter() - t0) / (n - 1))
                 step_s = statistics.median(pipe)
+                if profile_dir is not None and B == batches[-1]:
+                    dec.prefill(ids)
+                    profile_to(profile_dir / f"profile_batch{B}_step.txt", dec.step, repeats=3)
             kv = B * L * 2 * cfg.num_key_value_heads * cfg.head_dim * (prompt + n / 2) * 2
             need = _dense_bytes(cfg) + distinct.mean().item() * L * expert_bytes + kv
             floor = need / bw
@@ -267,14 +294,16 @@ GROUPS = ("prefill", "batch", "traced")
 
 
 def run(groups, hf, ours, cfg, res: dict, rows: list, save, *, prompt: int = 32, new_tokens: int = 16,
-        repeats: int = 3, small: bool = False) -> None:
+        repeats: int = 3, small: bool = False, profile_dir=None) -> None:
     """The rows of `groups` (a subset of GROUPS) in order, each group robust to the failure of one row. small: a
-    CPU smoke test of this code (short sequences, no torch.compile)."""
+    CPU smoke test of this code (short sequences, no torch.compile). profile_dir: kernel tables of the longest
+    prefill and the largest batch's step go there (CUDA only)."""
     if "prefill" in groups:
-        prefill_rows(hf, ours, cfg, res, rows, save, repeats=repeats, lengths=(32, 64) if small else (512, 4096))
+        prefill_rows(hf, ours, cfg, res, rows, save, repeats=repeats, lengths=(32, 64) if small else (512, 4096),
+                     profile_dir=profile_dir)
     if "batch" in groups:
         batch_rows(hf, ours, cfg, res, rows, save, prompt=prompt, new_tokens=new_tokens, repeats=min(repeats, 2),
-                   batches=(1, 4) if small else (1, 4, 16, 64), compile=not small)
+                   batches=(1, 4) if small else (1, 4, 16, 64), compile=not small, profile_dir=profile_dir)
     if "traced" in groups:
         traced_rows(hf, ours, cfg, res, rows, save, repeats=min(repeats, 2), B=4 if small else 64,
                     T=32 if small else 512)

@@ -42,7 +42,7 @@ step "GPU tests"
 timeout 100 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
 
 step "gpu_decode.py --rows prefill,batch,traced"
-timeout 220 $PY bench/gpu_decode.py --rows prefill,batch,traced --new-tokens 16 \
+timeout 220 $PY bench/gpu_decode.py --rows prefill,batch,traced --new-tokens 16 --profile \
     --json "$OUT/gpu_decode_prefill.json" 2>&1 | tee "$OUT/gpu_decode_prefill_log.txt" | grep -v "^ *warnings.warn"
 
 step "trace_throughput.py trace --synthetic full --device cuda"
