@@ -196,6 +196,13 @@ class Experts(nn.Module):
         def fetch(s: int):
             return p.weights(layer, used[s])
         fetch.numel = self.expert_numel // 3
+        if h.is_cuda and h.shape[0] > 8:
+            # many tokens on CUDA (a prefill): the served experts stacked, so that moe_torch runs the grouped GEMMs
+            # of resident experts on the same rows (an offloaded prefill then matches a resident one)
+            served = [torch.stack(t) for t in zip(*(fetch(s) for s in range(len(used))))]
+            if step._grouped_ok(served[0]):
+                return step.expert_sum(step.moe_torch(h, slots, w, *served), h.dtype)
+            fetch = step._served(served, fetch.numel)
         return step.expert_sum(step.moe_torch(h, slots, w, fetch), h.dtype)
 
 

@@ -247,6 +247,14 @@ def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                                           scale=q.shape[-1] ** -0.5, enable_gqa=True)
 
 
+def _served(stacked: list, numel: int) -> Callable:
+    """A provider's fetch over experts already served and stacked (gate, up, down [U, ...]): each asked once."""
+    def fetch(s: int):
+        return stacked[0][s], stacked[1][s], stacked[2][s]
+    fetch.numel = numel
+    return fetch
+
+
 def _grouped_ok(gate: torch.Tensor) -> bool:
     from q3lab.grouped_moe import grouped_ok
     return grouped_ok(gate)

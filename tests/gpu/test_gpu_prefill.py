@@ -136,3 +136,18 @@ def test_batched_decode_fp32_on_cuda_equals_generate(ckpt):
     want = model.generate(ids, 10, attention_mask=mask)
     got = StaticDecoder(model, 32, batch=3, cuda_graph=True).generate(ids, 10, attention_mask=mask)
     assert got.tolist() == want.tolist()
+
+
+def test_offloaded_prefill_matches_resident_on_cuda(ckpt):
+    """bf16, 2 x 40 tokens: experts served by a DeviceExpertCache (stacked per call, grouped GEMMs) give the
+    resident model's logits (the same GEMMs on the same rows; a wrong slot mapping would be far off)."""
+    from q3lab.fastdecode import DeviceExpertCache
+    model = q3lab.load(ckpt, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(11)).cuda()
+    want = model(ids)
+    p = model.experts_provider
+    host = [t.cpu().pin_memory() for t in (p.gate, p.up, p.down)]
+    model.set_experts(DeviceExpertCache(*host, capacity=80, device="cuda"))
+    got = model(ids)
+    assert _rel(got, want) < 1e-3
+    assert (got.argmax(-1) == want.argmax(-1)).all()
