@@ -291,7 +291,7 @@ def main() -> None:
     from bench.gpu_rows_prefill import GROUPS, run as run_rows       # issue 15 goals 3-5
     groups = args.rows.split(",")
     run_rows([g for g in GROUPS if g in groups], hf, ours, cfg, res, rows, save, prompt=args.prompt, small=small,
-             profile_dir=args.json.parent if args.profile else None)
+             profile_dir=Path(os.environ.get("Q3LAB_PROFILE_DIR", args.json.parent)) if args.profile else None)
     if "decode" not in groups:
         save()
         _table(rows)

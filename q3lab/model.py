@@ -185,7 +185,7 @@ class Experts(nn.Module):
         p, layer = self.provider, self.layer_idx
         stacked = stacked_experts(p, layer)
         if stacked is not None:                # stacked [E, ...] per layer: the ids index them on the device
-            return step.expert_sum(step.moe_torch(h, idx, w, *stacked), h.dtype)
+            return step.moe_sum(h, idx, w, *stacked)
         # any other provider: prepare() with the call's experts, then each asked for once, in ascending id
         flat = idx.reshape(-1).tolist()
         used = sorted(set(flat))
@@ -201,7 +201,7 @@ class Experts(nn.Module):
             # of resident experts on the same rows (an offloaded prefill then matches a resident one)
             served = [torch.stack(t) for t in zip(*(fetch(s) for s in range(len(used))))]
             if step._grouped_ok(served[0]):
-                return step.expert_sum(step.moe_torch(h, slots, w, *served), h.dtype)
+                return step.moe_sum(h, slots, w, *served)
             fetch = step._served(served, fetch.numel)
         return step.expert_sum(step.moe_torch(h, slots, w, fetch), h.dtype)
 
@@ -215,7 +215,7 @@ class Experts(nn.Module):
         gate, up, down = stacked
 
         def experts(h, idx, w):
-            return step.expert_sum(step.moe_torch(h, idx, w, gate, up, down), h.dtype)
+            return step.moe_sum(h, idx, w, gate, up, down)
         return experts
 
 

@@ -164,6 +164,17 @@ def layer(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, 
     return x + experts(h, ids, wts).view(x.shape)
 
 
+def moe_sum(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
+    """Each token's weighted expert sum [N, D] in h's dtype over stacked experts: `expert_sum(moe_torch(...))`,
+    except many tokens on CUDA in bf16 (a prefill), where the grouped GEMMs are summed by one batched product
+    without float32 partials (`q3lab.grouped_moe.moe_grouped_sum`)."""
+    if h.is_cuda and h.shape[0] > 8 and _grouped_ok(gate):
+        from q3lab.grouped_moe import moe_grouped_sum
+        return moe_grouped_sum(h, ids, w, gate, up, down)
+    return expert_sum(moe_torch(h, ids, w, gate, up, down), h.dtype)
+
+
 def expert_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Each token's weighted expert outputs [N, A, D] (float32) summed, rounded once to `dtype`: [N, D]."""
     return partials.sum(1).to(dtype)

@@ -60,6 +60,9 @@ def test_grouped_twin_and_hand_computation_fp32():
     torch.testing.assert_close(step.moe_torch(*args, gather=False), twin, rtol=1e-6, atol=1e-6)
     if gm.grouped_mm_available(torch.float32, "cpu"):
         torch.testing.assert_close(gm.moe_grouped(*args), twin, rtol=1e-5, atol=1e-5)
+        # the summed form (a prefill's): the twin's partials summed over A
+        torch.testing.assert_close(gm.moe_grouped_sum(*args), twin.sum(1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(step.moe_sum(*args), step.expert_sum(step.moe_torch(*args), torch.float32))   # off CUDA
 
 
 def test_fused_gate_up_layout():

@@ -58,6 +58,9 @@ def test_grouped_gemm_matches_twin_on_fused_layout(N):
         torch.testing.assert_close(step.moe_triton(h, ids, w, gate, up, down, gather=True), got, rtol=1e-5, atol=1e-6)
     if N > 8:
         torch.testing.assert_close(step.moe_torch(h, ids, w, gate, up, down), got, rtol=1e-5, atol=1e-6)
+        summed = step.moe_sum(h, ids, w, gate, up, down)             # the prefill's form: [N, D] bf16
+        assert summed.shape == (N, D) and summed.dtype == torch.bfloat16
+        assert _rel(summed, twin.sum(1)) < 1e-2
 
 
 def test_grouped_gemm_in_a_cuda_graph():
