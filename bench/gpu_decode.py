@@ -344,7 +344,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time 70 block/warp configs of the MoE kernels first")
     ap.add_argument("--rows", default="decode,offload,prefill,batch,traced",
                     help="comma list of row groups to run: decode (floor, transformers, eager, the StaticDecoder "
-                         "rows, recorded), offload, prefill, batch, traced")
+                         "rows, recorded), offload (needs decode), prefill, batch, traced (the last three: bench/gpu_rows_prefill.py)")
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_decode.json")
     args = ap.parse_args()
     groups = {g.strip() for g in args.rows.split(",") if g.strip()}
@@ -353,9 +353,6 @@ def main() -> None:
         sys.exit(f"--rows: unknown group(s) {sorted(groups - known)}; choose from {sorted(known)}")
     if "offload" not in groups:
         args.skip_offload = True
-    missing = groups - {"decode", "offload"}
-    if missing:
-        log(f"--rows: {sorted(missing)} are not in this version of the bench; skipped")
     global DEV, PIN
     DEV, PIN = args.device, args.device == "cuda"
     if DEV == "cuda" and not torch.cuda.is_available():
@@ -434,6 +431,13 @@ def main() -> None:
     if want_hf is not None:
         res["eager_vs_hf_tokens_equal"] = agree(want_eager, want_hf)
     save()
+    from bench.gpu_rows_prefill import GROUPS, run as run_rows       # issue 15 goals 3-5
+    run_rows([g for g in GROUPS if g in groups], hf, ours, cfg, res, rows, save, prompt=args.prompt, small=small,
+             profile_dir=Path(os.environ.get("Q3LAB_PROFILE_DIR", args.json.parent)) if args.profile else None)
+    if "decode" not in groups:
+        save()
+        _table(rows)
+        return
 
     # -- timing, everything resident -------------------------------------------------------------
     with torch.inference_mode():
@@ -540,7 +544,7 @@ def main() -> None:
         kv_slots = args.prompt + args.offload_tokens - 1        # the last new token is never fed back
         resident_k = dec.cache.k[:, :, :, :kv_slots].clone()
 
-    if args.skip_offload:
+    if args.skip_offload or "offload" not in args.rows.split(","):
         save()
         _table(rows)
         return

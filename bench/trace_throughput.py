@@ -8,8 +8,11 @@ trace: `q3lab trace`'s loop end to end (tokenise, batched windows through `q3lab
 parts written atomically) against transformers' thinker text model (`q3lab.oracle.load_reference`, same
 weights) run on the same batches and windows with `output_router_logits=True`, its top-k taken and
 renormalised and copied to host (what a trace needs from it; nothing written). Repeats run interleaved; medians.
-For the real dimensions on a GPU, point --checkpoint at a `q3lab synth --preset full` folder with --device cuda
---dtype bf16.
+For the real dimensions on a GPU without a checkpoint on disk: --synthetic full --device cuda (random bf16 weights
+made on the GPU, shared by both models as in bench/gpu_decode.py; a corpus of random token ids), e.g.
+
+    python bench/trace_throughput.py trace --synthetic full --device cuda --tokens 32768 --batch-size 16 \
+        --window 512 --keep $OUT/atlas --json $OUT/trace_throughput.json
 
 analysis: writes (once; resumable) a synthetic dataset with the real thinker's routing shape (48 layers, top-8
 of 128) of --tokens tokens, then runs `q3lab.atlas.queries.atlas()` on it in a fresh process and reports the
@@ -52,6 +55,48 @@ def _append(title: str, command: str, table: str, notes: list[str]) -> None:
     print(text)
 
 
+class IdsTokenizer:
+    """A corpus whose texts are space-separated token ids (the synthetic mode: no tokenizer files needed)."""
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+
+def synthetic_models(preset: str, layers: int | None, device: str, seed: int):
+    """(q3lab Thinker, reference with .text_model) on ONE set of random bf16 weights made on `device` at the
+    dimensions of a synth preset ("full": the real thinker), as bench/gpu_decode.py builds them."""
+    import torch
+
+    from q3lab.oracle import ReferenceThinker, build_reference_generator, text_model, thinker_sharing_weights
+    from q3lab.weights.synthetic import preset_config
+    cfg = preset_config(preset, layers=layers)
+    hf = build_reference_generator(cfg, dtype=torch.bfloat16, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, prm in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                prm.fill_(1.0)
+            else:
+                prm.normal_(0.0, 0.02, generator=g)
+    return thinker_sharing_weights(hf, cfg), ReferenceThinker(text_model(hf), hf.lm_head)
+
+
+def synthetic_corpus(path: Path, vocab: int, tokens: int, window: int, seed: int) -> Path:
+    """A JSONL corpus of random token ids (as text) totalling `tokens`, documents of 0.25 to 2.5 windows (so that
+    windows overlap and batches are padded, as in a real corpus)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    left, n = tokens, 0
+    with open(path, "w") as f:
+        while left > 0:
+            k = min(left, int(rng.integers(window // 4, 5 * window // 2)))
+            ids = rng.integers(0, vocab - 16, k)
+            f.write(json.dumps({"id": f"d{n}", "text": " ".join(map(str, ids.tolist()))}) + "\n")
+            left, n = left - k, n + 1
+    return path
+
+
 def bench_trace(args) -> None:
     import pandas as pd
     import torch
@@ -60,9 +105,16 @@ def bench_trace(args) -> None:
     from q3lab.atlas.tracing import _encode_corpus, trace_corpus, windows
     from q3lab.oracle import load_reference
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = q3lab.load(args.checkpoint, device=args.device, dtype=dtype)
-    tok = q3lab.load_tokenizer(model.source.tokenizer_dir)
-    ref = load_reference(model.source, dtype=dtype).to(args.device)
+    if args.synthetic:
+        model, ref = synthetic_models(args.synthetic, args.layers, args.device, args.seed)
+        tok = IdsTokenizer()
+        args.corpus = str(synthetic_corpus(Path(tempfile.mkdtemp(prefix="atlas-corpus-")) / "corpus.jsonl",
+                                           model.config.vocab_size, args.tokens, args.window, args.seed))
+        args.checkpoint, args.dtype = f"synthetic-{args.synthetic}", "bf16"
+    else:
+        model = q3lab.load(args.checkpoint, device=args.device, dtype=dtype)
+        tok = q3lab.load_tokenizer(model.source.tokenizer_dir)
+        ref = load_reference(model.source, dtype=dtype).to(args.device)
     cfg = model.config
     A = cfg.num_experts_per_tok
     stride = args.window // 2
@@ -96,6 +148,9 @@ def bench_trace(args) -> None:
 
     def run_q3lab() -> tuple[float, float, int]:
         out = Path(tempfile.mkdtemp(prefix="atlas-bench-"))
+        if args.keep:                        # the dataset of the last run stays there
+            out = Path(args.keep)
+            shutil.rmtree(out, ignore_errors=True)
         try:
             t0 = time.perf_counter()
             s = trace_corpus(model, tok, args.corpus, out, batch_size=args.batch_size, window=args.window,
@@ -105,7 +160,8 @@ def bench_trace(args) -> None:
             size = sum(p.stat().st_size for p in out.glob("part-*.parquet"))
             return secs, size / s["tokens"], s["tokens"]
         finally:
-            shutil.rmtree(out)
+            if not args.keep:
+                shutil.rmtree(out)
 
     run_reference(), run_q3lab()          # warm-up
     ref_t, q_t = [], []
@@ -123,6 +179,13 @@ def bench_trace(args) -> None:
                  seconds=statistics.median(q_t))]
     table = pd.DataFrame(rows)
     table["ratio"] = table["computed_tok_s"] / table["computed_tok_s"].iloc[0]
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "bytes_per_token": bpt,
+                                               "kept_tokens": kept, "computed_tokens": computed,
+                                               "device": torch.cuda.get_device_name() if args.device.startswith(
+                                                   "cuda") else "cpu", "torch": torch.__version__}, indent=1,
+                                              default=str))
     _append(f"trace throughput, {Path(args.checkpoint).name}, {args.device} {args.dtype}",
             "python bench/trace_throughput.py trace " + " ".join(sys.argv[2:]),
             table.to_string(index=False, float_format=lambda x: f"{x:,.2f}"),
@@ -174,6 +237,13 @@ def main() -> None:
     t.add_argument("--device", default="cpu")
     t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--synthetic", metavar="PRESET", default=None,
+                   help="random bf16 weights at a synth preset's dimensions made on --device (full: the real "
+                        "thinker, e.g. on an H200) and a corpus of random token ids, instead of --checkpoint")
+    t.add_argument("--layers", type=int, default=None, help="with --synthetic: another layer count")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--keep", default=None, help="write the (last run's) dataset into this folder and keep it")
+    t.add_argument("--json", default=None, help="write the rows as JSON here")
     a = sub.add_parser("analysis")
     a.add_argument("--dataset", default="/tmp/atlas-1e7")
     a.add_argument("--tokens", type=int, default=10_000_000)

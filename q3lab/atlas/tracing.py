@@ -198,6 +198,23 @@ def trace_corpus(model, tokenizer, corpus: str | Path, out: str | Path, *, batch
     return summary
 
 
+def _routing_arrays(rec, L: int, A: int) -> tuple[np.ndarray, np.ndarray]:
+    """(experts int16, weights float32), each [tokens, L*A], of the recording's one forward call: rows in batch-row
+    then token order with padding dropped, layer-major, rank order: `rec.to_frame()`'s expert and weight columns
+    reshaped, without building the frame (a pandas frame of tokens x L x A rows costs more than the forward on a
+    GPU)."""
+    calls = rec._calls()
+    if len(calls) != 1:
+        raise InputError(f"trace: expected one recorded forward call per batch, got {len(calls)}")
+    c = calls[0]
+    B, T = c.ids.shape
+    ex = torch.stack([c.topk_ids[i] for i in range(L)]).view(L, B, T, A).permute(1, 2, 0, 3)
+    wt = torch.stack([c.topk_weights[i] for i in range(L)]).float().view(L, B, T, A).permute(1, 2, 0, 3)
+    if c.valid is not None:
+        ex, wt = ex[c.valid], wt[c.valid]
+    return (ex.reshape(-1, L * A).to(torch.int16).cpu().numpy(), wt.reshape(-1, L * A).cpu().numpy())
+
+
 def _trace_part(model, docs, window: int, stride: int, batch_size: int, logits: bool, L: int, A: int,
                 E: int) -> tuple[pa.Table, pa.Table | None]:
     """Routing of every kept token of the part's documents, in document then token order."""
@@ -225,9 +242,7 @@ def _trace_part(model, docs, window: int, stride: int, batch_size: int, logits: 
                 rec.set_prompt(f"w{w}")
             with torch.inference_mode():
                 model(ids.to(dev), attention_mask=mask.to(dev) if padded else None, last_only=True)
-        frame = rec.to_frame()
-        ex = frame["expert"].to_numpy().reshape(-1, L * A)       # [tokens of the batch, L*A], row order
-        wt = frame["weight"].to_numpy().reshape(-1, L * A)
+        ex, wt = _routing_arrays(rec, L, A)                      # [tokens of the batch, L*A], row order
         lp = None
         if logits:   # log-probabilities: the router logits less their per-token logsumexp
             lp = np.stack([np.log(rec.router_probs(layer)[1]) for layer in range(L)], axis=1).reshape(-1, L * E)

@@ -17,6 +17,8 @@ A kernel set (`Kernels`) is the three places where a backend computes differentl
 products, norms, rotary, attention, router and stacked experts to the C kernels of `q3lab.kernels.cpu`, anything
 else (prefill, padding masks, a cache's experts) to TORCH's functions; `TRITON` runs the fused kernels of
 `q3lab.kernels.triton_decode` / `q3lab.kernels.triton_moe` where their shapes allow (one token, CUDA) and TORCH elsewhere.
+Many tokens on CUDA in bf16 (prefill, batched decode) run the experts as grouped GEMMs
+(`q3lab.kernels.grouped_moe`), in either set.
 """
 from __future__ import annotations
 
@@ -182,6 +184,17 @@ def layer(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, 
     return x + experts(h, ids, wts).view(x.shape)
 
 
+def moe_sum(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
+    """Each token's weighted expert sum [N, D] in h's dtype over stacked experts: `expert_sum(moe_torch(...))`,
+    except many tokens on CUDA in bf16 (a prefill), where the grouped GEMMs are summed by one batched product
+    without float32 partials (`q3lab.kernels.grouped_moe.moe_grouped_sum`)."""
+    if h.is_cuda and h.shape[0] > 8 and _grouped_ok(gate):
+        from q3lab.kernels.grouped_moe import moe_grouped_sum
+        return moe_grouped_sum(h, ids, w, gate, up, down)
+    return expert_sum(moe_torch(h, ids, w, gate, up, down), h.dtype)
+
+
 def expert_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Each token's weighted expert outputs [N, A, D] (float32) summed, rounded once to `dtype`: [N, D]. A kernel
     that sums itself gives [N, 1, D]."""
@@ -212,6 +225,11 @@ def moe_torch(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None
     if gather is None:
         numel = (gate.shape[1] * gate.shape[2]) if fetch is None else fetch.numel
         gather = (N * A * 3 * numel <= GATHER_MAX_ELEMENTS) or (ids.is_cuda and N <= 8)
+        if not gather and fetch is None and ids.is_cuda and _grouped_ok(gate):
+            # many tokens on CUDA (prefill): three grouped GEMMs, ids on the device, instead of a host loop over
+            # experts (same layout and rounding; q3lab.kernels.grouped_moe)
+            from q3lab.kernels.grouped_moe import moe_grouped
+            return moe_grouped(h, ids, w, gate, up, down)
     if gather:
         flat = ids.reshape(-1)
         if fetch is None:                                          # on the device: no host sync
@@ -263,6 +281,19 @@ def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                                           scale=q.shape[-1] ** -0.5, enable_gqa=True)
 
 
+def _served(stacked: list, numel: int) -> Callable:
+    """A provider's fetch over experts already served and stacked (gate, up, down [U, ...]): each asked once."""
+    def fetch(s: int):
+        return stacked[0][s], stacked[1][s], stacked[2][s]
+    fetch.numel = numel
+    return fetch
+
+
+def _grouped_ok(gate: torch.Tensor) -> bool:
+    from q3lab.kernels.grouped_moe import grouped_ok
+    return grouped_ok(gate)
+
+
 def _triton_ok(t: torch.Tensor) -> bool:
     from q3lab.kernels.triton_decode import fused_available
     return fused_available(t)
@@ -302,9 +333,15 @@ def route_triton_topk(h, w_router, A, renorm):
 
 @torch.compiler.disable   # Triton launches stay outside a compiled graph
 def moe_triton(h, ids, w, gate, up, down, *, gather: bool | None = None):
-    """`moe_torch` with stacked slabs on CUDA: the two fused kernels of `moe_kernels.moe_one_token` per token,
-    reading the chosen experts in place (ids stay on the device)."""
+    """`moe_torch` with stacked slabs on CUDA: for several tokens in bf16 the grouped GEMMs of
+    `q3lab.kernels.grouped_moe.moe_grouped`, else the two fused kernels of `moe_kernels.moe_one_token` per token, reading
+    the chosen experts in place (ids stay on the device either way)."""
     from q3lab.kernels.triton_moe import TRITON_CONFIG, moe_one_token_triton, triton_available
+    if isinstance(gate, torch.Tensor) and h.shape[0] > 1 and h.is_cuda and _grouped_ok(gate):
+        # several tokens (batched decode, prefill): grouped GEMMs read each touched expert once, where the
+        # per-token kernels below would read it once per token (q3lab.kernels.grouped_moe)
+        from q3lab.kernels.grouped_moe import moe_grouped
+        return moe_grouped(h, ids, w, gate, up, down)
     if isinstance(gate, torch.Tensor) and triton_available(h.device) and h.shape[-1] % TRITON_CONFIG["block_d"] == 0:
         ys = [moe_one_token_triton(h[n], ids[n], w[n], gate, up, down, partials=True, **TRITON_CONFIG)
               for n in range(h.shape[0])]

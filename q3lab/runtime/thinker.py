@@ -186,7 +186,7 @@ class Experts(nn.Module):
         p, layer = self.provider, self.layer_idx
         stacked = stacked_experts(p, layer)
         if stacked is not None:                # stacked [E, ...] per layer: the ids index them on the device
-            return step.expert_sum(step.moe_torch(h, idx, w, *stacked), h.dtype)
+            return step.moe_sum(h, idx, w, *stacked)
         return self._served(h, idx, w, step.TORCH)
 
     def _served(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ks: step.Kernels) -> torch.Tensor:
@@ -202,9 +202,15 @@ class Experts(nn.Module):
         def fetch(s: int):
             return p.weights(layer, used[s])
         fetch.numel = self.expert_numel // 3
+        if h.is_cuda and h.shape[0] > 8:
+            # many tokens on CUDA (a prefill): the served experts stacked, so that moe_torch runs the grouped GEMMs
+            # of resident experts on the same rows (an offloaded prefill then matches a resident one)
+            served = [torch.stack(t) for t in zip(*(fetch(s) for s in range(len(used))))]
+            if step._grouped_ok(served[0]):
+                return step.moe_sum(h, slots, w, *served)
+            fetch = step._served(served, fetch.numel)
         fetch.slots = len(used)
         return step.expert_sum(ks.moe(h, slots, w, fetch), h.dtype)
-
 
     def step_fn(self, ks: step.Kernels = step.TORCH):
         """What `step.layer` calls for this layer's experts: `forward`, with a stacked provider's slabs looked up
@@ -218,6 +224,8 @@ class Experts(nn.Module):
         gate, up, down = stacked
 
         def experts(h, idx, w):
+            if ks.moe is step.moe_torch:       # the torch set: grouped GEMMs for a CUDA prefill (moe_sum)
+                return step.moe_sum(h, idx, w, gate, up, down)
             return step.expert_sum(ks.moe(h, idx, w, gate, up, down), h.dtype)
         return experts
 
