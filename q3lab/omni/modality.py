@@ -152,3 +152,67 @@ def modality_runs(labels: np.ndarray) -> np.ndarray:
     idx = np.arange(n)
     first = np.maximum.accumulate(np.where(start, idx, 0))
     return idx - first
+
+
+# -- a folder of media, recorded (notebook 08) ----------------------------------------------------------------
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SAMPLING_RATE = 16000       # what the audio feature extractor takes
+
+
+def read_media(folder: str | Path) -> list[tuple[str, Any]]:
+    """(file name, `q3lab.omni.inputs.Audio` or `Image`) for each sound (soundfile: .wav .flac .ogg; channels
+    averaged; other sampling rates resampled linearly to 16 kHz) and image (Pillow: .png .jpg .jpeg, as RGB) in
+    `folder`, in name order. Other files are left out; a folder without media raises InputError."""
+    from q3lab.omni.inputs import Audio, Image
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder of inputs (wav files, images)")
+    out: list[tuple[str, Any]] = []
+    for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
+        try:
+            if suffix in AUDIO_SUFFIXES:
+                import soundfile
+                wav, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+                wav = wav.mean(axis=1)
+                if rate != SAMPLING_RATE:   # linear: enough for routing statistics, not for listening
+                    n = int(round(len(wav) * SAMPLING_RATE / rate))
+                    wav = np.interp(np.arange(n) * rate / SAMPLING_RATE, np.arange(len(wav)), wav).astype(np.float32)
+                out.append((path.name, Audio(wav, SAMPLING_RATE)))
+            elif suffix in IMAGE_SUFFIXES:
+                from PIL import Image as PILImage
+                with PILImage.open(path) as im:
+                    out.append((path.name, Image(np.asarray(im.convert("RGB")))))
+        except (OSError, RuntimeError, ValueError) as e:   # soundfile and Pillow raise these for bad files
+            raise InputError(f"{path}: cannot read it as {'audio' if suffix in AUDIO_SUFFIXES else 'an image'}: "
+                             f"{type(e).__name__}: {str(e)[:160]}") from None
+    if not out:
+        raise InputError(f"{folder}: no audio ({', '.join(AUDIO_SUFFIXES)}) or image "
+                         f"({', '.join(IMAGE_SUFFIXES)}) files")
+    return out
+
+
+def record_media(model, config, media: list[tuple[str, Any]], before: list[int], after: list[int], *,
+                 max_new_tokens: int = 0, text_prompt: bool = True):
+    """Record the routing of one prompt per medium, `before + <medium> + after` (token ids), through
+    `model(**q3lab.omni.inputs.build_inputs(config, ...))`, or `model.generate` of `max_new_tokens` greedy
+    tokens; with `text_prompt`, first the text alone (`before + after`) as the text baseline. Prompt ids are
+    the file names ("text" for the baseline), domain the medium's kind. Returns the `q3lab.record.Recorder`."""
+    from q3lab.omni.inputs import Audio, build_inputs
+    from q3lab.record import record
+    prompts = ([("text", None)] if text_prompt else []) + list(media)
+    with record(model) as rec:
+        for name, medium in prompts:
+            parts = [before, after] if medium is None else [before, medium, after]
+            kwargs = build_inputs(config, parts)
+            ids = kwargs.pop("input_ids").to(model.device)
+            kwargs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            rec.set_prompt(name, domain="text" if medium is None else
+                           "audio" if isinstance(medium, Audio) else type(medium).__name__.lower())
+            with torch.inference_mode():
+                if max_new_tokens:
+                    model.generate(ids, max_new_tokens, **{k: v for k, v in kwargs.items() if k != "attention_mask"})
+                else:
+                    model(ids, **kwargs)
+    return rec
