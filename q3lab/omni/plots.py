@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from q3lab.omni.modality import MODALITIES
 
@@ -26,7 +27,7 @@ def _title(fig: Figure, title: str, note: str) -> None:
 
 def modality_entropy(entropy: pd.DataFrame, *, note: str = "") -> Figure:
     """Normalised routing entropy and distinct experts per layer, one line per modality (`modality_entropy`)."""
-    fig = Figure(figsize=(8, 3.4))
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
     a, b = fig.subplots(1, 2)
     for m in _order(entropy["modality"]):
         g = entropy[entropy["modality"] == m].sort_values("layer")
@@ -37,8 +38,9 @@ def modality_entropy(entropy: pd.DataFrame, *, note: str = "") -> Figure:
     a.set(xlabel="layer", ylabel="entropy / log2 E", title="load entropy")
     b.set(xlabel="layer", ylabel="experts", title="distinct experts used")
     a.legend(frameon=False, fontsize=7)
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _title(fig, "Routing per modality", note)
-    fig.tight_layout()
     return fig
 
 
@@ -50,7 +52,8 @@ def modality_load(load: pd.DataFrame, layers: list[int] | None = None, *, note: 
         layers = sorted({all_layers[0], all_layers[len(all_layers) // 2], all_layers[-1]})
     mods = _order(load["modality"])
     E = int(load["expert"].max()) + 1
-    fig = Figure(figsize=(min(12.0, 2.5 + 0.09 * E * len(layers) + 1.5 * len(layers)), 1.6 + 0.35 * len(mods)))
+    fig = Figure(figsize=(min(12.0, 2.5 + 0.09 * E * len(layers) + 1.5 * len(layers)), 1.8 + 0.35 * len(mods)),
+                 layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(layers)))
     vmax = float(load["share"].max()) or 1.0
     for ax, layer in zip(axes, layers):
@@ -66,22 +69,22 @@ def modality_load(load: pd.DataFrame, layers: list[int] | None = None, *, note: 
 
 def modality_overlap(overlap: pd.DataFrame, *, note: str = "") -> Figure:
     """Cross-modal overlap of the expert distributions per layer, one line per pair (`modality_overlap`)."""
-    fig = Figure(figsize=(7, 3.2))
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
     ax = fig.subplots()
     for (a, b), g in overlap.groupby(["modality_a", "modality_b"], sort=False):
         g = g.sort_values("layer")
         ax.plot(g["layer"], g["overlap"], marker=".", label=f"{a} / {b}")
     ax.set(xlabel="layer", ylabel="sum min(q_a, q_b)", ylim=(0, 1.02), title="overlap of expert distributions")
     ax.legend(frameon=False, fontsize=7, ncol=2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _title(fig, "Cross-modal overlap (1 = same experts, same proportions)", note)
-    fig.tight_layout()
     return fig
 
 
 def modality_hit_rate(hits: pd.DataFrame, *, note: str = "") -> Figure:
     """Expert-cache hit rate by the modality of the accessing token, when a modality arrives and within its
     run (`modality_hit_rate`)."""
-    fig = Figure(figsize=(7, 3.2))
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
     ax = fig.subplots()
     mods = _order(hits["modality"])
     phases = [p for p in ("arrival", "within") if p in set(hits["phase"])]
@@ -96,14 +99,13 @@ def modality_hit_rate(hits: pd.DataFrame, *, note: str = "") -> Figure:
     ax.title.set_fontsize(8)
     ax.legend(frameon=False)
     _title(fig, "Expert-cache hits per modality", note)
-    fig.tight_layout()
     return fig
 
 
 def position_axes(positions: pd.DataFrame, *, note: str = "") -> Figure:
     """The temporal, height and width positions of each token of one multimodal input, tokens coloured by
     modality; `positions` has token_index, modality, t, h, w (notebook 03)."""
-    fig = Figure(figsize=(9, 5.6))
+    fig = Figure(figsize=(9, 5.6), layout="constrained")
     axes = fig.subplots(3, 1, sharex=True)
     x = positions["token_index"].to_numpy()
     for ax, axis in zip(axes, ("t", "h", "w")):
@@ -115,5 +117,4 @@ def position_axes(positions: pd.DataFrame, *, note: str = "") -> Figure:
     axes[0].legend(frameon=False, fontsize=7, ncol=5, loc="upper left")
     axes[-1].set_xlabel("token")
     _title(fig, "3-axis mRoPE positions of one input", note)
-    fig.tight_layout()
     return fig
