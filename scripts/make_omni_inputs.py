@@ -3,7 +3,7 @@
     python scripts/make_omni_inputs.py [OUT]
 
 tone.wav: 0.5 s of 16 kHz mono 16-bit PCM, a rising chirp (300 -> 1200 Hz) with a little seeded noise (16 KB).
-shapes.png: a 64 x 48 RGB image, a colour gradient with a disc and a bar (a few hundred bytes).
+shapes.png: a 128 x 96 RGB image, a colour gradient with a disc and a bar (a few hundred bytes).
 Both come out byte-identical on every run (soundfile writes no date; Pillow's PNG carries no timestamp).
 """
 from __future__ import annotations
@@ -24,11 +24,11 @@ def make(out: Path) -> list[Path]:
     phase = 2 * np.pi * (300 * t + 0.5 * (1200 - 300) / 0.5 * t ** 2)       # linear chirp
     wav = 0.4 * np.sin(phase) + 0.02 * np.random.default_rng(0).standard_normal(t.size)
     soundfile.write(out / "tone.wav", wav.astype(np.float32), RATE, subtype="PCM_16")
-    h, w = 48, 64
+    h, w = 96, 128
     y, x = np.mgrid[0:h, 0:w]
     img = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), np.full_like(x, 96)], -1).astype(np.uint8)
-    img[(x - 20) ** 2 + (y - 24) ** 2 < 12 ** 2] = (250, 240, 40)             # a disc
-    img[30:38, 36:60] = (20, 20, 160)                                           # a bar
+    img[(x - 40) ** 2 + (y - 48) ** 2 < 24 ** 2] = (250, 240, 40)             # a disc
+    img[60:76, 72:120] = (20, 20, 160)                                           # a bar
     Image.fromarray(img, "RGB").save(out / "shapes.png", optimize=False)
     return [out / "tone.wav", out / "shapes.png"]
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from q3lab.errors import InputError
@@ -216,3 +217,85 @@ def record_media(model, config, media: list[tuple[str, Any]], before: list[int],
                 else:
                     model(ids, **kwargs)
     return rec
+
+
+# -- positions of a real multimodal layout (notebook 03) ----------------------------------------------------------
+# A user turn in the released chat template: <|im_start|> user \n ... <|im_end|> \n <|im_start|> assistant \n
+# (872 = "user", 77091 = "assistant": the config's user/assistant_token_id; 198 = "\n" in Qwen's vocabulary)
+REAL_TURN = ([151644, 872, 198], [151645, 198, 151644, 77091, 198])
+
+
+def real_spec():
+    """`q3lab.omni.inputs.OmniSpec` of the released checkpoint: its token ids and tower sizes (128 mel bins,
+    n_window 50, 16-pixel patches merged 2x2, 2-frame temporal patches, 13 positions per second)."""
+    from q3lab.omni.inputs import OmniSpec
+    r = ModalityTokens.real()
+    return OmniSpec(audio_token_id=r.audio_token_id, audio_start_token_id=r.audio_start_token_id,
+                    audio_end_token_id=r.audio_end_token_id, image_token_id=r.image_token_id,
+                    video_token_id=r.video_token_id, vision_start_token_id=r.vision_start_token_id,
+                    vision_end_token_id=r.vision_end_token_id, num_mel_bins=128, n_window=50, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, position_id_per_seconds=13.0)
+
+
+def reference_rope_index(spec, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' own `get_rope_index` (Qwen3-Omni's thinker, the processor's kwargs) for `inputs`, run
+    without building a model: it reads only the config's token ids, merge size, window and position rate."""
+    from types import MethodType, SimpleNamespace
+
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import \
+        Qwen3OmniMoePreTrainedModelForConditionalGeneration as Omni
+    cfg = Qwen3OmniMoeThinkerConfig(audio_token_id=spec.audio_token_id, image_token_id=spec.image_token_id,
+                                    video_token_id=spec.video_token_id,
+                                    audio_start_token_id=spec.audio_start_token_id,
+                                    position_id_per_seconds=int(spec.position_id_per_seconds),
+                                    audio_config={"n_window": spec.n_window},
+                                    vision_config={"spatial_merge_size": spec.spatial_merge_size})
+    cfg.vision_start_token_id = spec.vision_start_token_id     # a key of config.json, not a declared field
+    fake = SimpleNamespace(config=cfg, spatial_merge_size=spec.spatial_merge_size)
+    fake.get_llm_pos_ids_for_vision = MethodType(Omni.get_llm_pos_ids_for_vision, fake)   # the one helper it calls
+    fam = inputs.get("feature_attention_mask")
+    return Omni.get_rope_index(fake, inputs["input_ids"], inputs.get("image_grid_thw"),
+                               inputs.get("video_grid_thw"), inputs.get("attention_mask"),
+                               bool(inputs.get("use_audio_in_video", False)),
+                               None if fam is None else fam.sum(-1), inputs.get("video_second_per_grid"))
+
+
+def positions_check(media: list[tuple[str, Any]], spec=None, *, turn: tuple[list[int], list[int]] = REAL_TURN,
+                    question: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """q3lab's 3-axis positions (`q3lab.omni.positions.rope_index`) against transformers' `get_rope_index` for
+    one user turn holding `media` (from `read_media`) in the real checkpoint's layout (default spec:
+    `real_spec()`). Returns (tokens: token_index, token, modality, t, h, w, t_ref, h_ref, w_ref;
+    summary: one row per axis with tokens, max_abs_diff, equal, and a row "rope_delta" for the offset that
+    decoding continues from)."""
+    from q3lab.omni.inputs import build_inputs
+    from q3lab.omni.positions import rope_index
+    spec = spec or real_spec()
+    question = [785, 3405, 30] if question is None else question      # a few ordinary text ids
+    parts = [turn[0]] + [m for _, m in media] + [question, turn[1]]
+    inputs = build_inputs(spec, parts)
+    fam = inputs.get("feature_attention_mask")
+    ours, d_ours = rope_index(inputs["input_ids"], spec, image_grid_thw=inputs.get("image_grid_thw"),
+                              video_grid_thw=inputs.get("video_grid_thw"),
+                              attention_mask=inputs.get("attention_mask"),
+                              use_audio_in_video=bool(inputs.get("use_audio_in_video", False)),
+                              audio_seqlens=None if fam is None else fam.sum(-1),
+                              second_per_grids=inputs.get("video_second_per_grid"))
+    ref, d_ref = reference_rope_index(spec, inputs)
+    ids = inputs["input_ids"][0]
+    toks = ModalityTokens(audio_token_id=spec.audio_token_id, image_token_id=spec.image_token_id,
+                          video_token_id=spec.video_token_id, audio_start_token_id=spec.audio_start_token_id,
+                          audio_end_token_id=spec.audio_end_token_id,
+                          vision_start_token_id=spec.vision_start_token_id,
+                          vision_end_token_id=spec.vision_end_token_id, im_start_token_id=REAL_TURN[0][0],
+                          im_end_token_id=REAL_TURN[1][0])
+    frame = pd.DataFrame({"token_index": np.arange(len(ids), dtype=np.int32), "token": ids.numpy().astype(np.int32),
+                          "modality": modality_labels(ids, toks)})
+    for k, axis in enumerate("thw"):
+        frame[axis] = ours[k, 0].to(torch.int64).numpy()
+        frame[f"{axis}_ref"] = ref[k, 0].to(torch.int64).numpy()
+    rows = [dict(check=axis, tokens=len(frame), max_abs_diff=int((frame[axis] - frame[f"{axis}_ref"]).abs().max()),
+                 equal=bool((frame[axis] == frame[f"{axis}_ref"]).all())) for axis in "thw"]
+    dd = int((d_ours.to(torch.int64).reshape(-1) - d_ref.to(torch.int64).reshape(-1)).abs().max())
+    rows.append(dict(check="rope_delta", tokens=len(frame), max_abs_diff=dd, equal=dd == 0))
+    return frame, pd.DataFrame(rows)
