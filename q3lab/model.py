@@ -133,6 +133,7 @@ class KVCache(nn.Module):
         self.mask: torch.Tensor | None = None  # [B, max_len] key validity, when padding is used
         self.next_pos: torch.Tensor | None = None  # [B] next text position per row
         self.rope: tuple | None = None  # (maker's key, cos, folded sin [1, max_len, 1, hd]): Thinker._rope_table
+        self.rope_deltas: torch.Tensor | None = None  # [B, 1] multimodal prompt: later text positions + deltas
 
 
 # -- attention ---------------------------------------------------------------------------------
@@ -277,6 +278,7 @@ class Thinker(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
         self.experts_provider: ExpertProvider | None = None
+        self.towers = None   # q3lab.omni.towers.Towers after load(towers=True)
 
     def set_experts(self, provider: ExpertProvider) -> None:
         self.experts_provider = provider
@@ -317,18 +319,34 @@ class Thinker(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, *, attention_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, input_features: torch.Tensor | None = None,
+                feature_attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                video_grid_thw: torch.Tensor | None = None, use_audio_in_video: bool = False,
+                video_second_per_grid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (float32) for input_ids [B, T].
 
         position_ids: [B, T] text positions or [3, B, T] temporal/height/width positions; by default
         positions continue from the cache (or from the left-padding-aware count of `attention_mask`).
         attention_mask: [B, S] 1 for real tokens, 0 for (left) padding, covering cached + new tokens.
+        input_features ... video_second_per_grid: multimodal inputs with transformers' names (`q3lab.omni`;
+        the model must be loaded with towers=True): the towers' outputs replace their pad tokens, positions
+        are transformers' 3-axis ones, deepstack features join the first layers' hidden states.
         """
         self._check_ids(input_ids)
+        mm = dict(input_features=input_features, feature_attention_mask=feature_attention_mask,
+                  pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                  video_grid_thw=video_grid_thw, video_second_per_grid=video_second_per_grid)
+        if any(v is not None for v in mm.values()):
+            from q3lab.omni.forward import prefill_inputs   # the omni extra, imported only for media
+            x, pos, deepstack = prefill_inputs(self, input_ids, position_ids, cache, attention_mask, mm,
+                                               use_audio_in_video)
+            return self._forward(input_ids, pos, cache, attention_mask, last_only, embeds=x, deepstack=deepstack)
         return self._forward(input_ids, position_ids, cache, attention_mask, last_only)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache | None,
-                 attention_mask: torch.Tensor | None, last_only: bool, plan: list | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None, last_only: bool, plan: list | None = None, *,
+                 embeds: torch.Tensor | None = None, deepstack=None) -> torch.Tensor:
         """`forward` after the token-id check (generate's decode steps feed ids it picked itself). With `plan`
         (`Thinker.plan()`, given when no hook listens) the layers run as `step.layer` without their modules;
         without it, through the modules unless no hook is registered anywhere."""
@@ -357,18 +375,25 @@ class Thinker(nn.Module):
         model = self.model
         if plan is None and not any(hook_dicts(self)):
             plan = self.plan()
-        x = model.embed_tokens(input_ids) if plan is None else F.embedding(input_ids, model.embed_tokens.weight)
+        if embeds is not None:               # a multimodal prompt: token embeddings with the towers' outputs
+            x = embeds
+        else:
+            x = model.embed_tokens(input_ids) if plan is None else F.embedding(input_ids, model.embed_tokens.weight)
         x = model.hook_embed(x)                                                           # [B, T, D]
         rope = self._rope(x, T, past, position_ids, attention_mask, cache)
         kvs = [KV(None, None, 0, mask)] * len(model.layers) if cache is None else \
             [KV(k, v, past, mask) for k, v in zip(cache.k.unbind(0), cache.v.unbind(0))]
         if plan is None:
-            for layer, kv in zip(model.layers, kvs):
+            for i, (layer, kv) in enumerate(zip(model.layers, kvs)):
                 x = layer(x, rope, kv)
+                if deepstack is not None:    # vision features after the first layers (q3lab.omni.towers.DeepStack)
+                    x = deepstack.add(x, i)
         else:
             d = model.layers[0].self_attn.dims
-            for (w, experts), kv in zip(plan, kvs):
+            for i, ((w, experts), kv) in enumerate(zip(plan, kvs)):
                 x = step.layer(x, w, d, rope, kv, step.TORCH, experts)
+                if deepstack is not None:
+                    x = deepstack.add(x, i)
         if cache is not None:
             cache.length += T
         x = x if not last_only else x[:, -1:]
@@ -379,7 +404,8 @@ class Thinker(nn.Module):
     def _rope(self, x, T, past, position_ids, attention_mask, cache) -> Rope:
         """The new tokens' rotary: rows of the cache's table (text positions), else from the positions."""
         B, dev = x.shape[0], x.device
-        if position_ids is None and attention_mask is None and cache is not None:
+        deltas = cache.rope_deltas if cache is not None else None   # a multimodal prompt's offset (q3lab.omni)
+        if position_ids is None and attention_mask is None and cache is not None and deltas is None:
             cos, sin = self._rope_table(cache, x.dtype)                               # text positions 0..max_len
             if T == 1:   # every row at the same position: one rotation matrix for all layers
                 return Rope(rope_matrix(cos[0, past, 0], sin[0, past, 0]), None)
@@ -390,6 +416,8 @@ class Thinker(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
         if position_ids.dim() == 2:
+            if deltas is not None:           # text after media: positions continue from the deltas
+                position_ids = position_ids + deltas.to(position_ids.device)
             position_ids = position_ids[None].expand(3, B, T)
         if position_ids.shape != (3, B, T):
             raise InputError(f"position_ids must be [B, T] or [3, B, T] = [3, {B}, {T}], "
@@ -417,12 +445,17 @@ class Thinker(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
                  seed: int | None = None, attention_mask: torch.Tensor | None = None,
-                 streamer=None) -> torch.Tensor:
+                 streamer=None, **multimodal) -> torch.Tensor:
         """The prompt followed by up to max_new_tokens new tokens [B, T + n], with a KV cache.
 
         Rows that reach an eos token keep emitting it (padding), as transformers does with pad = eos.
-        `streamer(token_ids [B])` is called with each new token as it comes.
+        `streamer(token_ids [B])` is called with each new token as it comes. `multimodal`: the media arguments
+        of `forward` (input_features=, pixel_values=, ..., use_audio_in_video=), fed with the prompt; decoding
+        continues from the prompt's rope deltas.
         """
+        unknown = sorted(set(multimodal) - set(_MULTIMODAL_ARGS))
+        if unknown:
+            raise InputError(f"generate: unknown argument(s) {unknown}; multimodal inputs are {list(_MULTIMODAL_ARGS)}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         input_ids = input_ids.to(self.device)
@@ -441,9 +474,9 @@ class Thinker(nn.Module):
             next_pos = mask.long().sum(-1)                                           # [B]
             full = torch.ones(B, total, dtype=torch.bool, device=self.device)
             full[:, :T] = mask
-            logits = self(input_ids, cache=cache, attention_mask=full[:, :T], last_only=True)[:, -1]
+            logits = self(input_ids, cache=cache, attention_mask=full[:, :T], last_only=True, **multimodal)[:, -1]
         else:
-            logits = self(input_ids, cache=cache, last_only=True)[:, -1]
+            logits = self(input_ids, cache=cache, last_only=True, **multimodal)[:, -1]
         from .finite import check_logits   # nan/inf: stop, naming the first layer where they appear
         check_logits(self, logits, input_ids, attention_mask=None if mask is None else full[:, :T])
         finite = torch.ones((), dtype=torch.bool, device=self.device)   # every later step, without a sync
@@ -518,16 +551,20 @@ class Thinker(nn.Module):
 
 # -- loading -----------------------------------------------------------------------------------
 _NORM_SUFFIXES = ("layernorm.weight", "norm.weight")
+_MULTIMODAL_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
+                    "pixel_values_videos", "video_grid_thw", "use_audio_in_video", "video_second_per_grid")
 
 
 def load(path: str | Path | WeightSource, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          experts: ExpertProvider | None = None, allow_missing: list[str] | None = None,
-         progress: bool = False) -> Thinker:
+         progress: bool = False, towers: bool = False) -> Thinker:
     """Build a Thinker from a checkpoint folder or an extracted store (a path, or a source `open_source` gave).
 
     Every tensor the config implies must be present with the right shape: a missing one raises
     `CheckpointError` naming it. `allow_missing` (exact canonical names) is for ablations only: norms are
     then set to ones, other tensors to zeros, and each substitute is named in a warning.
+    towers=True also loads the audio and vision towers (`thinker.audio_tower.*`, `thinker.visual.*`; the omni
+    extra) as `model.towers`, for multimodal input; missing tower tensors raise `CheckpointError` naming them.
     """
     from .weights import open_source
     src = open_source(path, allow_missing=allow_missing or ())   # opened (if a path) and audited: the one way in
@@ -563,5 +600,8 @@ def load(path: str | Path | WeightSource, *, device: str | torch.device = "cpu",
     provider.bind(src, config, torch.device(device), dtype, **kwargs)
     model.set_experts(provider)
     model.source = src
+    if towers:
+        from q3lab.omni.towers import load_towers   # transformers' modules: only with towers=True
+        model.towers = load_towers(src, device=device, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
