@@ -183,3 +183,68 @@ def test_atlas_modality_round_trip_and_old_datasets(tmp_path):
     (bad / "manifest.json").write_text(json.dumps({"format": "q3lab-atlas/9"}))
     with pytest.raises(InputError, match="q3lab-atlas/1"):
         open_dataset(bad)
+
+
+# -- on the tiny random full Qwen3-Omni (towers) ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from q3lab.omni.synthetic import tiny_omni_checkpoint
+    path = tiny_omni_checkpoint(tmp_path_factory.mktemp("omni") / "ckpt", seed=0)
+    return path, q3lab.load(path, towers=True)
+
+
+def test_record_labels_media_tokens_of_a_multimodal_call(omni):
+    from q3lab.omni.inputs import OmniSpec, build_inputs
+    from q3lab.omni.modality import read_media, record_media
+    path, model = omni
+    spec = OmniSpec.from_config(path)
+    media = read_media(ROOT / "data" / "omni_inputs")
+    assert [n for n, _ in media] == ["shapes.png", "tone.wav"]
+    before, after = [10, 11, 12], [20, 21]
+    rec = record_media(model, spec, media, before, after, max_new_tokens=2)
+    f = rec.to_frame()
+    L, A = f.attrs["num_layers"], f.attrs["top_k"]
+    tokens = f.iloc[::L * A]
+    for name, medium in media:
+        ids = build_inputs(spec, [before, medium, after])["input_ids"][0].tolist()
+        got = tokens[tokens["prompt"] == name]
+        kind = "image" if name.endswith(".png") else "audio"
+        pad = spec.image_token_id if kind == "image" else spec.audio_token_id
+        want = ["special" if i in (spec.vision_start_token_id, spec.vision_end_token_id, spec.audio_start_token_id,
+                                   spec.audio_end_token_id) else kind if i == pad else "text" for i in ids]
+        assert got["modality"].tolist() == want + ["text"]    # the first greedy token, fed back in: text
+        assert got["token"].tolist()[:len(ids)] == ids
+        assert (got["domain"] == kind).all()
+    assert (tokens[tokens["prompt"] == "text"]["modality"] == "text").all()
+    # routing rows of the media tokens equal an unrecorded forward's router choice (hooks change nothing)
+    ids = build_inputs(spec, [before, media[0][1], after])
+    with record(model) as rec2:
+        model(ids.pop("input_ids"), **ids)
+    g = rec2.to_frame()
+    img = f[(f["prompt"] == "shapes.png") & (f["token_index"] < len(g) // (L * A))]
+    np.testing.assert_array_equal(g["expert"].to_numpy(), img["expert"].to_numpy())
+    assert g["modality"].tolist() == img["modality"].tolist()
+
+
+def test_runner_skips_tower_notebooks_without_towers(omni):
+    from q3lab import notebooks as nbk
+    assert nbk.has_towers(omni[0]) and not nbk.has_towers(ROOT / "data" / "mini")
+    nb = ROOT / "notebooks" / "08_multimodal_routing.py"
+    skipped = nbk._tower_run(nb, {"checkpoint": str(ROOT / "data" / "mini")})
+    assert skipped[0] is None and "no audio/vision tower tensors" in skipped[2]
+    assert nbk._tower_run(nb, {"checkpoint": str(omni[0])})[0] == nb
+    assert nbk._tower_run(nb, {})[0] == nb
+
+
+def test_positions_of_a_real_layout_equal_transformers():
+    pytest.importorskip("transformers")
+    from q3lab.omni.modality import positions_check, read_media
+    frame, summary = positions_check(read_media(ROOT / "data" / "omni_inputs"))
+    assert summary["equal"].all() and (summary["max_abs_diff"] == 0).all()
+    assert frame["modality"].value_counts().to_dict() == {"image": 12, "text": 8, "special": 7, "audio": 7}
+    img = frame[frame["modality"] == "image"]
+    # a 128x96 image: 6x8 patches of 16 px merged 2x2 -> a 3x4 grid at one temporal position
+    assert img["t"].nunique() == 1 and img["h"].nunique() == 3 and img["w"].nunique() == 4
+    aud = frame[frame["modality"] == "audio"]
+    assert (aud["t"] == aud["h"]).all() and (np.diff(aud["t"]) == 1).all()
