@@ -96,6 +96,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--verify", metavar="OUT", help="re-check every checksum of the store OUT; exit 1 if any differs")
     p.add_argument("--source", metavar="CKPT", help="with --verify: also check that CKPT is the checkpoint OUT was "
                                                     "extracted from (shard sizes, mtimes, header sha256)")
+    p.add_argument("--towers", action="store_true", help="also the audio and vision towers (towers.safetensors), for "
+                                                         "q3lab.load(store, towers=True)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_extract, parser=p)
 
@@ -103,8 +105,8 @@ def _add_extract(sub) -> None:
 def _cmd_extract(args) -> int:
     from .extract import extract, verify
     if args.verify:
-        if args.checkpoint or args.out or args.dtype:
-            args.parser.error("--verify OUT takes no checkpoint, output folder or --dtype")
+        if args.checkpoint or args.out or args.dtype or args.towers:
+            args.parser.error("--verify OUT takes no checkpoint, output folder, --dtype or --towers")
         report = verify(args.verify, progress=not args.no_progress, strict=False, source=args.source)
         print(report.summary())
         return 0 if report.ok else 1
@@ -112,7 +114,7 @@ def _cmd_extract(args) -> int:
         args.parser.error("expected CKPT OUT (or --verify OUT)")
     if args.source:
         args.parser.error("--source CKPT goes with --verify OUT")
-    out = extract(args.checkpoint, args.out, dtype=args.dtype, progress=not args.no_progress)
+    out = extract(args.checkpoint, args.out, dtype=args.dtype, progress=not args.no_progress, towers=args.towers)
     print(f"extracted {args.checkpoint} -> {out}")
     return 0
 

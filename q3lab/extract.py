@@ -26,6 +26,7 @@ from .checkpoint import INDEX, TOKENIZER_FILES, Checkpoint, expected_dtype
 from .config import ThinkerConfig, expert_key, read_json
 from .errors import CheckpointError, InputError, StoreError
 from .safetensors_io import DTYPES, SafetensorsFile, TensorInfo, read_span
+from q3lab.store import TOWER_PREFIXES, TOWERS
 from .store import (DENSE, EXPERTS_DIR, FORMAT, LABEL_TO_ST, MANIFEST, PROGRESS, ST_TO_LABEL, VERSION, FileDigest,
                     SafetensorsWriter, Store, expert_file, fingerprint, fsync_dir, itemsize, numel, read_journal,
                     read_manifest, safetensors_header, sha256_file, tmp_path, with_text_dtype, write_atomic)
@@ -71,11 +72,27 @@ def _tensor_plan(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: str
     return TensorPlan(name, key, shard, tuple(shape), info.dtype, LABEL_TO_ST[dtype] if dtype else info.dtype)
 
 
-def plan_extraction(ckpt: Checkpoint, dtype: str | None = None) -> tuple[list[FilePlan], str]:
-    """The files of the store, in writing order, and the store's dtype label ("mixed" if the source is)."""
+def tower_tensors(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """The audio and vision tower tensors the checkpoint's index lists (canonical names `audio_tower.*`,
+    `visual.*`) with their shapes; CheckpointError when it has none."""
+    pre = ckpt.prefix
+    names = sorted(k[len(pre):] for k in ckpt.weight_map
+                   if k.startswith(pre) and k[len(pre):].startswith(TOWER_PREFIXES))
+    if not names:
+        raise CheckpointError(f"{ckpt.path}: no {pre}audio_tower.* or {pre}visual.* tensors in the index: nothing "
+                              f"for --towers to extract (a text-only checkpoint)")
+    return {n: tuple(ckpt.info(n)[1].shape) for n in names}
+
+
+def plan_extraction(ckpt: Checkpoint, dtype: str | None = None, *,
+                    towers: bool = False) -> tuple[list[FilePlan], str]:
+    """The files of the store, in writing order, and the store's dtype label ("mixed" if the source is).
+    towers: also `towers.safetensors` with the audio and vision towers (for `q3lab.load(store, towers=True)`)."""
     cfg = ckpt.config
     expected = cfg.expected_tensors()
     plans = {name: _tensor_plan(ckpt, name, shape, dtype) for name, shape in expected.items()}
+    tower_plans = {n: _tensor_plan(ckpt, n, shape, dtype) for n, shape in tower_tensors(ckpt).items()} \
+        if towers else {}
     labels = {ST_TO_LABEL.get(p.dst_dtype, p.dst_dtype) for p in plans.values()}
     store_dtype = labels.pop() if len(labels) == 1 else "mixed"
 
@@ -89,7 +106,7 @@ def plan_extraction(ckpt: Checkpoint, dtype: str | None = None) -> tuple[list[Fi
             files.append(FilePlan(name, "copy", (ckpt.path / name).stat().st_size, src=ckpt.path / name))
 
     def tensor_file(rel: str, names: list[str], layer: int | None = None) -> FilePlan:
-        ts = [plans[n] for n in names]
+        ts = [plans.get(n) or tower_plans[n] for n in names]
         raw, data_len = safetensors_header([(t.name, t.dst_dtype, t.shape) for t in ts])
         return FilePlan(rel, "tensors", len(raw) + data_len, layer=layer, tensors=ts)
 
@@ -97,6 +114,8 @@ def plan_extraction(ckpt: Checkpoint, dtype: str | None = None) -> tuple[list[Fi
     for layer in range(cfg.num_hidden_layers):
         names = [expert_key(layer, e, p) for e in range(cfg.num_experts) for p in ("gate", "up", "down")]
         files.append(tensor_file(expert_file(layer), names, layer))
+    if tower_plans:   # written last: a store without them stays byte-identical to what it was
+        files.append(tensor_file(TOWERS, list(tower_plans)))
     return files, store_dtype
 
 
@@ -328,8 +347,11 @@ def _name_os_errors(fn):
 
 
 @_name_os_errors
-def extract(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, progress: bool = True) -> Path:
+def extract(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, progress: bool = True,
+            towers: bool = False) -> Path:
     """Extract the thinker text model of a checkpoint into the store `out`; returns `out`.
+
+    towers: also the audio and vision towers (`towers.safetensors`, checksummed in the manifest like the rest).
 
     dtype: "bf16", "fp16", "fp32", or None to keep the source's. Resumes an interrupted extraction
     into the same folder (finished files are re-checked against their sha256 and kept).
@@ -340,7 +362,7 @@ def extract(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None,
     ckpt = open_source(ckpt_path)   # refuses a checkpoint that fails the audit: nothing is extracted
     if not isinstance(ckpt, Checkpoint):
         raise CheckpointError(f"{ckpt_path}: is a q3lab store already; extract reads a checkpoint folder")
-    files, store_dtype = plan_extraction(ckpt, dtype)
+    files, store_dtype = plan_extraction(ckpt, dtype, towers=towers)
     ident = {"source": str(ckpt.path.resolve()), "source_id": source_id(ckpt),
              "fingerprint": fingerprint(ckpt.config), "dtype": store_dtype}
     sources = source_files(ckpt)

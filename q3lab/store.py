@@ -4,6 +4,7 @@
     OUT/<tokenizer files>                    copied from the source when present
     OUT/dense.safetensors                    every non-expert canonical tensor
     OUT/experts/layer_{i:03d}.safetensors    layer i's experts; expert e's gate, up, down are adjacent bytes
+    OUT/towers.safetensors                   with extract --towers: audio_tower.*, visual.* (the omni extra)
     OUT/manifest.json                        written last: files and tensors with their sha256
 
 A folder with `.progress.json` and no `manifest.json` is an extraction in progress (see q3lab/extract.py).
@@ -33,6 +34,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
 DENSE = "dense.safetensors"
+TOWERS = "towers.safetensors"            # extract --towers: the audio and vision towers (q3lab.omni)
+TOWER_PREFIXES = ("audio_tower.", "visual.")
 EXPERTS_DIR = "experts"
 TMP_SUFFIX = ".tmp"
 # Short dtype labels (CLI, manifest) -> safetensors dtype names -> config.json names.
@@ -420,6 +423,8 @@ class Store(ShardFiles):
             if p.stat().st_size != d["bytes"]:
                 raise StoreError(f"{p}: {p.stat().st_size} bytes, {MANIFEST} says {d['bytes']}")
         expected = self.config.expected_tensors()
+        # tower tensors (extract --towers) have the manifest's shapes here; the towers' config checks them on load
+        expected.update({n: tuple(t["shape"]) for n, t in self._entries.items() if n.startswith(TOWER_PREFIXES)})
         have = set(self._entries)
         if have != set(expected) or len(self._entries) != len(self.manifest["tensors"]):
             missing, extra = sorted(set(expected) - have), sorted(have - set(expected))

@@ -234,3 +234,88 @@ def test_text_path_does_not_import_transformers(ckpt):
             "m.generate(torch.tensor([[1, 2]]), 2); "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code, str(ckpt)], check=True)
+
+
+def test_extract_towers_verify_and_load(ckpt, hf, spec, tmp_path):
+    """`q3lab extract --towers`: towers.safetensors checksummed in the manifest; the store loads with towers."""
+    from q3lab.cli import main
+    from q3lab.extract import verify
+    store = tmp_path / "store"
+    assert main(["extract", "--towers", str(ckpt), str(store), "--no-progress"]) == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert "towers.safetensors" in manifest["files"]
+    towers = [t for t in manifest["tensors"] if t["file"] == "towers.safetensors"]
+    assert {t["name"].split(".")[0] for t in towers} == {"audio_tower", "visual"}
+    assert all(len(t["sha256"]) == 64 for t in towers)
+    assert main(["extract", "--verify", str(store), "--no-progress"]) == 0
+    inp = build_inputs(store, CASES["audio_in_video"])
+    with torch.no_grad():
+        theirs = hf(**inp).logits
+    assert (q3lab.load(store, towers=True)(**inp) - theirs).abs().max().item() < 1e-4
+    # one flipped byte in the towers file: verify names the file and the one tensor it falls in
+    data = bytearray((store / "towers.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (store / "towers.safetensors").write_bytes(bytes(data))
+    report = verify(store, progress=False, strict=False)
+    assert not report.ok
+    assert report.bad_files.get("towers.safetensors") == "sha256 differs from the manifest"
+    assert list(report.bad_tensors.values()) == ["towers.safetensors"]
+
+
+def test_store_without_towers_says_so(ckpt, tmp_path):
+    from q3lab.extract import extract
+    store = extract(ckpt, tmp_path / "text", progress=False)
+    assert not (store / "towers.safetensors").exists()
+    q3lab.load(store)
+    with pytest.raises(CheckpointError, match="--towers") as e:
+        q3lab.load(store, towers=True)
+    assert "audio_tower.conv2d1.weight" in str(e.value)
+
+
+def test_extract_towers_refuses_text_only_checkpoint(tmp_path):
+    from q3lab.extract import extract
+    text = q3lab.synth(tmp_path / "text", preset="tiny", seed=0, stubs=False, progress=False)
+    with pytest.raises(CheckpointError, match="--towers"):
+        extract(text, tmp_path / "out", progress=False, towers=True)
+
+
+def test_real_layout_positions_and_mrope_24_20_20():
+    """The real checkpoint's layout (token ids, 16-px patches, 128 mel bins, 13 positions per second): positions
+    equal transformers' get_rope_index, and the interleaved [24, 20, 20] rotary of q3lab's step equals
+    transformers' thinker rotary at those unequal positions."""
+    import types
+    from transformers import Qwen3OmniMoeTextConfig, Qwen3OmniMoeThinkerConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+        Qwen3OmniMoePreTrainedModelForConditionalGeneration as P, Qwen3OmniMoeThinkerTextRotaryEmbedding)
+    from q3lab.model import mrope_freqs, rope_cos_sin, rope_inv_freq
+    from q3lab.omni.inputs import DEFAULT_IDS
+    spec = OmniSpec(**DEFAULT_IDS)                      # the real model's defaults
+    rs = np.random.RandomState(1)
+    parts = [[872, 11, 12], Image((rs.rand(224, 224, 3) * 255).astype(np.uint8)), [13],
+             Audio((rs.randn(24000) * 0.1).astype(np.float32)), [14],
+             Video((rs.rand(6, 64, 96, 3) * 255).astype(np.uint8), fps=2.0,
+                   audio=Audio((rs.randn(48000) * 0.1).astype(np.float32))), [15, 16]]
+    inp = build_inputs(spec, parts)
+    ids = inp["input_ids"][0].tolist()
+    assert ids.count(spec.image_token_id) == 49 and ids.count(spec.video_token_id) == 3 * 4 * 6 // 4
+    cfg = Qwen3OmniMoeThinkerConfig(position_id_per_seconds=13, vision_start_token_id=spec.vision_start_token_id)
+    fake = types.SimpleNamespace(config=cfg, spatial_merge_size=2)
+    fake.get_llm_pos_ids_for_vision = types.MethodType(P.get_llm_pos_ids_for_vision, fake)
+    kw = dict(image_grid_thw=inp["image_grid_thw"], video_grid_thw=inp["video_grid_thw"],
+              attention_mask=inp["attention_mask"], use_audio_in_video=True,
+              audio_seqlens=inp["feature_attention_mask"].sum(-1), second_per_grids=inp["video_second_per_grid"])
+    theirs, their_delta = P.get_rope_index(fake, inp["input_ids"], **kw)
+    mine, my_delta = rope_index(inp["input_ids"], spec, **kw)
+    assert torch.equal(mine, theirs) and torch.equal(my_delta.float(), their_delta.float())
+    assert (mine[1] != mine[0]).any() and (mine[2] != mine[1]).any()
+    text = Qwen3OmniMoeTextConfig(hidden_size=2048, num_attention_heads=32, head_dim=128,   # the real thinker's
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "interleaved": True,
+                                                   "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+    rot = Qwen3OmniMoeThinkerTextRotaryEmbedding(text)
+    assert rot.mrope_section == [24, 20, 20]
+    cos_t, sin_t = rot(torch.zeros(1, dtype=torch.float32), theirs)
+    freqs = mrope_freqs(mine, rope_inv_freq(128, text.rope_parameters["rope_theta"]), [24, 20, 20], True)
+    cos, sin_folded = rope_cos_sin(freqs, torch.float32)
+    sin = torch.cat((-sin_folded[..., :64], sin_folded[..., 64:]), dim=-1)
+    torch.testing.assert_close(cos, cos_t, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, sin_t, rtol=0, atol=1e-6)

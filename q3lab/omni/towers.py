@@ -20,7 +20,7 @@ from q3lab.errors import CheckpointError, InputError, Q3LabError, StoreError
 from q3lab.omni.inputs import OmniSpec
 from q3lab.omni.positions import rope_index
 
-TOWER_PREFIXES = ("audio_tower.", "visual.")
+from q3lab.store import TOWER_PREFIXES  # noqa: E402  (the store format names them)
 
 
 def is_tower_tensor(name: str) -> bool:
@@ -177,12 +177,13 @@ def fill_towers(towers: Towers, src) -> None:
     """Copy every tower tensor from the weight source; missing or mis-shaped ones raise CheckpointError naming
     each of them (and the shard the index lists it in)."""
     params = {f"{part}.{n}": p for part in ("audio_tower", "visual") for n, p in getattr(towers, part).named_parameters()}
-    missing, bad = [], []
+    missing, bad, first = [], [], None
     for name, p in params.items():
         try:
             t = src.get(name)
         except (CheckpointError, StoreError) as e:
-            missing.append(f"{src.source_key(name)} ({e})")
+            missing.append(_key(src, name))
+            first = first or str(e)
             continue
         if tuple(t.shape) != tuple(p.shape):
             bad.append(f"{src.source_key(name)} in {src.shard_of(name)}: shape {list(t.shape)}, the tower config "
@@ -192,11 +193,22 @@ def fill_towers(towers: Towers, src) -> None:
     if missing or bad:
         msg = []
         if missing:
-            msg.append(f"{len(missing)} tower tensor(s) missing from {src.path}: " + "; ".join(missing[:20])
-                       + ("; ..." if len(missing) > 20 else ""))
+            hint = " (a store holds the towers only when extracted with --towers)" \
+                if (src.path / "manifest.json").exists() else ""
+            missing.sort()
+            msg.append(f"{len(missing)} tower tensor(s) missing from {src.path}{hint}: " + ", ".join(missing[:20])
+                       + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "") + f" (first: {first})")
         if bad:
             msg.append("; ".join(bad[:20]))
         raise CheckpointError(" | ".join(msg))
+
+
+def _key(src, name: str) -> str:
+    """The source's key of a canonical name (the checkpoint's `thinker.` prefix), or the name itself."""
+    try:
+        return src.source_key(name)
+    except KeyError:
+        return name
 
 
 def load_towers(src, *, device="cpu", dtype=torch.float32) -> Towers:
