@@ -217,7 +217,7 @@ class Recorder:
         Columns: prompt, token_index (int32, from 0 over the input as given), position (int32), token (int32),
         layer (int16), rank (int16), expert (int16), weight (float32, renormalised), call (int32, the index of
         the recorded forward call: what one expert-cache step sees), then `prob` (float32,
-        softmax probability before renormalisation) when recording with probs=True, then `modality` (str: text,
+        softmax probability before renormalisation) when recording with probs=True, then `modality` (category: text,
         audio, image, video or special; `q3lab.omni.modality`), then `domain` and other
         labels when any prompt has them. Sorted by prompt (in order of first appearance), token, layer, rank.
         """
@@ -271,6 +271,8 @@ class Recorder:
         pids = list(self.labels)
         po = data.pop("prompt_order")
         prompt = _prompt_column(pids, po)
+        # a category (1 byte a row, not a string): lexically ordered, as a CSV trace reads it back
+        data["modality"] = pd.Categorical(data["modality"].astype(str))
         frame = pd.DataFrame({"prompt": prompt, **data})
         label_keys = sorted({k for lab in self.labels.values() for k, v in lab.items() if v is not None})
         for key in label_keys:
