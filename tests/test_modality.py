@@ -248,3 +248,20 @@ def test_positions_of_a_real_layout_equal_transformers():
     assert img["t"].nunique() == 1 and img["h"].nunique() == 3 and img["w"].nunique() == 4
     aud = frame[frame["modality"] == "audio"]
     assert (aud["t"] == aud["h"]).all() and (np.diff(aud["t"]) == 1).all()
+
+
+def test_read_media_resamples_and_refuses_bad_files(tmp_path):
+    import soundfile
+    from q3lab.omni.modality import read_media
+    wav = np.sin(np.arange(800) / 5).astype(np.float32)
+    soundfile.write(tmp_path / "a.wav", np.stack([wav, wav], 1), 8000, subtype="FLOAT")   # stereo, 8 kHz
+    (tmp_path / "notes.txt").write_text("not a medium")
+    (name, audio), = read_media(tmp_path)
+    assert name == "a.wav" and audio.sampling_rate == 16000 and len(audio.wav) == 1600
+    np.testing.assert_allclose(audio.wav[::2], wav, atol=1e-6)        # linear: every other sample is an original
+    (tmp_path / "b.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(InputError, match="b.png: cannot read it as an image"):
+        read_media(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no audio"):
+        read_media(tmp_path / "empty")
