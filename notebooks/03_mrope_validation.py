@@ -23,7 +23,7 @@ dtype = "float32"                            # "bfloat16" for the real thinker o
 expert_cache = 0                             # experts kept resident (0: all); e.g. 2048 for the real thinker
 compare_reference = True                     # 04: also run transformers' thinker on the same weights
 interactive = False                          # True in JupyterLab for the widgets
-omni_inputs = "../data/omni_inputs"          # an image and a sound laid out as the real checkpoint lays them out
+omni_inputs = ""                             # an image and a sound (folder); "": the repository's data/omni_inputs
 
 # %%
 # %matplotlib inline
@@ -92,7 +92,8 @@ fig
 
 # %%
 from q3lab.omni import modality as omni_modality, plots as omni_plots
-positions, position_check = omni_modality.positions_check(omni_modality.read_media(omni_inputs))
+media = omni_modality.read_media(omni_inputs or nbk.REPO / "data" / "omni_inputs")
+positions, position_check = omni_modality.positions_check(media)
 display(position_check)
 fig = omni_plots.position_axes(positions)
 plots.save_figure(fig, figures / '03_multimodal_positions.png')
