@@ -352,6 +352,8 @@ class Thinker(nn.Module):
         without it, through the modules unless no hook is registered anywhere."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        if cache is not None and past == 0 and embeds is None:
+            cache.rope_deltas = None         # a text prompt on a reused cache: no earlier media's offset
         if cache is not None and past + T > cache.max_len:
             raise InputError(f"cache holds {cache.max_len} tokens; {past} cached + {T} new do not fit")
         if past + T > self.config.max_position_embeddings:

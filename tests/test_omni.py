@@ -319,3 +319,33 @@ def test_real_layout_positions_and_mrope_24_20_20():
     sin = torch.cat((-sin_folded[..., :64], sin_folded[..., 64:]), dim=-1)
     torch.testing.assert_close(cos, cos_t, rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, sin_t, rtol=0, atol=1e-6)
+
+
+def test_recorded_generate_equals_unrecorded(ours, spec):
+    """q3lab.record around a multimodal generate: same tokens, routing for every fed token and layer."""
+    inp = build_inputs(spec, CASES["audio_in_video"])
+    plain = ours.generate(inp["input_ids"], 3, **_mm(inp))
+    with q3lab.record(ours) as rec:
+        recorded = ours.generate(inp["input_ids"], 3, **_mm(inp))
+    assert recorded.tolist() == plain.tolist()
+    frame = rec.to_frame()
+    T = inp["input_ids"].shape[1]
+    assert frame.groupby("layer")["token_index"].nunique().tolist() == [T + 2] * ours.config.num_hidden_layers
+
+
+def test_generate_refuses_unknown_media_argument(ours, spec):
+    inp = build_inputs(spec, CASES["image"])
+    with pytest.raises(InputError, match="pixel_value"):
+        ours.generate(inp["input_ids"], 2, pixel_value=inp["pixel_values"])
+
+
+def test_reused_cache_forgets_media_offset(ours, spec):
+    """A text prompt on a cache that held a multimodal one: plain text positions again."""
+    inp = build_inputs(spec, CASES["video"])
+    cache = ours.new_cache(1, 64)
+    ours(inp["input_ids"], cache=cache, **{k: v for k, v in _mm(inp).items() if k != "attention_mask"})
+    assert cache.rope_deltas is not None and float(cache.rope_deltas) != 0
+    cache.length = 0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(ours(ids, cache=cache), ours(ids), rtol=0, atol=0)
+    assert cache.rope_deltas is None

@@ -44,8 +44,8 @@ def prefill_inputs(model, input_ids: torch.Tensor, position_ids: torch.Tensor | 
                                    feature_attention_mask=mm.get("feature_attention_mask"),
                                    use_audio_in_video=use_audio_in_video,
                                    video_second_per_grid=mm.get("video_second_per_grid"))
-    if position_ids is not None:        # the caller's own positions win (as in transformers)
-        pos = position_ids
+    if position_ids is not None:        # the caller's own positions win (as in transformers), deltas not added
+        pos = position_ids if position_ids.dim() == 3 else position_ids[None].expand(3, *position_ids.shape)
     if cache is not None:
         cache.rope_deltas = deltas.to(dev)
     return x.to(model.dtype), pos, deepstack

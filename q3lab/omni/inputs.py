@@ -21,15 +21,14 @@ patchify) with the tower's patch sizes; video frames are normalised and patchifi
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from q3lab.errors import InputError, Q3LabError
+from q3lab.errors import CheckpointError, InputError
 
 # the real checkpoint's ids (config.json thinker_config); a config without them falls back to these
 DEFAULT_IDS = dict(audio_token_id=151646, audio_start_token_id=151647, audio_end_token_id=151648,
@@ -69,7 +68,7 @@ class OmniSpec:
         th = cfg.get("thinker_config", cfg)
         if not isinstance(th, dict) or not isinstance(th.get("audio_config"), dict) \
                 or not isinstance(th.get("vision_config"), dict):
-            raise Q3LabError("config.json has no thinker_config.audio_config / vision_config: a text-only "
+            raise CheckpointError("config.json has no thinker_config.audio_config / vision_config: a text-only "
                              "checkpoint has no towers for multimodal input")
         au, vi = th["audio_config"], th["vision_config"]
         ids = {k: int(th.get(k, v)) for k, v in DEFAULT_IDS.items()}
@@ -134,7 +133,10 @@ def image_features(images: Sequence[Image], spec: OmniSpec, *, min_pixels: int |
                    max_pixels: int | None = None, mean=IMAGE_MEAN, std=IMAGE_STD) -> dict[str, torch.Tensor]:
     """pixel_values [patches, C*tp*ps*ps] and image_grid_thw [n, 3] by transformers' `Qwen2VLImageProcessorPil`
     with the vision tower's patch sizes (min/max pixels default to 4 and 16384 merged patches)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    except ImportError:   # transformers before the Pillow/torchvision backend split: the class is the Pillow one
+        from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
     f = spec.patch_size * spec.spatial_merge_size
     proc = Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=spec.spatial_merge_size,
                                     temporal_patch_size=spec.temporal_patch_size, image_mean=list(mean),
@@ -201,7 +203,6 @@ def build_inputs(config: OmniSpec | dict | str | Path, parts: Sequence) -> dict[
     `Audio`, `Image`, `Video` (with `audio`: the sound track interleaved, use_audio_in_video=True; every video
     must then carry its audio, as transformers' flag is one per call). Keys not used are left out."""
     spec = config if isinstance(config, OmniSpec) else OmniSpec.from_config(config)
-    audios = [p for p in parts if isinstance(p, Audio)] + []
     videos = [p for p in parts if isinstance(p, Video)]
     with_audio = [v.audio is not None for v in videos]
     if any(with_audio) and not all(with_audio):

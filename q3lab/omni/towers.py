@@ -19,8 +19,8 @@ from torch import nn
 from q3lab.errors import CheckpointError, InputError, Q3LabError, StoreError
 from q3lab.omni.inputs import OmniSpec
 from q3lab.omni.positions import rope_index
+from q3lab.store import TOWER_PREFIXES   # the store format names them
 
-from q3lab.store import TOWER_PREFIXES  # noqa: E402  (the store format names them)
 
 
 def is_tower_tensor(name: str) -> bool:
@@ -78,7 +78,9 @@ class Towers(nn.Module):
 
     def vision(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(merged embeddings [n_tokens, D], deepstack features [n_tokens, D] per deepstack layer)."""
-        out = self.visual(pixels.type(self.visual.dtype), grid_thw=grid_thw, return_dict=True)
+        out = self.visual(pixels.type(self.visual.dtype), grid_thw=grid_thw)
+        if isinstance(out, tuple):     # earlier transformers: (merged, deepstack features)
+            return out[0], list(out[1])
         return out.pooler_output, list(out.deepstack_features)
 
     def embed(self, input_ids: torch.Tensor, x: torch.Tensor, *, input_features=None, feature_attention_mask=None,
