@@ -3,7 +3,6 @@ q3lab.metrics / q3lab.atlas.queries against hand computations."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
