@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,reference]'
+	$(PY) -m pip install -e '.[dev,reference,omni]'
 	touch $(STAMP)
 
 # The unit tests, and nbval re-running every committed notebook and comparing its outputs.

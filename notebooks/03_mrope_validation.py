@@ -23,6 +23,7 @@ dtype = "float32"                            # "bfloat16" for the real thinker o
 expert_cache = 0                             # experts kept resident (0: all); e.g. 2048 for the real thinker
 compare_reference = True                     # 04: also run transformers' thinker on the same weights
 interactive = False                          # True in JupyterLab for the widgets
+omni_inputs = ""                             # an image and a sound (folder); "": the repository's data/omni_inputs
 
 # %%
 # %matplotlib inline
@@ -82,3 +83,23 @@ fig
 
 # %% [markdown]
 # On text, the chunked layout changes nothing (KL 0), as the equal-axes proof says; a wrong base (Llama's 10,000 where the config says 1,000,000) or no rotary at all moves the distribution and the expected token's rank.
+
+# %% [markdown]
+# ## Positions of a real multimodal input
+# One user turn of the released chat template holding an image and a sound (`omni_inputs`), laid out as the
+# real processor lays it out: the real checkpoint's token ids and tower sizes (16-pixel patches merged 2x2, 13
+# audio tokens per second of 100 mel frames). q3lab's 3-axis positions (`q3lab.omni.positions`) against
+# transformers' own `get_rope_index`, axis by axis, and the rope delta that decoding continues from.
+
+# %%
+from q3lab.omni import modality as omni_modality, plots as omni_plots
+media = omni_modality.read_media(omni_inputs or nbk.REPO / "data" / "omni_inputs")
+positions, position_check = omni_modality.positions_check(media)
+display(position_check)
+fig = omni_plots.position_axes(positions)
+plots.save_figure(fig, figures / '03_multimodal_positions.png')
+fig
+
+# %% [markdown]
+# The image's tokens share one temporal position and walk its grid in height and width; the audio's tokens
+# and the text after them advance on all three axes together, from the largest position the image reached.

@@ -20,7 +20,8 @@ _EXPORTS = {
     **{name: "queries" for name in (
         "atlas", "sql", "stream", "layer_load", "layer_summary", "coactivation", "domain_specialisation",
         "vocab_specialisation", "token_specialisation", "consecutive_overlap", "overlap_summary",
-        "reuse_distance", "hit_rate_curves", "adaptive_capacities", "uniform_overlap")},
+        "reuse_distance", "hit_rate_curves", "adaptive_capacities", "uniform_overlap",
+        "modality_load", "modality_summary", "modality_hit_rate")},
 }
 
 

@@ -15,7 +15,8 @@ as complete. Parts are defined by document ranges fixed in the plan, so any set 
 
 Columns (one row per token; a contract):
     doc_id string, token_index int32 (position within the document), token int32, domain string (null when
-    the corpus has none), experts fixed_size_list<uint8>[L*A] (layer-major, rank order), weights
+    the corpus has none), modality string (text, audio, image, video or special: `q3lab.omni.modality`; text
+    corpora write "text"; since format q3lab-atlas/2, datasets of q3lab-atlas/1 read as all "text"), experts fixed_size_list<uint8>[L*A] (layer-major, rank order), weights
     fixed_size_list<float16>[L*A] (renormalised routing weights).
 Bytes per token: L*A (experts) + 2*L*A (weights) + ~12 before compression: 1,164 for the real thinker
 (48 layers x top-8), 580 for data/mini (48 x top-4); see README "Routing atlas" for the measured sizes.
@@ -36,8 +37,9 @@ import pyarrow.parquet as pq
 
 from q3lab.errors import InputError
 
-FORMAT = "q3lab-atlas/1"
-COLUMNS = ("doc_id", "token_index", "token", "domain", "experts", "weights")
+FORMAT = "q3lab-atlas/2"
+READ_FORMATS = ("q3lab-atlas/1", FORMAT)       # /1: no modality column (read as "text")
+COLUMNS = ("doc_id", "token_index", "token", "domain", "modality", "experts", "weights")
 _PART = re.compile(r"^part-(\d{9})-(\d{9})\.parquet$")
 
 
@@ -45,7 +47,7 @@ def schema(num_layers: int, top_k: int) -> pa.Schema:
     """The Arrow schema of a routing part for `num_layers` layers of `top_k` experts."""
     n = num_layers * top_k
     return pa.schema([("doc_id", pa.string()), ("token_index", pa.int32()), ("token", pa.int32()),
-                      ("domain", pa.string()), ("experts", pa.list_(pa.uint8(), n)),
+                      ("domain", pa.string()), ("modality", pa.string()), ("experts", pa.list_(pa.uint8(), n)),
                       ("weights", pa.list_(pa.float16(), n))])
 
 
@@ -96,10 +98,17 @@ def _write_table_atomic(table: pa.Table, path: Path) -> None:
 
 
 def routing_table(doc_ids: list[str], token_index: np.ndarray, tokens: np.ndarray, domains: list[str | None],
-                  experts: np.ndarray, weights: np.ndarray, num_layers: int, top_k: int) -> pa.Table:
-    """One part's table from per-token arrays: experts/weights [N, L*A] (any int / float dtype)."""
+                  experts: np.ndarray, weights: np.ndarray, num_layers: int, top_k: int,
+                  modality: list[str] | None = None) -> pa.Table:
+    """One part's table from per-token arrays: experts/weights [N, L*A] (any int / float dtype); modality
+    per token (None: every token "text")."""
+    from q3lab.omni.modality import MODALITIES
     n = num_layers * top_k
     N = len(token_index)
+    modality = ["text"] * N if modality is None else list(modality)
+    if len(modality) != N or not set(modality) <= set(MODALITIES):
+        raise InputError(f"atlas: modality must be {N} labels among {list(MODALITIES)}, got {len(modality)} "
+                         f"({sorted(set(map(str, modality)) - set(MODALITIES))[:4]} unknown)")
     if experts.shape != (N, n) or weights.shape != (N, n):
         raise InputError(f"atlas: experts/weights must be [{N}, {n}], got {experts.shape} / {weights.shape}")
     if N and (experts.min() < 0 or experts.max() > 255):
@@ -107,7 +116,8 @@ def routing_table(doc_ids: list[str], token_index: np.ndarray, tokens: np.ndarra
     ex = pa.FixedSizeListArray.from_arrays(pa.array(experts.astype(np.uint8).reshape(-1)), n)
     w = pa.FixedSizeListArray.from_arrays(pa.array(weights.astype(np.float16).reshape(-1)), n)
     return pa.Table.from_arrays([pa.array(doc_ids, pa.string()), pa.array(token_index.astype(np.int32)),
-                                 pa.array(tokens.astype(np.int32)), pa.array(domains, pa.string()), ex, w],
+                                 pa.array(tokens.astype(np.int32)), pa.array(domains, pa.string()),
+                                 pa.array(modality, pa.string()), ex, w],
                                 schema=schema(num_layers, top_k))
 
 
@@ -130,6 +140,11 @@ class Dataset:
     @property
     def num_experts(self) -> int:
         return int(self.manifest["config"]["num_experts"])
+
+    @property
+    def has_modality(self) -> bool:
+        """False for datasets of q3lab-atlas/1, written before the modality column (every token is text)."""
+        return self.manifest.get("format") != "q3lab-atlas/1"
 
     @property
     def complete(self) -> bool:
@@ -233,8 +248,8 @@ def open_dataset(path: str | Path, *, require_complete: bool = False) -> Dataset
         manifest = json.loads(mpath.read_text())
     except ValueError as e:
         raise InputError(f"{mpath}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise InputError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in READ_FORMATS:
+        raise InputError(f"{mpath}: format {manifest.get('format')!r}, expected one of {list(READ_FORMATS)}")
     names = sorted(p.name for p in path.iterdir() if _PART.match(p.name))
     parts = [path / n for n in names if part_complete(path, n)]
     logits = [path / "logits" / p.name for p in parts if (path / "logits" / p.name).is_file()]

@@ -66,14 +66,16 @@ def sql(ds: Dataset | str | Path, query: str, con=None) -> pd.DataFrame:
 def stream(ds: Dataset | str | Path, columns: Sequence[str] = ("token_index", "experts"), *,
            batch_rows: int = BATCH_ROWS, max_tokens: int | None = None, con=None) -> Iterator[dict]:
     """Batches of at most `batch_rows` tokens in dataset order, as numpy arrays: experts [n, L, A] uint8,
-    weights [n, L, A] float32, token_index / token int32, domain an object array; `max_tokens` stops early.
+    weights [n, L, A] float32, token_index / token int32, domain / doc_id / modality object arrays (modality
+    "text" throughout for a dataset of q3lab-atlas/1); `max_tokens` stops early.
 
     One DuckDB query per part, so dataset order is the parts' order and each part's row order.
     """
     ds = _ds(ds)
     con = con or connect()
     L, A = ds.num_layers, ds.top_k
-    cols = ", ".join(columns)
+    # a q3lab-atlas/1 dataset has no modality column: every token of it was text
+    cols = ", ".join("'text' AS modality" if c == "modality" and not ds.has_modality else c for c in columns)
     seen = 0
     for part in ds.parts:
         q = f"SELECT {cols} FROM read_parquet('{str(part).replace(chr(39), chr(39) * 2)}')"
@@ -94,7 +96,7 @@ def stream(ds: Dataset | str | Path, columns: Sequence[str] = ("token_index", "e
                                          f"expected {L}x{A} per token")
                     out[name] = vals.reshape(n, L, A).astype(np.uint8 if name == "experts" else np.float32,
                                                              copy=False)
-                elif name == "domain" or name == "doc_id":
+                elif name in ("domain", "doc_id", "modality"):
                     out[name] = np.asarray(col.to_pylist(), dtype=object)
                 else:
                     out[name] = col.to_numpy(zero_copy_only=False)
@@ -665,6 +667,65 @@ def adaptive_capacities(curves: pd.DataFrame, budget: int, *, policy: str = "lru
     out = pd.DataFrame(rows)
     out.attrs.update(budget=budget, policy=policy)
     return out
+
+
+# -- splits by modality --------------------------------------------------------------------------------
+class ModalityLoad(_Acc):
+    """Expert counts per modality (the dataset's `modality` column; "text" throughout for q3lab-atlas/1)."""
+    columns = ("modality", "experts")
+
+    def __init__(self, ds):
+        from q3lab.omni.modality import MODALITIES
+        super().__init__(ds)
+        self.mods = MODALITIES
+        self.counts = np.zeros((len(self.mods), self.L, self.E), np.int64)
+        self.tokens = np.zeros(len(self.mods), np.int64)
+
+    def update(self, b):
+        from q3lab.analysis.metrics import modality_counts
+        _, c, n = modality_counts(b["modality"], b["experts"], self.E, self.mods)
+        self.counts += c
+        self.tokens += n
+
+    def result(self):
+        from q3lab.analysis.metrics import modality_load_frame
+        return modality_load_frame(self.mods, self.counts, self.tokens, self.A)
+
+
+def modality_load(ds: Dataset | str | Path, *, batch_rows: int = BATCH_ROWS) -> pd.DataFrame:
+    """Per-layer expert load split by modality, the frame of `q3lab.analysis.metrics.modality_load` (modality, layer,
+    expert, count, tokens, share, overall_share, lift, uniform_share), so `q3lab.analysis.metrics.modality_entropy`,
+    `modality_experts` and `modality_overlap` apply to it as to a record frame's."""
+    ds = _ds(ds)
+    return run(ds, [ModalityLoad(ds)], batch_rows=batch_rows)[0]
+
+
+def modality_summary(ds: Dataset | str | Path, *, batch_rows: int = BATCH_ROWS) -> dict[str, pd.DataFrame]:
+    """The modality splits of a dataset as tidy frames: load, entropy, experts (used by one modality and
+    rarely by the others), overlap (cross-modal), from one scan."""
+    from q3lab.analysis.metrics import modality_entropy, modality_experts, modality_overlap
+    load = modality_load(ds, batch_rows=batch_rows)
+    return {"load": load, "entropy": modality_entropy(load), "experts": modality_experts(load),
+            "overlap": modality_overlap(load)}
+
+
+def modality_hit_rate(ds: Dataset | str | Path, capacity: int, policy: str = "lru", *, max_tokens: int = 2048,
+                      arrival_tokens: int = 4, per_layer: bool = False) -> pd.DataFrame:
+    """Expert-cache hit rate split by the modality of the accessing token, over the decode-order accesses of
+    the first `max_tokens` tokens (as `hit_rate_curves`); the columns of `q3lab.analysis.metrics.modality_hit_rate`
+    (modality, phase arrival/within/all, tokens, accesses, hits, hit_rate)."""
+    from q3lab.analysis.metrics import modality_hit_rate_arrays
+    ds = _ds(ds)
+    labels, experts, new_doc, prev = [], [], [], None
+    for b in stream(ds, ("token_index", "modality", "experts"), max_tokens=max_tokens):
+        new_doc.append(_boundaries(b["token_index"].astype(np.int64), prev))
+        prev = int(b["token_index"][-1])
+        labels.append(b["modality"])
+        experts.append(b["experts"])
+    if not labels:
+        raise InputError(f"{ds.path}: no tokens to replay")
+    return modality_hit_rate_arrays(np.concatenate(labels), np.concatenate(experts), np.concatenate(new_doc),
+                                    capacity, policy, arrival_tokens=arrival_tokens, per_layer=per_layer)
 
 
 # -- everything at once ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def synthetic_dataset(out: str | Path, tokens: int, *, layers: int = 48, top_k: 
                 "config": {"num_layers": layers, "top_k": top_k, "num_experts": experts, "vocab_size": vocab},
                 "corpus": {"documents": ndocs, "tokens": tokens},
                 "options": {"doc_tokens": doc_tokens, "part_tokens": part_tokens},
-                "columns": ["doc_id", "token_index", "token", "domain", "experts", "weights"],
+                "columns": ["doc_id", "token_index", "token", "domain", "modality", "experts", "weights"],
                 "parts": [{"name": p.name, "first": p.first, "end": p.end, "tokens": p.tokens} for p in parts]}
     writer = DatasetWriter(out, manifest)
     L, A, E = layers, top_k, experts

@@ -162,7 +162,7 @@ def trace_corpus(model, tokenizer, corpus: str | Path, out: str | Path, *, batch
         "options": {"window": window, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size,
                     "dtype": str(model.dtype).replace("torch.", ""), "device_type": model.device.type,
                     "logits": bool(logits), "part_tokens": part_tokens, "positions": "window-local"},
-        "columns": ["doc_id", "token_index", "token", "domain", "experts", "weights"],
+        "columns": ["doc_id", "token_index", "token", "domain", "modality", "experts", "weights"],
         "parts": [{"name": p.name, "first": p.first, "end": p.end, "tokens": p.tokens} for p in parts],
     }
     writer = DatasetWriter(out, manifest)
@@ -215,6 +215,18 @@ def _routing_arrays(rec, L: int, A: int) -> tuple[np.ndarray, np.ndarray]:
     return (ex.reshape(-1, L * A).to(torch.int16).cpu().numpy(), wt.reshape(-1, L * A).cpu().numpy())
 
 
+def _modality_array(rec) -> np.ndarray:
+    """The `modality` label of each token of the recording's one forward call, in `_routing_arrays`' row order
+    (what `rec.to_frame()`'s modality column holds on each token's rows)."""
+    from q3lab.omni.modality import modality_labels
+    c = rec._calls()[0]
+    labels = np.asarray(modality_labels(c.ids, rec.modality_tokens, media=c.media), dtype=object)
+    labels = labels.reshape(c.ids.shape)
+    if c.valid is not None:
+        labels = labels[c.valid.cpu().numpy()]
+    return labels.reshape(-1)
+
+
 def _trace_part(model, docs, window: int, stride: int, batch_size: int, logits: bool, L: int, A: int,
                 E: int) -> tuple[pa.Table, pa.Table | None]:
     """Routing of every kept token of the part's documents, in document then token order."""
@@ -225,6 +237,7 @@ def _trace_part(model, docs, window: int, stride: int, batch_size: int, logits: 
     order = sorted(range(len(wins)), key=lambda w: (-(wins[w][2] - wins[w][1]), w))
     ex_out: dict[int, np.ndarray] = {}
     w_out: dict[int, np.ndarray] = {}
+    m_out: dict[int, np.ndarray] = {}
     lg_out: dict[int, np.ndarray] = {}
     dev = model.device
     for b0 in range(0, len(order), batch_size):
@@ -243,6 +256,7 @@ def _trace_part(model, docs, window: int, stride: int, batch_size: int, logits: 
             with torch.inference_mode():
                 model(ids.to(dev), attention_mask=mask.to(dev) if padded else None, last_only=True)
         ex, wt = _routing_arrays(rec, L, A)                      # [tokens of the batch, L*A], row order
+        md = _modality_array(rec)                                # one label per token, the same order
         lp = None
         if logits:   # log-probabilities: the router logits less their per-token logsumexp
             lp = np.stack([np.log(rec.router_probs(layer)[1]) for layer in range(L)], axis=1).reshape(-1, L * E)
@@ -250,7 +264,7 @@ def _trace_part(model, docs, window: int, stride: int, batch_size: int, logits: 
         for w, row in zip(batch, rows):
             n = len(row)
             keep = slice(wins[w][3] - wins[w][1], n)
-            ex_out[w], w_out[w] = ex[off:off + n][keep], wt[off:off + n][keep]
+            ex_out[w], w_out[w], m_out[w] = ex[off:off + n][keep], wt[off:off + n][keep], md[off:off + n][keep]
             if lp is not None:
                 lg_out[w] = lp[off:off + n][keep]
             off += n
@@ -267,7 +281,8 @@ def _trace_part(model, docs, window: int, stride: int, batch_size: int, logits: 
     n_all = L * A
     table = routing_table(doc_ids, cat(tindex, 0), cat(tokens, 0), domains,
                           cat([ex_out[w] for w in range(len(wins))], (0, n_all)),
-                          cat([w_out[w] for w in range(len(wins))], (0, n_all)), L, A)
+                          cat([w_out[w] for w in range(len(wins))], (0, n_all)), L, A,
+                          modality=[str(m) for w in range(len(wins)) for m in m_out[w]])
     lg = None
     if logits:
         lgm = cat([lg_out[w] for w in range(len(wins))], (0, L * E)).astype(np.float16)

@@ -52,6 +52,7 @@ class _Call:
     topk_weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [N, A]
     logits: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> [N, E]
     done: bool = False
+    media: frozenset = frozenset()          # media the call was given (q3lab.omni.modality.media_of)
 
 
 class Recorder:
@@ -64,6 +65,8 @@ class Recorder:
         self.num_layers = len(model.model.layers)
         self.num_experts = model.config.num_experts
         self.top_k = model.config.num_experts_per_tok
+        from q3lab.omni.modality import tokens_of
+        self.modality_tokens = tokens_of(model)     # ids that carry or frame media (the `modality` column)
         self.calls: list[_Call] = []
         self.labels: dict[Any, dict[str, Any]] = {}    # prompt id -> {"domain": ..., other labels}
         self._pending: list[tuple[Any, dict[str, Any]]] = []
@@ -194,8 +197,9 @@ class Recorder:
         elif pos.dim() == 3:
             pos = pos[0]   # temporal axis: equal to the text position for text tokens
         valid = mask.bool()[:, past:] if mask is not None else None
+        from q3lab.omni.modality import media_of
         self._current = _Call(prompts, past, ids.detach().clone(), pos.detach().clone(),
-                              None if valid is None else valid.clone(), cache)
+                              None if valid is None else valid.clone(), cache, media=media_of(kwargs))
         self.calls.append(self._current)
 
     def _on_call_end(self, module, args, out) -> None:
@@ -217,9 +221,11 @@ class Recorder:
         Columns: prompt, token_index (int32, from 0 over the input as given), position (int32), token (int32),
         layer (int16), rank (int16), expert (int16), weight (float32, renormalised), call (int32, the index of
         the recorded forward call: what one expert-cache step sees), then `prob` (float32,
-        softmax probability before renormalisation) when recording with probs=True, then `domain` and other
+        softmax probability before renormalisation) when recording with probs=True, then `modality` (category: text,
+        audio, image, video or special; `q3lab.omni.modality`), then `domain` and other
         labels when any prompt has them. Sorted by prompt (in order of first appearance), token, layer, rank.
         """
+        from q3lab.omni.modality import modality_labels
         L, A = self.num_layers, self.top_k
         parts = []
         for n_call, call in enumerate(self._calls()):
@@ -238,6 +244,8 @@ class Recorder:
                 "rank": np.broadcast_to(np.arange(A, dtype=np.int16)[None, None, None, :], (L, B, T, A)),
                 "expert": ex.cpu().numpy().astype(np.int16),
                 "weight": w.cpu().numpy().astype(np.float32),
+                "modality": np.broadcast_to(modality_labels(call.ids, self.modality_tokens, media=call.media)
+                                            [None, :, :, None], (L, B, T, A)),
             }
             if self.probs:
                 lg = torch.stack([call.logits[i] for i in range(L)])                   # [L, N, E]
@@ -256,15 +264,19 @@ class Recorder:
         names = ["prompt_order", "token_index", "position", "token", "layer", "rank", "expert", "weight", "call"]
         if self.probs:
             names.append("prob")
+        names.append("modality")
         if parts:
             data = {k: np.concatenate([p[k] for p in parts]) for k in names}
         else:
-            data = {k: np.zeros(0, dtype=np.float32 if k in ("weight", "prob") else np.int32) for k in names}
+            data = {k: np.zeros(0, dtype=object if k == "modality" else np.float32 if k in ("weight", "prob")
+                                else np.int32) for k in names}
         sort = np.lexsort((data["rank"], data["layer"], data["token_index"], data["prompt_order"]))
         data = {k: v[sort] for k, v in data.items()}
         pids = list(self.labels)
         po = data.pop("prompt_order")
         prompt = _prompt_column(pids, po)
+        # a category (1 byte a row, not a string): lexically ordered, as a CSV trace reads it back
+        data["modality"] = pd.Categorical(data["modality"].astype(str))
         frame = pd.DataFrame({"prompt": prompt, **data})
         label_keys = sorted({k for lab in self.labels.values() for k, v in lab.items() if v is not None})
         for key in label_keys:

@@ -25,6 +25,10 @@ MARKER = ".q3lab-notebooks"
 # 128-expert model is ~3x slower per token, so 06 traces fewer tokens on it to keep `make demo` in budget)
 SECOND_MODELS = {"mini128": (REPO / "data" / "mini128", ("05", "06"),
                              {"max_tokens": 20000, "predict_tokens": 3000})}
+# Notebooks that need the audio and vision towers (q3lab.omni). With no checkpoint given they build the tiny
+# random full model themselves; given a checkpoint without tower tensors (data/mini, a text-only store) they are
+# skipped with a row saying why, instead of failing in their first cell.
+TOWER_NOTEBOOKS = ("08",)
 
 
 def notebook_paths(notebooks_dir: Path = NOTEBOOKS_DIR, names: list[str] | None = None) -> list[Path]:
@@ -140,7 +144,7 @@ def run_notebooks(checkpoint: str | Path | None = None, out: str | Path | None =
     if figures_dir is not None:
         params["figures_dir"] = str(claim_folder(Path(figures_dir).resolve(), "--figures").resolve())
     sources = notebook_paths(Path(notebooks_dir), names)
-    runs = [(nb, nb.stem, params) for nb in sources]
+    runs = [_tower_run(nb, params) for nb in sources]
     if second_models if second_models is not None else default_run:
         runs += _second_model_runs(sources, dest_dir, params)
     rows = []
@@ -164,6 +168,36 @@ def run_notebooks(checkpoint: str | Path | None = None, out: str | Path | None =
         if in_place and name == nb.stem:
             write_clean(dest, nb.with_suffix(".ipynb"))
     return pd.DataFrame(rows)
+
+
+def has_towers(folder: str | Path) -> bool:
+    """Whether a checkpoint folder or store holds audio/vision tower tensors (`thinker.audio_tower.*`,
+    `thinker.visual.*`, or canonical `audio_tower.*` / `visual.*`), read from its index, manifest or single
+    safetensors header only (no tensor is read)."""
+    from q3lab.base import jsonio
+    folder = Path(folder)
+    prefixes = ("audio_tower.", "visual.", "thinker.audio_tower.", "thinker.visual.")
+    if (folder / "manifest.json").is_file():
+        names = [t.get("name", "") for t in jsonio.read_json(folder / "manifest.json", InputError,
+                                                              kind="manifest").get("tensors", [])
+                 if isinstance(t, dict)]
+    elif (folder / "model.safetensors.index.json").is_file():
+        names = list(jsonio.read_json(folder / "model.safetensors.index.json", InputError).get("weight_map", {}))
+    elif (folder / "model.safetensors").is_file():
+        from q3lab.base.safetensors_io import SafetensorsFile
+        names = list(SafetensorsFile(folder / "model.safetensors").tensors)
+    else:
+        return False
+    return any(str(n).startswith(prefixes) for n in names)
+
+
+def _tower_run(nb: Path, params: dict) -> tuple:
+    """(nb, name, params) to run, or (None, name, why) for a tower notebook given a checkpoint without towers."""
+    ckpt = params.get("checkpoint")
+    if nb.stem[:2] in TOWER_NOTEBOOKS and ckpt and not has_towers(ckpt):
+        return (None, nb.stem, f"{ckpt} has no audio/vision tower tensors; {nb.stem} needs a Qwen3-Omni checkpoint "
+                               f"with towers (or none: it then builds the tiny random full model)")
+    return (nb, nb.stem, params)
 
 
 def _second_model_runs(sources: list[Path], dest_dir: Path, params: dict) -> list[tuple]:
