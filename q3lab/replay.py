@@ -196,7 +196,9 @@ def belady_hit_rate(experts: np.ndarray, capacity, warm_tokens: int, policy: str
 
 def lru_stack_hits(experts: np.ndarray, max_capacity: int) -> np.ndarray:
     """Per layer, hits of a per-layer LRU cache at each capacity 1..max_capacity over `experts` [T, L, A]:
-    [L, max_capacity] (from LRU stack distances, one pass per layer)."""
+    [L, max_capacity] (from LRU stack distances, one pass per layer). The live caches also keep a group's
+    pending experts from eviction, which only adds hits: this is exact when a layer's experts all fit and a
+    lower bound below (a heuristic's input, `capacities_from_trace`, not a result)."""
     T, L, _ = experts.shape
     out = np.zeros((L, max_capacity + 1), np.int64)
     for layer in range(L):
