@@ -210,6 +210,32 @@ class DeviceExpertCache(ExpertProvider):
             s = self.slots(layer, [e])[0]
         return self.gate[s], self.up[s], self.down[s]
 
+    def reconfigure(self, capacity: int | Sequence[int], *, policy: str | Policy = "lru",
+                    trace: Sequence[tuple[int, int]] | None = None, per_layer: bool = False,
+                    pinned: Iterable[tuple[int, int]] | None = None, log_accesses: bool = False) -> None:
+        """Start over with an empty residency of another capacity/policy on the SAME slab (at most its slots):
+        a decoder's captured graphs keep reading these tensors, so a benchmark can compare budgets and policies
+        without recapturing. The pins are copied in now."""
+        L, E = self.host[0].shape[:2]
+        res = Residency(capacity, layers=L, experts=E, policy=policy, trace=trace, per_layer=per_layer,
+                        pinned=pinned, log_accesses=log_accesses)
+        if res.num_slots > self.gate.shape[0]:
+            raise InputError(f"DeviceExpertCache.reconfigure: {res.num_slots} slots do not fit the slab's "
+                             f"{self.gate.shape[0]} (made for capacity {self.capacity})")
+        if res.room() < 1:
+            raise InputError(f"DeviceExpertCache.reconfigure: capacity {capacity} minus "
+                             f"{res.pinned_in_scope()} pinned leaves no room for the routed experts")
+        self._sync_copies()
+        self.residency = res
+        self.capacity, self.per_layer, self.pinned = res.capacity, res.per_layer, res.pinned
+        for key in sorted(self.pinned):
+            if self._content[res.slot_of[key]] != key:
+                self._copy_in(key, res.slot_of[key])
+        self._sync_copies()
+        self._copied = self._prefetched = 0
+        self._prefetch_pending = False
+        self._served, self._served_layer = {}, -1
+
     # -- statistics --------------------------------------------------------------------------------
     @property
     def hits(self) -> int:

@@ -364,7 +364,9 @@ class OffloadedDecoder(StaticDecoder):
         self.expert_cache = cache
         model.set_experts(cache)
         self.route_override = None
-        self.prefetch = bool(prefetch)
+        # the predictor is part of the captured attention segment; `prefetch` (host side, may be switched off
+        # later) decides whether its guesses are copied in
+        self._predictor = self.prefetch = bool(prefetch)
         if (host_experts is None) != (host_split is None):
             raise InputError("OffloadedDecoder: host_experts and host_split go together (both or neither)")
         self.host_experts, self.host_split = host_experts, host_split
@@ -420,7 +422,7 @@ class OffloadedDecoder(StaticDecoder):
         x, h, idx, w = self._pre(layer, self.x_buf, self.y_buf, Rope(self.rope_buf[0], self.rope_buf[1]),
                                  self.bias_buf)
         self.x_buf.copy_(x), self.h_buf.copy_(h), self.idx_buf.copy_(idx), self.w_buf.copy_(w)
-        if self.prefetch and layer + 1 < self.config.num_hidden_layers:
+        if self._predictor and layer + 1 < self.config.num_hidden_layers:
             # the next layer's router on this layer's post-attention residual: a guess of its experts that
             # reaches the host with this layer's ids, so prefetching costs no extra sync
             nxt = self._weights[layer + 1]
@@ -504,6 +506,9 @@ class OffloadedDecoder(StaticDecoder):
                 op = getattr(override, "predicted", None) if override is not None else None
                 guess = op(layer + 1) if op is not None else None
                 if guess is None:
+                    if not self._predictor:
+                        raise InputError("OffloadedDecoder: prefetch switched on, but the decoder was built "
+                                         "without its predictor (prefetch=False)")
                     guess = self.pred_host.view(-1).tolist()
                 self._guess[layer + 1] = set(guess)
                 cache.prefetch(layer + 1, guess)

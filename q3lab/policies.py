@@ -451,7 +451,8 @@ class Residency:
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, trace)
         self.t = 0
         for key in sorted(self.slot_of):
-            self.policy.insert(key, 0)
+            if key not in self.pinned:
+                self.policy.insert(key, 0)
         self.reset_stats()
 
     def prefetch(self, key: tuple[int, int], protect: Collection) -> tuple[bool, int | None]:
@@ -479,7 +480,8 @@ class Residency:
     def _insert(self, key: tuple[int, int], t: int) -> None:
         self.slot_of[key] = self._take_slot()
         self.in_layer[key[0]] += 1
-        self.policy.insert(key, t)
+        if key not in self.pinned:   # never a victim: ranking it would only make every eviction skip it
+            self.policy.insert(key, t)
         self.peak = max(self.peak, len(self.slot_of))
         self.peak_layer[key[0]] = max(self.peak_layer[key[0]], self.in_layer[key[0]])
 
