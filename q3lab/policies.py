@@ -283,6 +283,39 @@ def make_policy(name: str, trace: Sequence[Key] | None = None) -> Policy:
     return {"lru": LRUPolicy, "lfu": LFUPolicy, "score": ScorePolicy}[name]()
 
 
+class PerLayerPolicy(Policy):
+    """One policy per layer for a cache with per-layer budgets: the same ranking as one policy over all keys
+    (each layer's keys keep their relative order), but a victim is found among that layer's keys only, not by
+    walking past every other layer's (what made per-layer LRU O(capacity) per miss)."""
+
+    def __init__(self, policies: Sequence[Policy]):
+        self.sub = list(policies)
+        self.name = self.sub[0].name
+        self.needs_weights = self.sub[0].needs_weights
+
+    def access(self, key, t, weight=0.0):
+        self.sub[key[0]].access(key, t, weight)
+
+    def insert(self, key, t):
+        self.sub[key[0]].insert(key, t)
+
+    def remove(self, key):
+        self.sub[key[0]].remove(key)
+
+    def victim(self, candidates, t):
+        cands = _as_set(candidates)
+        if not cands:
+            _no_victim(self.name, cands)
+        return self.sub[next(iter(cands))[0]].victim(cands, t)
+
+    def victim_in(self, layer: int, ok: Callable[[Key], bool], t: int):
+        """`victim_where` among `layer`'s keys."""
+        return self.sub[layer].victim_where(ok, t)
+
+    def __repr__(self) -> str:
+        return f"PerLayerPolicy({self.name!r} x {len(self.sub)})"
+
+
 # -- the residency core ------------------------------------------------------------------------------
 STATS_COLUMNS = ("layer", "accesses", "hits", "misses", "hit_rate", "evictions", "prefetch_loads", "prefetch_hits",
                  "resident", "peak_resident")
@@ -337,7 +370,7 @@ class Residency:
             caps = [capacity] * self.layers
         self.capacity = capacity if isinstance(capacity, int) else sum(caps)
         self.caps = caps                                      # per layer (the same everywhere unless a list)
-        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, trace)
+        self.policy = self._make_policy(policy, trace)
         self.pinned = frozenset((int(k[0]), int(k[1])) for k in (pinned or []))
         for key in sorted(self.pinned):
             if not (0 <= key[0] < self.layers and 0 <= key[1] < self.experts):
@@ -361,6 +394,13 @@ class Residency:
         for key in sorted(self.pinned):
             self._insert(key, self.t)
         self.reset_stats()
+
+    def _make_policy(self, policy: str | Policy, trace: Sequence[Key] | None) -> Policy:
+        if isinstance(policy, Policy):
+            return policy
+        if self.per_layer and isinstance(policy, str) and policy.lower() in ("lru", "lfu", "score"):
+            return PerLayerPolicy([make_policy(policy) for _ in range(self.layers)])
+        return make_policy(policy, trace)
 
     # -- what fits ---------------------------------------------------------------------------------
     def pinned_in_scope(self, layer: int | None = None) -> int:
@@ -448,7 +488,7 @@ class Residency:
     def restart(self, policy: str | Policy, trace: Sequence[Key] | None = None) -> None:
         """Continue with a fresh `policy` from access counter t = 0 (the resident keys inserted into it at t = 0)
         and zeroed counters: e.g. belady with `trace` = the accesses that follow (a replayed run)."""
-        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, trace)
+        self.policy = self._make_policy(policy, trace)
         self.t = 0
         for key in sorted(self.slot_of):
             if key not in self.pinned:
@@ -504,8 +544,9 @@ class Residency:
         while (self.in_layer[layer] if per_layer else len(slot_of)) >= limit:
             # The policy walks its own order with a predicate (LRU: the oldest key, skipping pinned and
             # protected ones); building the candidate set cost a scan of every resident expert per miss.
-            victim = self.policy.victim_where(
-                lambda k: (not per_layer or k[0] == layer) and k not in protect and k not in pinned, t)
+            ok = lambda k: (not per_layer or k[0] == layer) and k not in protect and k not in pinned  # noqa: E731
+            victim_in = getattr(self.policy, "victim_in", None) if per_layer else None
+            victim = victim_in(layer, ok, t) if victim_in is not None else self.policy.victim_where(ok, t)
             if victim is NotImplemented:
                 cands = {k for k in slot_of
                          if (not per_layer or k[0] == layer) and k not in pinned and k not in protect}

@@ -245,3 +245,23 @@ def test_host_computed_misses_keep_greedy_tokens(dtype, small_ckpt):
     tot = cache.stats()
     assert tot["misses"] >= st.host_experts.sum()
     assert tot["bytes_copied"] == (tot["misses"] - st.host_experts.sum()) * cache.expert_bytes
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "score"])
+def test_per_layer_policies_rank_as_one_policy(policy):
+    """Per-layer budgets run one policy per layer (fast victims); hits equal one policy over all keys."""
+    from q3lab.policies import PerLayerPolicy, make_policy
+    tr = load_trace(TRACE)
+    seq = access_frame(tr.experts[1, :40], tr.weights[1, :40])
+    caps = [10 + (layer % 5) * 3 for layer in range(48)]
+    runs = []
+    for pol in (policy, make_policy(policy)):          # by name: PerLayerPolicy; an instance: one global policy
+        res = Residency(caps, layers=48, experts=128, policy=pol, per_layer=True)
+        assert isinstance(res.policy, PerLayerPolicy) == isinstance(pol, str)
+        hits = []
+        for g, part in seq.groupby("group", sort=False):
+            layer, experts = int(part.layer.iloc[0]), part.expert.astype(int).tolist()
+            res.begin(layer, experts, part.weight.tolist())
+            hits.extend(res.access(layer, e)[1] for e in experts)
+        runs.append(hits)
+    assert runs[0] == runs[1] and 0 < sum(runs[0]) < len(runs[0])
