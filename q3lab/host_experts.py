@@ -47,12 +47,13 @@ class HostExperts:
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         dt = self.dtype
-        x = h.reshape(-1).to(dt)
-        out = torch.empty(len(experts), x.shape[0], dtype=torch.float32)
+        x = h.reshape(1, -1).to(dt)
+        out = torch.empty(len(experts), x.shape[1], dtype=torch.float32)
         wt = torch.tensor([float(w) for w in weights], dtype=torch.float32).to(dt).float()
         for k, e in enumerate(experts):
-            act = F.silu(self.gate[layer, e] @ x) * (self.up[layer, e] @ x)     # [I], rounded to dt
-            out[k] = (self.down[layer, e] @ act).float() * wt[k]
+            # F.linear on a [1, D] row: the GEMM path (oneDNN for bf16), not the generic matrix-vector kernel
+            act = F.silu(F.linear(x, self.gate[layer, e])) * F.linear(x, self.up[layer, e])   # [1, I], in dt
+            out[k] = F.linear(act, self.down[layer, e])[0].float() * wt[k]
         return out
 
 
