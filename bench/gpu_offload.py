@@ -289,8 +289,18 @@ def main() -> None:
             base = base_ms.get((routing, budget, policy, adaptive, host))
             if base is not None:
                 row["saved_ms_vs_no_prefetch"] = base - per * 1e3
+            # per layer: the copies issued ahead of use that were used (their time overlapped the previous
+            # layer's work instead of stalling this one) and the bytes of guesses never used
+            ls["prefetched_copy_ms_per_token"] = ls.prefetch_hits * expert_bytes / link / N * 1e3
+            ls["wasted_MB_per_token"] = (ls.prefetch_loads - ls.prefetch_hits).clip(lower=0) * expert_bytes / N / 1e6
             ls.to_csv(args.out / f"layers_{routing}_{int(budget * 100)}_{policy}_prefetch{'_host' if host else ''}.csv",
                       index=False)
+            if routing == "mini128" and not host and not printed_layers:
+                printed_layers.append(True)
+                cols = ["layer", "prediction_accuracy", "hit_rate", "prefetch_loads", "prefetch_hits",
+                        "prefetched_copy_ms_per_token", "wasted_MB_per_token"]
+                log(f"per layer, {routing} {budget:.0%} {policy} + prefetch:")
+                log(ls[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         else:
             base_ms[(routing, budget, policy, adaptive, host)] = per * 1e3
         if host:
@@ -305,6 +315,7 @@ def main() -> None:
 
     belady_cache: dict = {}
     base_ms: dict = {}
+    printed_layers: list = []
     b0 = budgets[0]
     plan = [("synthetic", b0, "lru", {})]
     plan += [("uniform", b0, "lru", {}), ("uniform", b0, "lru", {"host": True}),

@@ -94,15 +94,18 @@ class HostSplit:
 
 
 def time_host_expert(host: HostExperts, layer: int = 0, repeats: int = 5, experts: int = 4) -> float:
-    """Median seconds per expert of `host.compute` on one token (a calibration for `HostSplit`)."""
-    D = host.gate.shape[3]
+    """Median seconds per expert of `host.compute` on one token (a calibration for `HostSplit`). Each repeat
+    reads other experts (of the next layer), so the host's caches cannot serve the weights of a previous one."""
+    L, E, _, D = host.gate.shape
     h = torch.randn(D).to(host.dtype)
-    ids, ws = list(range(experts)), [1.0 / experts] * experts
-    host.compute(layer, h, ids, ws)
+    ws = [1.0 / experts] * experts
+    host.compute(layer, h, list(range(min(experts, E))), ws[:min(experts, E)])   # warm-up (threads, kernels)
     ts = []
-    for _ in range(repeats):
+    for r in range(repeats):
+        lay = (layer + 1 + r) % L
+        ids = [(experts * r + k) % E for k in range(experts)]
         t = time.perf_counter()
-        host.compute(layer, h, ids, ws)
+        host.compute(lay, h, ids, ws)
         ts.append((time.perf_counter() - t) / experts)
     ts.sort()
     return ts[len(ts) // 2]
