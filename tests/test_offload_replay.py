@@ -233,7 +233,8 @@ def test_host_computed_misses_keep_greedy_tokens(dtype, small_ckpt):
     res = StaticDecoder(model, 48)
     want = res.generate(ids, 24)
     cache = _cache(model, 12)
-    split = HostSplit(c.num_hidden_layers, cache.expert_bytes, 1e9, 1e-9, max_host=3)   # host "free": 3 per layer
+    split = HostSplit(c.num_hidden_layers, cache.expert_bytes, 1e9, 1e-9, max_host=3)
+    split.split = lambda layer, misses: min(misses, 3)    # not from timings: the test stays deterministic
     off = OffloadedDecoder(model, 48, cache, host_experts=HostExperts(*model.host_experts_), host_split=split)
     got = off.generate(ids, 24)
     st = off.offload_stats()
