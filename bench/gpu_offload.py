@@ -107,6 +107,43 @@ def build(cfg, seed: int, pin: bool):
     return model.eval(), (gate, up, down)
 
 
+def overlap_probe(host: HostExperts, hg, hu, hd, expert_bytes: int, n_copy: int = 24, n_host: int = 8) -> dict:
+    """Whether the host's expert compute and the link's copies run at the same time: copies of n_copy experts
+    alone, n_host experts computed on the host alone, then both (copies issued first, as the decoder does),
+    at the host's full thread count and at half of it."""
+    I, D = hg.shape[2], hg.shape[3]
+    dst = torch.empty(n_copy, 2, I, D, dtype=torch.bfloat16, device=DEV)
+    dst_down = torch.empty(n_copy, D, I, dtype=torch.bfloat16, device=DEV)
+    stream = torch.cuda.Stream()
+    h = torch.randn(D).to(torch.bfloat16)
+    out = {}
+    full = host.threads or torch.get_num_threads()
+    def copies(base):
+        with torch.cuda.stream(stream):
+            for k in range(n_copy):
+                lay, e = divmod(base + k, hg.shape[1])
+                dst[k, 0].copy_(hg[lay % hg.shape[0], e], non_blocking=True)
+                dst[k, 1].copy_(hu[lay % hg.shape[0], e], non_blocking=True)
+                dst_down[k].copy_(hd[lay % hg.shape[0], e], non_blocking=True)
+    for threads in (full, max(full // 2, 1)):
+        host.threads = threads
+        host.compute(5, h, list(range(n_host)), [0.1] * n_host)
+        t = time.perf_counter(); copies(0); torch.cuda.synchronize(); t_copy = time.perf_counter() - t
+        t = time.perf_counter(); host.compute(7, h, list(range(n_host)), [0.1] * n_host); t_host = time.perf_counter() - t
+        t = time.perf_counter(); copies(600); host.compute(9, h, list(range(n_host)), [0.1] * n_host)
+        t_mid = time.perf_counter() - t
+        torch.cuda.synchronize(); t_both = time.perf_counter() - t
+        out[threads] = dict(copy_ms=t_copy * 1e3, host_ms=t_host * 1e3, both_ms=t_both * 1e3,
+                            host_done_ms=t_mid * 1e3, link_GBps=n_copy * expert_bytes / t_copy / GB)
+        log(f"overlap probe, {threads} host threads: {n_copy} copies {t_copy * 1e3:.2f} ms "
+            f"({n_copy * expert_bytes / t_copy / GB:.1f} GB/s), {n_host} host experts {t_host * 1e3:.2f} ms, both "
+            f"{t_both * 1e3:.2f} ms (host part done at {t_mid * 1e3:.2f}); sum {(t_copy + t_host) * 1e3:.2f}, "
+            f"max {max(t_copy, t_host) * 1e3:.2f}")
+    host.threads = full
+    del dst, dst_down
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="full")
@@ -158,13 +195,15 @@ def main() -> None:
         f"GPU, experts {(hg.nbytes + hu.nbytes + hd.nbytes) / GB:.1f} GB in {'pinned ' if pin else ''}host memory")
 
     # -- the host's rate for one expert (16 cores on the H200 machine) ----------------------------
-    host = HostExperts(hg, hu, hd, threads=args.host_threads)
+    host = host_obj = HostExperts(hg, hu, hd, threads=args.host_threads)
     host_s = time_host_expert(host, layer=1)
     expert_bytes = 3 * I * D * 2
     res["host_ms_per_expert"], res["link_ms_per_expert"] = host_s * 1e3, expert_bytes / link * 1e3
     log(f"host: {host_s * 1e3:.3f} ms per expert on {args.host_threads} threads "
         f"({expert_bytes / host_s / GB:.1f} GB/s of weights); link {expert_bytes / link * 1e3:.3f} ms per expert")
 
+    if DEV == "cuda":
+        res["overlap_probe"] = overlap_probe(host, hg, hu, hd, expert_bytes)
     budgets = [float(b) for b in args.budgets.split(",")]
     if args.quick:
         budgets = budgets[:1]
@@ -231,7 +270,7 @@ def main() -> None:
     seq_of = {"uniform": 0, "mini128": args.seq}
 
     def run_row(routing: str, budget: float, policy: str = "lru", *, prefetch: bool = False, host: bool = False,
-                adaptive: bool = False, label: str = "") -> dict:
+                adaptive: bool = False, host_threads: int | None = None, label: str = "") -> dict:
         cap = int(round(budget * L * E))
         rkw: dict = {}
         tr = traces.get(routing)
@@ -252,6 +291,7 @@ def main() -> None:
         cache.reconfigure(capacity, policy="lru" if pol == "belady" else pol, **rkw)
         off.prefetch = prefetch
         off.host_split = HostSplit(L, expert_bytes, link, host_s) if host else None
+        host_obj.threads = host_threads or args.host_threads
         with torch.inference_mode():
             if tr is None:                                         # synthetic: the model's own routing
                 off.route_override = None
@@ -273,7 +313,7 @@ def main() -> None:
         per = statistics.fmean(steps)
         moved = st["bytes_copied"] / N
         row = dict(routing=routing, budget=budget, capacity=cap, policy=policy + (" per-layer" if adaptive else ""),
-                   prefetch=prefetch, host=host, ms_per_token=per * 1e3, tok_s=1 / per,
+                   prefetch=prefetch, host=host and (host_threads or args.host_threads), ms_per_token=per * 1e3, tok_s=1 / per,
                    median_ms=statistics.median(steps) * 1e3, hit_rate=st["hit_rate"],
                    GB_per_token=moved / GB, link_GBps=moved / per / GB, floor_ms=moved / link * 1e3)
         if ex is not None:
@@ -317,20 +357,20 @@ def main() -> None:
     base_ms: dict = {}
     printed_layers: list = []
     b0 = budgets[0]
+    half = max((args.host_threads or 2) // 2, 1)
     plan = [("synthetic", b0, "lru", {})]
     plan += [("uniform", b0, "lru", {}), ("uniform", b0, "lru", {"host": True}),
-             ("uniform", b0, "lru", {"prefetch": True})]
+             ("uniform", b0, "lru", {"host": True, "host_threads": half}), ("uniform", b0, "lru", {"prefetch": True})]
     if "mini128" in traces:
         for pol in ("lru", "lfu", "score", "belady", "pinned"):
             plan.append(("mini128", b0, pol, {}))
-        plan += [("mini128", b0, "lru", {"adaptive": True}), ("mini128", b0, "lfu", {"adaptive": True}),
+        plan += [("mini128", b0, "lfu", {"adaptive": True}),
                  ("mini128", b0, "lru", {"prefetch": True}), ("mini128", b0, "lfu", {"prefetch": True}),
                  ("mini128", b0, "lfu", {"host": True}), ("mini128", b0, "lfu", {"prefetch": True, "host": True})]
     for b in budgets[1:]:
         plan += [("uniform", b, "lru", {}), ("uniform", b, "lru", {"host": True})]
         if "mini128" in traces:
-            plan += [("mini128", b, "lru", {}), ("mini128", b, "lfu", {}), ("mini128", b, "lfu", {"prefetch": True}),
-                     ("mini128", b, "lfu", {"prefetch": True, "host": True})]
+            plan += [("mini128", b, "lfu", {}), ("mini128", b, "lfu", {"prefetch": True})]
     log(f"{len(plan)} rows; setup took {time.perf_counter() - t_start:.0f} s")
     for routing, b, pol, opts in plan:
         try:

@@ -9,6 +9,6 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee
 lscpu | grep -E "Model name|^CPU\(s\)|Thread|Flags" | cut -c1-300 | tee "$OUT/cpu.txt" | head -4
 date -u
 timeout 80 python -m pytest -q -x tests/gpu/test_offload_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-timeout 320 python bench/gpu_offload.py --out "$OUT" 2>&1 | tee "$OUT/gpu_offload_log.txt"
+timeout 370 python bench/gpu_offload.py --out "$OUT" 2>&1 | tee "$OUT/gpu_offload_log.txt"
 echo "exit ${PIPESTATUS[0]}"
 date -u

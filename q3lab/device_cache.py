@@ -135,8 +135,10 @@ class DeviceExpertCache(ExpertProvider):
         copies are queued on the copy stream and not waited for here (the next `slots` call makes the compute
         stream wait for them). Returns the number of experts loaded."""
         res, n = self.residency, 0
-        for e in sorted(set(int(x) for x in experts)):
-            loaded, slot = res.prefetch((layer, e), protect=())
+        guess = sorted(set(int(x) for x in experts))
+        batch = {(layer, e) for e in guess}          # one guess's experts do not evict each other
+        for e in guess:
+            loaded, slot = res.prefetch((layer, e), protect=batch)
             if loaded:
                 self._copy_in((layer, e), slot)
                 self._prefetched += 1

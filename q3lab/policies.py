@@ -437,6 +437,8 @@ class Residency:
             weights = [math.nan] * len(experts)
         self._pending = {(layer, int(e)): float(w) for e, w in zip(experts, weights)}
         self._group = frozenset(self._pending)
+        if self._prefetched:   # guesses for this layer that it does not use were wrong: no longer protected
+            self._prefetched = {k for k in self._prefetched if k[0] != layer or k in self._group}
         self._group_id += 1
 
     @property
@@ -544,12 +546,17 @@ class Residency:
         while (self.in_layer[layer] if per_layer else len(slot_of)) >= limit:
             # The policy walks its own order with a predicate (LRU: the oldest key, skipping pinned and
             # protected ones); building the candidate set cost a scan of every resident expert per miss.
-            ok = lambda k: (not per_layer or k[0] == layer) and k not in protect and k not in pinned  # noqa: E731
+            # keys prefetched for a layer still to come are kept until that layer has run (else a frequency
+            # policy evicts a fresh guess, whose count is low, before it is used)
+            ahead = self._prefetched
+            ok = lambda k: (not per_layer or k[0] == layer) and k not in protect and k not in pinned \
+                and k not in ahead  # noqa: E731
             victim_in = getattr(self.policy, "victim_in", None) if per_layer else None
             victim = victim_in(layer, ok, t) if victim_in is not None else self.policy.victim_where(ok, t)
             if victim is NotImplemented:
                 cands = {k for k in slot_of
-                         if (not per_layer or k[0] == layer) and k not in pinned and k not in protect}
+                         if (not per_layer or k[0] == layer) and k not in pinned and k not in protect
+                         and k not in ahead}
                 victim = self.policy.victim(cands, t) if cands else None
             if victim is None:
                 if not demand:
