@@ -199,6 +199,12 @@ def test_prefetch_is_bit_equal_and_a_perfect_guess_leaves_only_layer0_misses(sma
     # what was not resident at a layer >= 1 came in by prefetch: every prefetch load was used
     st = cache.stats()
     assert st["prefetch_loads"] == st["prefetch_hits"] > 0
+    # the same with LFU: a fresh guess (count 0) is kept until its layer runs, not evicted first
+    cache = _cache(model, 6 * A, policy="lfu")
+    _decode_log(model, cache, tr, 8, ids, prefetch=True)
+    st = cache.stats()
+    assert st["prefetch_loads"] == st["prefetch_hits"] > 0
+    assert (cache.layer_stats().loc[1:, "misses"] == 0).all()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
