@@ -77,13 +77,14 @@ def _as_sequence(data) -> pd.DataFrame:
                          "expert": [k[1] for k in keys], "weight": 0.0})
 
 
-def replay(frame_or_sequence, capacity: int, policy: str = "lru", *, per_layer: bool = False,
+def replay(frame_or_sequence, capacity: int | Sequence[int], policy: str = "lru", *, per_layer: bool = False,
            pinned: Iterable[tuple[int, int]] | None = None, mode: str = "decode") -> pd.DataFrame:
     """Replay one cache over an access sequence: the sequence's layer, expert, group with a `hit` column.
 
     The cache is `q3lab.runtime.residency.Residency`, the engine the live caches run, driven here without a slab:
     on `ExpertCache(...).access_log()` (which carries its groups) the hits equal the live cache's, access by
-    access. `frame_or_sequence` and `mode` are read as by `simulate`.
+    access. `frame_or_sequence` and `mode` are read as by `simulate`. capacity: an int, or with per_layer=True
+    one capacity per layer.
     """
     seq = _sequence(frame_or_sequence, mode)
     keys = list(zip(seq["layer"].astype(int).tolist(), seq["expert"].astype(int).tolist()))
@@ -91,7 +92,12 @@ def replay(frame_or_sequence, capacity: int, policy: str = "lru", *, per_layer: 
         raise InputError("cachesim: the access sequence is empty")
     groups = seq["group"].to_numpy()
     weights = seq["weight"].to_numpy(np.float64).tolist()
-    res = Residency(int(capacity), layers=max(k[0] for k in keys) + 1, experts=max(k[1] for k in keys) + 1,
+    layers = max(k[0] for k in keys) + 1
+    if isinstance(capacity, (list, tuple)):        # one capacity per layer (per_layer=True)
+        capacity, layers = [int(c) for c in capacity], max(layers, len(capacity))
+    else:
+        capacity = int(capacity)
+    res = Residency(capacity, layers=layers, experts=max(k[1] for k in keys) + 1,
                     policy=make_policy(policy, trace=keys if policy == "belady" else None),
                     per_layer=per_layer, pinned=pinned)
     hits = np.zeros(len(keys), dtype=bool)

@@ -375,20 +375,42 @@ class OffloadedDecoder(StaticDecoder):
     router (whose top-k ids are copied to pinned host memory), then the experts; between them the host waits
     for the ids (the one sync per layer), copies in the missing experts and writes the slot ids. On CUDA each
     segment is a captured graph, so a layer costs two graph launches and one sync, not dozens of launches.
-    The cache becomes the model's expert provider, so the (eager) prefill reads the same slots."""
+    The cache becomes the model's expert provider, so the (eager) prefill reads the same slots.
+
+    prefetch: also apply the next layer's router to this layer's post-attention residual stream (normed with
+        the next layer's norm) inside the same segment; its top-k reach the host with this layer's ids (no
+        extra sync), and their copies are issued on the copy stream before this layer's experts run.
+    host_experts, host_split: a `q3lab.fast.host_experts.HostExperts` and `HostSplit`: per layer, `HostSplit`'s
+        share of the misses is computed on the host CPU (batch 1) while the other misses are copied; the
+        experts kernel then gets weight 0 there and adds the host's outputs. Outputs then agree with the
+        resident decoder to a tolerance (see `q3lab.fast.host_experts`), not bit for bit.
+    route_override (benchmarks only): callable(layer, router_ids) -> ids actually served (outputs are then
+        meaningless), e.g. a `q3lab.analysis.replay.Replay`; its `weights(layer)` and `predicted(layer)`, when it has
+        them, replace the router's weights (score policy) and the device predictor's guesses.
+    """
 
     def __init__(self, model: Thinker, max_len: int, cache: DeviceExpertCache, *, batch: int = 1,
                  compile: bool | str = False, fused: bool = False, fused_router: bool | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, prefetch: bool = False, host_experts=None, host_split=None):
         self.expert_cache = cache
         model.set_experts(cache)
-        # benchmarks only: callable(layer, router_ids) -> ids actually served (outputs are then meaningless)
         self.route_override = None
+        # the predictor is part of the captured attention segment; `prefetch` (host side, may be switched off
+        # later) decides whether its guesses are copied in
+        self._predictor = self.prefetch = bool(prefetch)
+        if (host_experts is None) != (host_split is None):
+            raise InputError("OffloadedDecoder: host_experts and host_split go together (both or neither)")
+        self.host_experts, self.host_split = host_experts, host_split
+        if host_experts is not None and batch != 1:
+            raise InputError(f"OffloadedDecoder: host-computed experts serve batch 1, got batch={batch}")
         super().__init__(model, max_len, batch=batch, cuda_graph=cuda_graph, layer_experts=lambda layer: None,
                          compile=compile, fused=fused, fused_router=fused_router)
+        self.reset_offload_stats()
 
     def _alloc(self, batch: int) -> None:
         super()._alloc(batch)     # (the base __init__ calls this before capturing)
+        if self.host_experts is not None and batch != 1:
+            raise InputError(f"OffloadedDecoder: host-computed experts serve batch 1, got batch={batch}")
         c, dev, dt = self.config, self.device, self.dtype
         B, A, D = self.batch, c.num_experts_per_tok, c.hidden_size
         pin = dev.type == "cuda"
@@ -400,6 +422,14 @@ class OffloadedDecoder(StaticDecoder):
         self.slot_buf = torch.zeros(B, A, device=dev, dtype=torch.long)
         self.idx_host = torch.zeros(B, A, dtype=torch.long, pin_memory=pin)
         self.slot_host = torch.zeros(B, A, dtype=torch.long, pin_memory=pin)
+        self.w_host = torch.zeros(B, A, dtype=torch.float32, pin_memory=pin)
+        self.pred_buf = torch.zeros(B, A, device=dev, dtype=torch.long)
+        self.pred_host = torch.zeros(B, A, dtype=torch.long, pin_memory=pin)
+        self.h_host = torch.zeros(B, D, dtype=dt, pin_memory=pin)
+        self.mask_buf = torch.ones(B, A, device=dev, dtype=dt)          # 0: that expert is computed on the host
+        self.mask_host = torch.ones(B, A, dtype=dt, pin_memory=pin)
+        self.yh_buf = torch.zeros(B, A, D, device=dev, dtype=torch.float32)   # the host's weighted outputs
+        self.yh_host = torch.zeros(B, A, D, dtype=torch.float32, pin_memory=pin)
         hd = c.head_dim
         self.rope_buf = torch.zeros(2, B, 1, 1, hd, device=dev, dtype=dt)
         self.bias_buf = torch.zeros(B, 1, 1, self.max_len, device=dev, dtype=dt)
@@ -423,11 +453,25 @@ class OffloadedDecoder(StaticDecoder):
         x, h, idx, w = self._pre(layer, self.x_buf, self.y_buf, Rope(self.rope_buf[0], self.rope_buf[1]),
                                  self.bias_buf)
         self.x_buf.copy_(x), self.h_buf.copy_(h), self.idx_buf.copy_(idx), self.w_buf.copy_(w)
+        if self._predictor and layer + 1 < self.config.num_hidden_layers:
+            # the next layer's router on this layer's post-attention residual: a guess of its experts that
+            # reaches the host with this layer's ids, so prefetching costs no extra sync
+            nxt = self._weights[layer + 1]
+            hn = rms_norm(x, nxt.ln2, self.config.rms_norm_eps).view(self.batch, -1)
+            self.pred_buf.copy_(torch.topk(F.linear(hn, nxt.router), self.config.num_experts_per_tok, -1).indices)
+            self.pred_host.copy_(self.pred_buf, non_blocking=True)
         self.idx_host.copy_(self.idx_buf, non_blocking=True)
+        self.w_host.copy_(self.w_buf, non_blocking=True)
+        if self.host_experts is not None:
+            self.h_host.copy_(self.h_buf, non_blocking=True)
 
     def _seg_moe(self) -> None:
         c = self.expert_cache
-        self.y_buf.copy_(self._moe(self.h_buf, self.slot_buf, self.w_buf, c.gate, c.up, c.down))
+        if self.host_experts is None:
+            self.y_buf.copy_(self._moe(self.h_buf, self.slot_buf, self.w_buf, c.gate, c.up, c.down))
+        else:   # weight 0 where the host computed the expert, whose output yh_buf holds (0 elsewhere)
+            y = self._moe(self.h_buf, self.slot_buf, self.w_buf * self.mask_buf, c.gate, c.up, c.down)
+            self.y_buf.copy_(y + self.yh_buf)
 
     def _seg_finish(self) -> None:
         self._finish(self.x_buf, self.y_buf)
@@ -441,19 +485,93 @@ class OffloadedDecoder(StaticDecoder):
         self._graphs = self._warm_and_capture(self._segments())
         self.expert_cache.hits, self.expert_cache.misses = saved
 
+    # -- statistics of prefetch and host compute ------------------------------------------------------
+    def reset_offload_stats(self) -> None:
+        """Zero the per-layer prediction and host-compute counters (the cache's own: `cache.reset_stats()`)."""
+        L = self.config.num_hidden_layers
+        self._guess: list = [None] * L
+        self.pred_found, self.pred_total = [0] * L, [0] * L
+        self.host_count, self.host_seconds = [0] * L, [0.0] * L
+
+    def offload_stats(self):
+        """Per layer: predicted (experts of the layer the previous layer's guess contained), accesses,
+        prediction_accuracy, host_experts (computed on the host), host_ms (their host time), with the cache's
+        layer_stats columns (hits, misses, prefetch_loads, prefetch_hits...)."""
+        df = self.expert_cache.layer_stats()
+        df["predicted"] = self.pred_found
+        df["guessed"] = self.pred_total
+        df["prediction_accuracy"] = df["predicted"] / df["guessed"].where(df["guessed"] > 0)
+        df["host_experts"] = self.host_count
+        df["host_ms"] = [s * 1e3 for s in self.host_seconds]
+        return df
+
     def step(self) -> None:
+        cache, L = self.expert_cache, self.config.num_hidden_layers
+        override = self.route_override
+        host_used = False
         self._run("embed")
-        for layer in range(self.config.num_hidden_layers):
+        for layer in range(L):
             self._run(("pre", layer))
             if self.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()                         # the one sync per layer
             ids = self.idx_host.view(-1).tolist()
-            if self.route_override is not None:
-                ids = self.route_override(layer, ids)
-            slots = self.expert_cache.slots(layer, ids)
+            weights = self.w_host.view(-1).tolist()
+            if override is not None:
+                ids = override(layer, ids)
+                ow = getattr(override, "weights", None)
+                if ow is not None:
+                    weights = ow(layer) or weights
+            guess = self._guess[layer]
+            if guess is not None:
+                actual = set(ids)
+                self.pred_found[layer] += len(actual & guess)
+                self.pred_total[layer] += len(actual)
+                self._guess[layer] = None
+            host_k = 0
+            if self.host_split is not None:
+                slot_of = cache.residency.slot_of
+                missing = sum(1 for e in set(ids) if (layer, e) not in slot_of)
+                host_k = self.host_split.split(layer, missing) if missing else 0
+            slots, on_host = cache.slots_split(layer, ids, weights, host=host_k)
+            if self.prefetch and layer + 1 < L:
+                op = getattr(override, "predicted", None) if override is not None else None
+                guess = op(layer + 1) if op is not None else None
+                if guess is None:
+                    if not self._predictor:
+                        raise InputError("OffloadedDecoder: prefetch switched on, but the decoder was built "
+                                         "without its predictor (prefetch=False)")
+                    guess = self.pred_host.view(-1).tolist()
+                self._guess[layer + 1] = set(guess)
+                cache.prefetch(layer + 1, guess)
+            if on_host or host_used:
+                host_used = self._host_compute(layer, ids, slots, on_host)
+            if on_host:
+                live = next((s for s in slots if s is not None), 0)
+                slots = [live if s is None else s for s in slots]
             self.slot_host.copy_(torch.tensor(slots, dtype=torch.long).view(self.slot_host.shape))
             self.slot_buf.copy_(self.slot_host, non_blocking=True)
             self._run(("moe", layer))
         self._run("finish")
+
+    def _host_compute(self, layer: int, ids: list[int], slots: list, on_host: list[int]) -> bool:
+        """Compute the `on_host` experts of this token on the host into yh (weight 0 for them on the device);
+        with none, clear what an earlier layer left. Returns whether yh/mask now hold host work."""
+        import time
+        self.mask_host.fill_(1)
+        self.yh_host.zero_()
+        if on_host:
+            pos = [k for k, e in enumerate(ids) if e in set(on_host)]
+            w = self.w_host.view(-1).tolist()
+            t = time.perf_counter()
+            y = self.host_experts.compute(layer, self.h_host[0], [ids[k] for k in pos], [w[k] for k in pos])
+            dt = time.perf_counter() - t
+            self.yh_host[0, pos] = y
+            self.mask_host[0, pos] = 0
+            self.host_count[layer] += len(on_host)
+            self.host_seconds[layer] += dt
+            self.host_split.record(layer, len(on_host), dt, sum(1 for s in slots if s is not None))
+        self.mask_buf.copy_(self.mask_host, non_blocking=True)
+        self.yh_buf.copy_(self.yh_host, non_blocking=True)
+        return bool(on_host)
 
     _step = step

@@ -25,7 +25,8 @@ class DeviceExpertCache(ExpertProvider):
     host_gate/host_up [L, E, I, D] and host_down [L, E, D, I]: the experts, ideally in pinned memory on CUDA
         (then the copies are asynchronous DMA at the link's speed). Any device works; on the CPU the copies are
         plain `copy_`.
-    capacity: experts resident at most, in all layers together (or in each layer with per_layer=True).
+    capacity: experts resident at most, in all layers together (or in each layer with per_layer=True, then also
+        a list of one capacity per layer: `q3lab.analysis.replay.capacities_from_trace`).
     policy: "lru" (default) | "lfu" | "score" (needs router weights: pass `weights` to `slots`/`prepare`) |
         "belady" (needs `trace`, the access sequence of the same run) or a `q3lab.runtime.residency.Policy`.
     pinned: (layer, expert) keys copied in now and never evicted; they count toward the capacity.
@@ -45,25 +46,31 @@ class DeviceExpertCache(ExpertProvider):
         if tuple(host_up.shape) != (L, E, I, D) or tuple(host_down.shape) != (L, E, D, I):
             raise InputError(f"expert tensors disagree: gate {list(host_gate.shape)}, up {list(host_up.shape)} "
                              f"(want the same), down {list(host_down.shape)} (want {[L, E, D, I]})")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise InputError(f"DeviceExpertCache capacity must be >= 1 expert, got {capacity!r}")
+        if not isinstance(capacity, (list, tuple)) and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                                        or capacity < 1):
+            raise InputError(f"DeviceExpertCache capacity must be >= 1 expert (or one per layer with "
+                             f"per_layer=True), got {capacity!r}")
         self.residency = Residency(capacity, layers=L, experts=E, policy=policy, trace=trace,
                                    per_layer=per_layer, pinned=pinned, log_accesses=log_accesses)
         if self.residency.room() < 1:
             raise InputError(f"DeviceExpertCache capacity of {capacity} experts minus "
                              f"{self.residency.pinned_in_scope()} pinned leaves no room for the routed experts")
-        self.policy, self.per_layer, self.pinned = self.residency.policy, self.residency.per_layer, \
-            self.residency.pinned
+        self.per_layer, self.pinned = self.residency.per_layer, self.residency.pinned
         self.host = (host_gate, host_up, host_down)
-        self.capacity, self.device = capacity, torch.device(device)
+        self.capacity, self.device = self.residency.capacity, torch.device(device)
         self.dtype = host_gate.dtype
         S, dt = self.residency.num_slots, host_gate.dtype
-        self.gate = torch.empty(S, I, D, dtype=dt, device=self.device)                # [slots, I, D]
-        self.up = torch.empty(S, I, D, dtype=dt, device=self.device)
-        self.down = torch.empty(S, D, I, dtype=dt, device=self.device)                # [slots, D, I]
+        # zeros, not empty: a kernel may read a never-filled slot with weight 0 (a host-computed expert), and
+        # 0 * NaN garbage would be NaN
+        self.gate = torch.zeros(S, I, D, dtype=dt, device=self.device)                # [slots, I, D]
+        self.up = torch.zeros(S, I, D, dtype=dt, device=self.device)
+        self.down = torch.zeros(S, D, I, dtype=dt, device=self.device)                # [slots, D, I]
         self.expert_bytes = 3 * I * D * host_gate.element_size()
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._copied = 0                                  # experts copied since the last reset (misses)
+        self._prefetched = 0                              # ... of them by prefetch
+        self._content: list = [None] * S                  # the key each slot's tensors hold
+        self._prefetch_pending = False                    # prefetch copies the compute stream has not waited for
         for key in sorted(self.pinned):
             self._copy_in(key, self.residency.slot_of[key])
         self._sync_copies()
@@ -71,11 +78,23 @@ class DeviceExpertCache(ExpertProvider):
         self._served: dict[int, int] = {}
         self._served_layer = -1
 
+    @property
+    def policy(self) -> Policy:
+        """The residency's eviction policy (`Residency.restart` may replace it)."""
+        return self.residency.policy
+
     # -- the device side's one method ------------------------------------------------------------
     def slots(self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None) -> list[int]:
         """Slots holding `experts` of `layer` (in the same order, repeats allowed), copying in the missing ones.
 
         weights: each entry's router weight (the `score` policy needs them; repeats are summed)."""
+        return self.slots_split(layer, experts, weights)[0]
+
+    def slots_split(self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None,
+                    host: int = 0) -> tuple[list[int | None], list[int]]:
+        """`slots`, except that up to `host` of the misses are not copied in: they are to be computed on the
+        host (`q3lab.fast.host_experts`). Returns (slots, None at the host-computed entries; the host-computed
+        experts). Those misses are counted and told to the policy, but not admitted (see `Residency.access`)."""
         uniq = sorted(set(experts))
         room = self.residency.room(layer)
         if len(uniq) > room:
@@ -95,21 +114,70 @@ class DeviceExpertCache(ExpertProvider):
         res.begin(layer, uniq, summed)
         # the group's experts stay resident until it is served (Residency protects them): every slot below
         # is still theirs when the kernel reads it
-        slot_of, copied = {}, False
+        on_host: set[int] = set()
+        if host > 0:
+            missing = [e for e in uniq if (layer, e) not in res.slot_of]
+            on_host = set(missing[len(missing) - min(host, len(missing)):])
+        slot_of, copied = {}, self._prefetch_pending
         for e in uniq:
-            slot, hit = res.access(layer, e)
-            if not hit:
+            slot, hit = res.access(layer, e, admit=e not in on_host)
+            if not hit and e not in on_host:
                 self._copy_in((layer, e), slot)
                 copied = True
             slot_of[e] = slot
         if copied:
             self._sync_copies()
-        return [slot_of[e] for e in experts]
+            self._prefetch_pending = False
+        return [slot_of[e] for e in experts], sorted(on_host)
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
+        """Copy in `experts` of `layer` ahead of use, where that evicts nothing of the current group: the
+        copies are queued on the copy stream and not waited for here (the next `slots` call makes the compute
+        stream wait for them). Returns the number of experts loaded."""
+        res, n = self.residency, 0
+        guess = sorted(set(int(x) for x in experts))
+        batch = {(layer, e) for e in guess}          # one guess's experts do not evict each other
+        for e in guess:
+            loaded, slot = res.prefetch((layer, e), protect=batch)
+            if loaded:
+                self._copy_in((layer, e), slot)
+                self._prefetched += 1
+                n += 1
+        if n:
+            self._prefetch_pending = True
+        return n
+
+    def warm(self, groups: Iterable[tuple[int, Sequence[int], Sequence[float] | None]]) -> int:
+        """Run `groups` (layer, experts, weights or None) through the residency as a decode would, without
+        copying, then copy in once every resident expert its slot does not hold yet: the state a decode of those
+        groups leaves, at the cost of one copy per resident expert (e.g. a replayed prompt). Zeroes the
+        counters. Returns the number of experts copied."""
+        res = self.residency
+        for layer, experts, weights in groups:
+            uniq = sorted(set(int(e) for e in experts))
+            summed = None
+            if weights is not None:
+                acc = dict.fromkeys(uniq, 0.0)
+                for e, w in zip(experts, weights):
+                    acc[int(e)] += float(w)
+                summed = [acc[e] for e in uniq]
+            res.begin(layer, uniq, summed)
+            for e in uniq:
+                res.access(layer, e)
+        n = 0
+        for key, slot in res.slot_of.items():
+            if self._content[slot] != key:
+                self._copy_in(key, slot)
+                n += 1
+        self._sync_copies()
+        self.reset_stats()
+        return n
 
     def _copy_in(self, key: tuple[int, int], slot: int) -> None:
         layer, e = key
         hg, hu, hd = self.host
         self._copied += 1
+        self._content[slot] = key
         if self.copy_stream is None:
             self.gate[slot].copy_(hg[layer, e]), self.up[slot].copy_(hu[layer, e]), self.down[slot].copy_(hd[layer, e])
             return
@@ -126,7 +194,12 @@ class DeviceExpertCache(ExpertProvider):
 
     # -- the provider protocol, so that the eager model (prefill) reads the same slots --------------
     def prepare(self, layer: int, experts: list[int], weights: Sequence[float] | None = None) -> None:
-        """Serve a layer call's sorted unique experts (with their summed router weights, if known)."""
+        """Serve a layer call's sorted unique experts (with their summed router weights, if known).
+
+        The eager prefill gives no router weights (hooks would stop the fast decoders): a policy that needs them
+        (score) then counts each expert of the call with weight 1.0, as documented here, not the router's."""
+        if weights is None and self.residency.policy.needs_weights:
+            weights = [1.0] * len(experts)
         # a long prefill can need more experts than fit: those are then served one at a time in weights()
         fits = len(experts) <= self.residency.room(layer)
         self._served = dict(zip(experts, self.slots(layer, experts, weights))) if fits else {}
@@ -138,6 +211,32 @@ class DeviceExpertCache(ExpertProvider):
         else:
             s = self.slots(layer, [e])[0]
         return self.gate[s], self.up[s], self.down[s]
+
+    def reconfigure(self, capacity: int | Sequence[int], *, policy: str | Policy = "lru",
+                    trace: Sequence[tuple[int, int]] | None = None, per_layer: bool = False,
+                    pinned: Iterable[tuple[int, int]] | None = None, log_accesses: bool = False) -> None:
+        """Start over with an empty residency of another capacity/policy on the SAME slab (at most its slots):
+        a decoder's captured graphs keep reading these tensors, so a benchmark can compare budgets and policies
+        without recapturing. The pins are copied in now."""
+        L, E = self.host[0].shape[:2]
+        res = Residency(capacity, layers=L, experts=E, policy=policy, trace=trace, per_layer=per_layer,
+                        pinned=pinned, log_accesses=log_accesses)
+        if res.num_slots > self.gate.shape[0]:
+            raise InputError(f"DeviceExpertCache.reconfigure: {res.num_slots} slots do not fit the slab's "
+                             f"{self.gate.shape[0]} (made for capacity {self.capacity})")
+        if res.room() < 1:
+            raise InputError(f"DeviceExpertCache.reconfigure: capacity {capacity} minus "
+                             f"{res.pinned_in_scope()} pinned leaves no room for the routed experts")
+        self._sync_copies()
+        self.residency = res
+        self.capacity, self.per_layer, self.pinned = res.capacity, res.per_layer, res.pinned
+        for key in sorted(self.pinned):
+            if self._content[res.slot_of[key]] != key:
+                self._copy_in(key, res.slot_of[key])
+        self._sync_copies()
+        self._copied = self._prefetched = 0
+        self._prefetch_pending = False
+        self._served, self._served_layer = {}, -1
 
     # -- statistics --------------------------------------------------------------------------------
     @property
@@ -168,7 +267,9 @@ class DeviceExpertCache(ExpertProvider):
         tot = self.residency.totals()
         return {"hits": tot["hits"], "misses": tot["misses"], "hit_rate": tot["hit_rate"],
                 "bytes_copied": self._copied * self.expert_bytes, "capacity": self.capacity,
-                "policy": self.policy.name, "evictions": tot["evictions"]}
+                "policy": self.residency.policy.name, "evictions": tot["evictions"],
+                "prefetch_loads": tot["prefetch_loads"], "prefetch_hits": tot["prefetch_hits"],
+                "bytes_prefetched": self._prefetched * self.expert_bytes}
 
     def layer_stats(self) -> pd.DataFrame:
         """One row per layer, the columns of `q3lab.runtime.residency.STATS_COLUMNS`."""
@@ -178,6 +279,7 @@ class DeviceExpertCache(ExpertProvider):
         """Zero the counters and the access log (the contents stay)."""
         self.residency.reset_stats()
         self._copied = 0
+        self._prefetched = 0
 
     def access_log(self) -> pd.DataFrame:
         """Every access since the last reset: t, layer, expert, weight, hit, group; what

@@ -283,6 +283,39 @@ def make_policy(name: str, trace: Sequence[Key] | None = None) -> Policy:
     return {"lru": LRUPolicy, "lfu": LFUPolicy, "score": ScorePolicy}[name]()
 
 
+class PerLayerPolicy(Policy):
+    """One policy per layer for a cache with per-layer budgets: the same ranking as one policy over all keys
+    (each layer's keys keep their relative order), but a victim is found among that layer's keys only, not by
+    walking past every other layer's (what made per-layer LRU O(capacity) per miss)."""
+
+    def __init__(self, policies: Sequence[Policy]):
+        self.sub = list(policies)
+        self.name = self.sub[0].name
+        self.needs_weights = self.sub[0].needs_weights
+
+    def access(self, key, t, weight=0.0):
+        self.sub[key[0]].access(key, t, weight)
+
+    def insert(self, key, t):
+        self.sub[key[0]].insert(key, t)
+
+    def remove(self, key):
+        self.sub[key[0]].remove(key)
+
+    def victim(self, candidates, t):
+        cands = _as_set(candidates)
+        if not cands:
+            _no_victim(self.name, cands)
+        return self.sub[next(iter(cands))[0]].victim(cands, t)
+
+    def victim_in(self, layer: int, ok: Callable[[Key], bool], t: int):
+        """`victim_where` among `layer`'s keys."""
+        return self.sub[layer].victim_where(ok, t)
+
+    def __repr__(self) -> str:
+        return f"PerLayerPolicy({self.name!r} x {len(self.sub)})"
+
+
 # -- the residency core ------------------------------------------------------------------------------
 STATS_COLUMNS = ("layer", "accesses", "hits", "misses", "hit_rate", "evictions", "prefetch_loads", "prefetch_hits",
                  "resident", "peak_resident")
@@ -292,7 +325,8 @@ LOG_COLUMNS = ("t", "layer", "expert", "weight", "hit", "group")
 class Residency:
     """Which experts are resident in a cache of `capacity` slots, which slot each one has, and which to evict.
 
-    capacity: experts resident at most, in all layers together, or in each layer when per_layer=True.
+    capacity: experts resident at most, in all layers together, or in each layer when per_layer=True; with
+        per_layer=True also a list of one capacity per layer (e.g. `q3lab.analysis.replay.capacities_from_trace`).
     layers, experts: the model's numbers (keys are (layer, expert) with 0 <= layer < layers, 0 <= expert <
         experts); they size the slot table: min(capacity, experts) * layers slots per layer, else
         min(capacity, layers * experts).
@@ -315,16 +349,28 @@ class Residency:
     - An access of a key outside the current group ends the group and is a group of its own.
     """
 
-    def __init__(self, capacity: int, *, layers: int, experts: int, policy: str | Policy = "lru",
+    def __init__(self, capacity: int | Sequence[int], *, layers: int, experts: int, policy: str | Policy = "lru",
                  trace: Sequence[Key] | None = None, per_layer: bool = False,
                  pinned: Iterable[tuple[int, int]] | None = None, log_accesses: bool = False,
                  slot_busy: Callable[[int], bool] | None = None,
                  on_evict: Callable[[tuple[int, int], int | None], None] | None = None):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise InputError(f"expert residency: capacity must be a positive number of experts, got {capacity!r}")
-        self.capacity, self.layers, self.experts = capacity, int(layers), int(experts)
+        self.layers, self.experts = int(layers), int(experts)
         self.per_layer = bool(per_layer)
-        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, trace)
+        if isinstance(capacity, (list, tuple)):
+            if not self.per_layer or len(capacity) != self.layers:
+                raise InputError(f"expert residency: a list of capacities needs per_layer=True and one per layer "
+                                 f"({self.layers}), got {len(capacity)} with per_layer={per_layer}")
+            caps = [int(c) for c in capacity]
+            if any(isinstance(c, bool) or c < 1 for c in capacity) or any(c != x for c, x in zip(caps, capacity)):
+                raise InputError(f"expert residency: per-layer capacities must be positive integers, got "
+                                 f"{list(capacity)}")
+        elif isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise InputError(f"expert residency: capacity must be a positive number of experts, got {capacity!r}")
+        else:
+            caps = [capacity] * self.layers
+        self.capacity = capacity if isinstance(capacity, int) else sum(caps)
+        self.caps = caps                                      # per layer (the same everywhere unless a list)
+        self.policy = self._make_policy(policy, trace)
         self.pinned = frozenset((int(k[0]), int(k[1])) for k in (pinned or []))
         for key in sorted(self.pinned):
             if not (0 <= key[0] < self.layers and 0 <= key[1] < self.experts):
@@ -333,7 +379,8 @@ class Residency:
         self.log_accesses = bool(log_accesses)
         self._slot_busy, self._on_evict = slot_busy, on_evict
         L = self.layers
-        self.num_slots = min(capacity, self.experts) * L if self.per_layer else min(capacity, L * self.experts)
+        self.num_slots = (sum(min(c, self.experts) for c in caps) if self.per_layer
+                          else min(capacity, L * self.experts))
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._quarantine: list[int] = []
         self.slot_of: dict[tuple[int, int], int | None] = {}   # resident key -> its slot (None: overflow)
@@ -348,6 +395,13 @@ class Residency:
             self._insert(key, self.t)
         self.reset_stats()
 
+    def _make_policy(self, policy: str | Policy, trace: Sequence[Key] | None) -> Policy:
+        if isinstance(policy, Policy):
+            return policy
+        if self.per_layer and isinstance(policy, str) and policy.lower() in ("lru", "lfu", "score"):
+            return PerLayerPolicy([make_policy(policy) for _ in range(self.layers)])
+        return make_policy(policy, trace)
+
     # -- what fits ---------------------------------------------------------------------------------
     def pinned_in_scope(self, layer: int | None = None) -> int:
         """Pinned keys sharing a budget: those of `layer` per layer (the most of any layer when None), else all."""
@@ -358,8 +412,13 @@ class Residency:
         return sum(1 for p in self.pinned if p[0] == layer)
 
     def room(self, layer: int | None = None) -> int:
-        """How many unpinned experts one group of `layer` can have resident at once."""
-        return self.capacity - self.pinned_in_scope(layer)
+        """How many unpinned experts one group of `layer` can have resident at once (the least of any layer
+        when None)."""
+        if not self.per_layer:
+            return self.capacity - len(self.pinned)
+        if layer is None:
+            return min(self.caps[lay] - self.pinned_in_scope(lay) for lay in range(self.layers))
+        return self.caps[layer] - self.pinned_in_scope(layer)
 
     # -- a group, and its accesses -------------------------------------------------------------------
     def begin(self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None) -> None:
@@ -378,6 +437,8 @@ class Residency:
             weights = [math.nan] * len(experts)
         self._pending = {(layer, int(e)): float(w) for e, w in zip(experts, weights)}
         self._group = frozenset(self._pending)
+        if self._prefetched:   # guesses for this layer that it does not use were wrong: no longer protected
+            self._prefetched = {k for k in self._prefetched if k[0] != layer or k in self._group}
         self._group_id += 1
 
     @property
@@ -385,9 +446,10 @@ class Residency:
         """Whether experts of the current group are still to be accessed."""
         return bool(self._pending)
 
-    def access(self, layer: int, e: int, weight: float | None = None) -> tuple[int | None, bool]:
+    def access(self, layer: int, e: int, weight: float | None = None, admit: bool = True) -> tuple[int | None, bool]:
         """Access expert e of `layer`: (its slot, hit). On a miss the key was just inserted (evicting by the
-        policy): the caller fills the slot, or calls `drop(key)` if it cannot."""
+        policy): the caller fills the slot, or calls `drop(key)` if it cannot. admit=False: a miss served
+        elsewhere (computed on the host): counted and told to the policy, but not inserted (slot None)."""
         # The hit path runs ~200 times per decode token of a 48-layer model: only what the counters, the
         # policy and the log need.
         key = (layer, e)
@@ -415,11 +477,25 @@ class Residency:
                 self.prefetch_hits[layer] += 1
         else:
             self.misses[layer] += 1
+            if not admit:
+                if self.log_accesses:
+                    self._log.append((t, layer, e, w, hit, self._group_id))
+                return None, False
             self._make_room(layer, t, self._group, demand=True)
             self._insert(key, t)
         if self.log_accesses:
             self._log.append((t, layer, e, w, hit, self._group_id))
         return self.slot_of[key], hit
+
+    def restart(self, policy: str | Policy, trace: Sequence[Key] | None = None) -> None:
+        """Continue with a fresh `policy` from access counter t = 0 (the resident keys inserted into it at t = 0)
+        and zeroed counters: e.g. belady with `trace` = the accesses that follow (a replayed run)."""
+        self.policy = self._make_policy(policy, trace)
+        self.t = 0
+        for key in sorted(self.slot_of):
+            if key not in self.pinned:
+                self.policy.insert(key, 0)
+        self.reset_stats()
 
     def prefetch(self, key: tuple[int, int], protect: Collection) -> tuple[bool, int | None]:
         """Make `key` resident ahead of use if there is room without evicting `protect` or the current group:
@@ -446,7 +522,8 @@ class Residency:
     def _insert(self, key: tuple[int, int], t: int) -> None:
         self.slot_of[key] = self._take_slot()
         self.in_layer[key[0]] += 1
-        self.policy.insert(key, t)
+        if key not in self.pinned:   # never a victim: ranking it would only make every eviction skip it
+            self.policy.insert(key, t)
         self.peak = max(self.peak, len(self.slot_of))
         self.peak_layer[key[0]] = max(self.peak_layer[key[0]], self.in_layer[key[0]])
 
@@ -465,14 +542,21 @@ class Residency:
         """Evict until one more key fits in `layer`'s budget. Protected keys go only for a demand load that
         cannot be served otherwise; a prefetch gets False instead."""
         pinned, per_layer, slot_of = self.pinned, self.per_layer, self.slot_of
-        while (self.in_layer[layer] if per_layer else len(slot_of)) >= self.capacity:
+        limit = self.caps[layer] if per_layer else self.capacity
+        while (self.in_layer[layer] if per_layer else len(slot_of)) >= limit:
             # The policy walks its own order with a predicate (LRU: the oldest key, skipping pinned and
             # protected ones); building the candidate set cost a scan of every resident expert per miss.
-            victim = self.policy.victim_where(
-                lambda k: (not per_layer or k[0] == layer) and k not in protect and k not in pinned, t)
+            # keys prefetched for a layer still to come are kept until that layer has run (else a frequency
+            # policy evicts a fresh guess, whose count is low, before it is used)
+            ahead = self._prefetched
+            ok = lambda k: (not per_layer or k[0] == layer) and k not in protect and k not in pinned \
+                and k not in ahead  # noqa: E731
+            victim_in = getattr(self.policy, "victim_in", None) if per_layer else None
+            victim = victim_in(layer, ok, t) if victim_in is not None else self.policy.victim_where(ok, t)
             if victim is NotImplemented:
                 cands = {k for k in slot_of
-                         if (not per_layer or k[0] == layer) and k not in pinned and k not in protect}
+                         if (not per_layer or k[0] == layer) and k not in pinned and k not in protect
+                         and k not in ahead}
                 victim = self.policy.victim(cands, t) if cands else None
             if victim is None:
                 if not demand:

@@ -1,0 +1,111 @@
+"""Missed experts computed on the host CPU from the (pinned) host weights, while other misses are copied.
+
+When the host -> device link is the bottleneck of an offloaded decode, a miss can either be copied (its
+3 * I * D weights over the link) or computed where the weights already are: the host reads them at its own
+memory bandwidth, and only the token's hidden state (D values) and the expert's output (D values) cross the
+link. `HostExperts` computes a token's experts on the host with the arithmetic of `q3lab.runtime.step.moe_torch`'s
+one-token path (projections, silu * up and each output rounded to the weights' dtype, then times the weight
+rounded to it, in float32). `HostSplit` decides, per layer, how many of a step's misses go to the host: the k
+minimising max(k * host_s, (m - k) * link_s) for m misses, with host_s a per-layer running mean of the measured
+host time per expert and link_s the copy time of one expert at the measured link rate.
+
+Tolerance: on the CPU the host path is `moe_torch`'s arithmetic expert by expert (matrix-vector products
+instead of one batched product), so it agrees with the resident decoder to the weights' rounding (bf16: relative
+1e-2 on one expert's output, float32: 1e-5); tests/test_offload_replay.py checks greedy tokens equal.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from q3lab.errors import InputError
+
+
+class HostExperts:
+    """Experts of host tensors gate/up [L, E, I, D] and down [L, E, D, I], computed on the CPU.
+
+    threads: torch intra-op threads for the host products (default: torch's current setting)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, threads: int | None = None):
+        if gate.device.type != "cpu" or up.device.type != "cpu" or down.device.type != "cpu":
+            raise InputError(f"HostExperts needs host (CPU) expert tensors, got gate on {gate.device}")
+        if gate.dim() != 4 or up.shape != gate.shape or down.shape != (*gate.shape[:2], gate.shape[3], gate.shape[2]):
+            raise InputError(f"HostExperts: want gate/up [L, E, I, D] and down [L, E, D, I], got "
+                             f"{list(gate.shape)}, {list(up.shape)}, {list(down.shape)}")
+        self.gate, self.up, self.down = gate, up, down
+        self.threads = threads
+        self.dtype = gate.dtype
+
+    def compute(self, layer: int, h: torch.Tensor, experts: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+        """The weighted outputs [len(experts), D] float32 of one token's hidden state h [D] (or [1, D]) through
+        `experts` of `layer` with their router weights."""
+        if len(experts) != len(weights):
+            raise InputError(f"HostExperts.compute: {len(experts)} experts but {len(weights)} weights")
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        dt = self.dtype
+        x = h.reshape(1, -1).to(dt)
+        out = torch.empty(len(experts), x.shape[1], dtype=torch.float32)
+        wt = torch.tensor([float(w) for w in weights], dtype=torch.float32).to(dt).float()
+        for k, e in enumerate(experts):
+            # F.linear on a [1, D] row: the GEMM path (oneDNN for bf16), not the generic matrix-vector kernel
+            act = F.silu(F.linear(x, self.gate[layer, e])) * F.linear(x, self.up[layer, e])   # [1, I], in dt
+            out[k] = F.linear(act, self.down[layer, e])[0].float() * wt[k]
+        return out
+
+
+class HostSplit:
+    """How many of a layer's misses to compute on the host: from the link's measured bytes/s and a per-layer
+    running mean of the host's seconds per expert (measured by `record`).
+
+    max_host: at most this many per layer (0 turns the host path off)."""
+
+    def __init__(self, layers: int, expert_bytes: int, link_bytes_per_s: float, host_s_per_expert: float,
+                 max_host: int = 8, smoothing: float = 0.3):
+        if link_bytes_per_s <= 0 or host_s_per_expert <= 0:
+            raise InputError(f"HostSplit: rates must be positive (link {link_bytes_per_s} B/s, host "
+                             f"{host_s_per_expert} s/expert)")
+        self.link_s = expert_bytes / link_bytes_per_s
+        self.host_s = [float(host_s_per_expert)] * layers
+        self.max_host, self.smoothing = int(max_host), float(smoothing)
+        self.host_experts = [0] * layers
+        self.copied = [0] * layers
+
+    def split(self, layer: int, misses: int) -> int:
+        """The number k of `misses` to compute on the host: argmin over k of max(k host_s, (m - k) link_s)."""
+        hs, ls = self.host_s[layer], self.link_s
+        best, best_t = 0, misses * ls
+        for k in range(1, min(misses, self.max_host) + 1):
+            t = max(k * hs, (misses - k) * ls)
+            if t < best_t:
+                best, best_t = k, t
+        return best
+
+    def record(self, layer: int, experts: int, seconds: float, copied: int) -> None:
+        """Measured: `experts` computed on the host in `seconds`; `copied` misses went over the link."""
+        if experts:
+            a = self.smoothing
+            self.host_s[layer] = (1 - a) * self.host_s[layer] + a * seconds / experts
+        self.host_experts[layer] += experts
+        self.copied[layer] += copied
+
+
+def time_host_expert(host: HostExperts, layer: int = 0, repeats: int = 5, experts: int = 4) -> float:
+    """Median seconds per expert of `host.compute` on one token (a calibration for `HostSplit`). Each repeat
+    reads other experts (of the next layer), so the host's caches cannot serve the weights of a previous one."""
+    L, E, _, D = host.gate.shape
+    h = torch.randn(D).to(host.dtype)
+    ws = [1.0 / experts] * experts
+    host.compute(layer, h, list(range(min(experts, E))), ws[:min(experts, E)])   # warm-up (threads, kernels)
+    ts = []
+    for r in range(repeats):
+        lay = (layer + 1 + r) % L
+        ids = [(experts * r + k) % E for k in range(experts)]
+        t = time.perf_counter()
+        host.compute(lay, h, ids, ws)
+        ts.append((time.perf_counter() - t) / experts)
+    ts.sort()
+    return ts[len(ts) // 2]
