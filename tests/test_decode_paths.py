@@ -19,6 +19,7 @@ import q3lab
 from q3lab.errors import InputError
 from q3lab.fast.decoders import DeviceExpertCache, OffloadedDecoder, StaticDecoder
 from q3lab.runtime.recording import record
+from batches import left_padded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,18 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def mini():
     return q3lab.load(ROOT / "data" / "mini", dtype=torch.float32)
-
-
-def _batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts [B, max(lengths)] (pad id 0) and their attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, T - n:] = torch.randint(0, vocab, (n,), generator=g)
-        mask[b, T - n:] = 1
-    return ids, mask
 
 
 def _offloaded(model, max_len: int, capacity: int) -> OffloadedDecoder:
@@ -48,7 +37,7 @@ def _offloaded(model, max_len: int, capacity: int) -> OffloadedDecoder:
 
 @pytest.mark.parametrize("lengths", [[9], [6, 9], [9, 4, 7], [3, 9, 9, 5]])
 def test_static_decoder_greedy_batches_equal_generate(mini, lengths):
-    ids, mask = _batch(mini.config.vocab_size - 12, lengths, seed=len(lengths))
+    ids, mask = left_padded(mini.config.vocab_size - 12, lengths, seed=len(lengths))
     padded = min(lengths) < max(lengths)
     want = mini.generate(ids, 12, attention_mask=mask if padded else None)
     dec = StaticDecoder(mini, 32)
@@ -61,7 +50,7 @@ def test_static_decoder_greedy_batches_equal_generate(mini, lengths):
 
 def test_offloaded_decoder_batches_equal_generate(tmp_path):
     model = q3lab.load(ROOT / "data" / "mini", dtype=torch.float32)
-    ids, mask = _batch(model.config.vocab_size - 12, [8, 5, 8], seed=7)
+    ids, mask = left_padded(model.config.vocab_size - 12, [8, 5, 8], seed=7)
     want = model.generate(ids, 10, attention_mask=mask)
     off = _offloaded(model, 24, capacity=40)       # 48 layers x 32 experts: misses and evictions
     assert off.generate(ids, 10, attention_mask=mask).tolist() == want.tolist()
@@ -69,7 +58,7 @@ def test_offloaded_decoder_batches_equal_generate(tmp_path):
 
 
 def test_eos_and_sampling_follow_generate(mini):
-    ids, mask = _batch(mini.config.vocab_size - 12, [7, 7], seed=3)
+    ids, mask = left_padded(mini.config.vocab_size - 12, [7, 7], seed=3)
     free = mini.generate(ids, 16)
     eos = int(free[0, 7 + 4])                        # a token row 0 emits on its 5th step
     want = mini.generate(ids, 16, eos_token_id=eos)
@@ -100,7 +89,7 @@ def _frames_equal(got, want) -> None:
 @pytest.mark.parametrize("which", ["static", "offloaded"])
 def test_record_around_fast_decoders_equals_generate(which):
     model = q3lab.load(ROOT / "data" / "mini", dtype=torch.float32)
-    ids, mask = _batch(model.config.vocab_size - 12, [6, 9], seed=11)
+    ids, mask = left_padded(model.config.vocab_size - 12, [6, 9], seed=11)
     with record(model, probs=True) as rec:
         model.generate(ids, 8, attention_mask=mask)
     want = rec.to_frame()

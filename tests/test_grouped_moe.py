@@ -12,6 +12,7 @@ import q3lab
 from q3lab.kernels import grouped_moe as gm
 from q3lab.runtime import step
 from q3lab.fast.decoders import StaticDecoder
+from batches import left_padded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,21 +111,10 @@ def mini():
     return q3lab.load(ROOT / "data" / "mini", dtype=torch.float32)
 
 
-def _batch(vocab, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, T - n:] = torch.randint(0, vocab, (n,), generator=g)
-        mask[b, T - n:] = 1
-    return ids, mask
-
-
 @pytest.mark.skipif(not gm.grouped_mm_available(torch.float32, "cpu"), reason="no CPU grouped GEMM in this torch")
 @pytest.mark.parametrize("lengths", [[9, 4, 7, 9], [3, 9, 9, 5, 8, 2]])
 def test_batched_decode_through_grouped_experts_equals_generate(mini, lengths):
-    ids, mask = _batch(mini.config.vocab_size - 12, lengths, seed=len(lengths))
+    ids, mask = left_padded(mini.config.vocab_size - 12, lengths, seed=len(lengths))
     want = mini.generate(ids, 10, attention_mask=mask)
     dec = StaticDecoder(mini, 24, batch=len(lengths))
     dec.kernels = gm.grouped_kernels()          # every step's experts through the grouped GEMM
@@ -139,7 +129,7 @@ def test_batched_decode_through_grouped_experts_equals_generate(mini, lengths):
 @pytest.mark.skipif(not gm.grouped_mm_available(torch.float32, "cpu"), reason="no CPU grouped GEMM in this torch")
 def test_prefill_layers_through_grouped_experts_equal_forward(mini):
     """The shared step with the grouped experts over a whole prompt = Thinker.forward (its grouped loop)."""
-    ids, _ = _batch(mini.config.vocab_size, [40, 40], seed=9)
+    ids, _ = left_padded(mini.config.vocab_size, [40, 40], seed=9)
     want = mini(ids)
     m = mini.model
     d = m.layers[0].self_attn.dims
