@@ -32,7 +32,8 @@ from q3lab.runtime import step
 from q3lab.fast.device_cache import DeviceExpertCache
 from q3lab.errors import InputError
 from q3lab.runtime.experts import ExpertProvider
-from q3lab.runtime.thinker import KVCache, Thinker, hook_dicts, mrope_freqs, rms_norm, rope_cos_sin, stacked_experts
+from q3lab.runtime.thinker import (KVCache, Thinker, decode_loop, hook_dicts, mrope_freqs, rms_norm, rope_cos_sin,
+                                   stacked_experts)
 from q3lab.runtime.step import KV, Rope
 
 
@@ -332,25 +333,18 @@ class StaticDecoder:
         if seed is not None:
             gen.manual_seed(seed)
         logits = self.prefill(input_ids, attention_mask)
-        out = [input_ids]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        eos_t = torch.tensor(sorted(eos), device=self.device) if eos else None
         steps = 0
-        for step_n in range(max_new_tokens):
-            nxt = m._pick(logits, do_sample, temperature, top_p, gen)                  # [B]
-            if eos_t is not None:
-                nxt = torch.where(done, eos_t[0], nxt)
-                done |= torch.isin(nxt, eos_t)
-            out.append(nxt[:, None])
-            if streamer is not None:
-                streamer(nxt)
-            if step_n == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
-                break
+
+        def advance(nxt: torch.Tensor) -> torch.Tensor:
+            nonlocal steps
             self.tok.copy_(nxt)
             self.step()
             steps += 1
-            logits = self.logits
-        result = torch.cat(out, dim=1)
+            return self.logits
+
+        new = decode_loop(logits, lambda lg: m._pick(lg, do_sample, temperature, top_p, gen), advance,
+                          max_new_tokens, eos, streamer)
+        result = torch.cat([input_ids] + new, dim=1)
         if recorders and steps:
             self._hand_over(recorders, result, T, steps, attention_mask is not None)
         return result

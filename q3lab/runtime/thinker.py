@@ -504,31 +504,27 @@ class Thinker(nn.Module):
         registry = hook_dicts(self)            # live dicts: a hook added during generation shows at the next step
         plan = self.plan()
         out = [input_ids]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        eos_t = torch.tensor(sorted(eos), device=self.device) if eos else None
-        for step_n in range(max_new_tokens):
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            nonlocal finite
             finite &= torch.isfinite(logits).all()
-            nxt = self._pick(logits, do_sample, temperature, top_p, gen) if not do_sample or bool(finite) \
+            return self._pick(logits, do_sample, temperature, top_p, gen) if not do_sample or bool(finite) \
                 else logits.argmax(-1)   # [B] (multinomial would raise on nan; the check below names the cause)
-            if eos_t is not None:
-                nxt = torch.where(done, eos_t[0], nxt)
-                done |= torch.isin(nxt, eos_t)
-            out.append(nxt[:, None])
-            if streamer is not None:
-                streamer(nxt)
-            if step_n == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
-                break
+
+        def advance(nxt: torch.Tensor) -> torch.Tensor:
             # ids from argmax/multinomial over the vocabulary need no range check. No hook anywhere: step.layer
             # over the plan; else through the modules (hooks on the Thinker itself, e.g. q3lab.record, see the call)
+            nonlocal next_pos
             hooked = any(registry)
             pos, m = None, None
             if mask is not None:
                 pos, m = next_pos[:, None], full[:, :cache.length + 1]
                 next_pos = next_pos + 1
             if hooked and (self._forward_pre_hooks or self._forward_hooks or any(_GLOBAL_HOOKS)):
-                logits = self(nxt[:, None], pos, cache=cache, attention_mask=m, last_only=True)[:, -1]
-            else:
-                logits = self._forward(nxt[:, None], pos, cache, m, True, None if hooked else plan)[:, -1]
+                return self(nxt[:, None], pos, cache=cache, attention_mask=m, last_only=True)[:, -1]
+            return self._forward(nxt[:, None], pos, cache, m, True, None if hooked else plan)[:, -1]
+
+        out += decode_loop(logits, pick, advance, max_new_tokens, eos, streamer)
         if not bool(finite):   # some step's logits held nan/inf: find the first layer over every token fed
             from q3lab.runtime.finite import diagnose
             ids = torch.cat(out, dim=1)[:, :-1]
@@ -574,6 +570,29 @@ class Thinker(nn.Module):
 _NORM_SUFFIXES = ("layernorm.weight", "norm.weight")
 _MULTIMODAL_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
                     "pixel_values_videos", "video_grid_thw", "use_audio_in_video", "video_second_per_grid")
+
+
+def decode_loop(logits: torch.Tensor, pick, advance, max_new_tokens: int, eos: set[int], streamer=None
+                ) -> list[torch.Tensor]:
+    """The token loop of every generate (`Thinker.generate`, the fast decoders'): from the prompt's last logits
+    [B, V], `pick(logits) -> [B]` chooses each token; a row that produced one of `eos` keeps producing eos[0];
+    `advance(tokens [B]) -> logits [B, V]` feeds the chosen tokens. Stops after `max_new_tokens` or when every row
+    has ended; returns the new tokens as [B, 1] columns."""
+    out: list[torch.Tensor] = []
+    eos_t = torch.tensor(sorted(eos), device=logits.device) if eos else None
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for step_n in range(max_new_tokens):
+        nxt = pick(logits)                                                            # [B]
+        if eos_t is not None:
+            nxt = torch.where(done, eos_t[0], nxt)
+            done |= torch.isin(nxt, eos_t)
+        out.append(nxt[:, None])
+        if streamer is not None:
+            streamer(nxt)
+        if step_n == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
+            break
+        logits = advance(nxt)
+    return out
 
 
 def load(path: str | Path | WeightSource, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
