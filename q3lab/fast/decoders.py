@@ -314,12 +314,8 @@ class StaticDecoder:
         Around `with q3lab.record(model)`, the routing of every step is recorded as `Thinker.generate` would
         record it (the prompt through the eager model's hooks, the steps from the device buffers)."""
         m = self.model
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        input_ids = input_ids.to(self.device)
-        m._check_ids(input_ids)
+        input_ids = m._check_generate(input_ids, max_new_tokens, do_sample, temperature, top_p, attention_mask)
         B, T = input_ids.shape
-        m._check_generate(B, T, max_new_tokens, do_sample, temperature, top_p, attention_mask)
         if T + max_new_tokens > self.max_len:
             raise InputError(f"{T} + {max_new_tokens} tokens exceed this decoder's max_len={self.max_len}")
         _refuse_hooks(m)

@@ -281,12 +281,16 @@ def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                                           scale=q.shape[-1] ** -0.5, enable_gqa=True)
 
 
-def _served(stacked: list, numel: int) -> Callable:
-    """A provider's fetch over experts already served and stacked (gate, up, down [U, ...]): each asked once."""
-    def fetch(s: int):
-        return stacked[0][s], stacked[1][s], stacked[2][s]
-    fetch.numel = numel
-    return fetch
+def stack_served(fetch: Callable, n: int, first: tuple | None = None) -> tuple[torch.Tensor, ...]:
+    """A provider's n served experts (`fetch(s)` -> gate, up, down) as stacks (gate, up, down [n, ...]), each
+    copied as it is served: a cache smaller than the call's experts reuses its buffers for the next one.
+    `first`: fetch(0), when the caller has asked for it already."""
+    first = fetch(0) if first is None else first
+    out = tuple(torch.empty((n, *t.shape), dtype=t.dtype, device=t.device) for t in first)
+    for s in range(n):
+        for dst, src in zip(out, first if s == 0 else fetch(s)):
+            dst[s].copy_(src)
+    return out
 
 
 def _grouped_ok(gate: torch.Tensor) -> bool:
@@ -529,11 +533,7 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
         # (a copy of the served experts, but a cache gives the same numbers as the resident model)
         fetch, g0 = gate, gate(0)
         if g0[0].dtype == h.dtype:
-            # copied as served: a cache smaller than the call's experts reuses its buffers for the next one
-            gate, up, down = (torch.empty(fetch.slots, *t.shape, dtype=t.dtype) for t in g0)
-            for s in range(fetch.slots):
-                for dst, src in zip((gate, up, down), g0 if s == 0 else fetch(s)):
-                    dst[s].copy_(src)
+            gate, up, down = stack_served(fetch, fetch.slots, g0)
     if up is not None and isinstance(gate, torch.Tensor) and gate.dim() == 3 and _cpu_ok(h, gate):
         from q3lab.kernels import cpu as cpu_kernels
         if h.shape[0] == 1:

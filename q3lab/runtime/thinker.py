@@ -202,13 +202,12 @@ class Experts(nn.Module):
         def fetch(s: int):
             return p.weights(layer, used[s])
         fetch.numel = self.expert_numel // 3
-        if h.is_cuda and h.shape[0] > 8:
-            # many tokens on CUDA (a prefill): the served experts stacked, so that moe_torch runs the grouped GEMMs
-            # of resident experts on the same rows (an offloaded prefill then matches a resident one)
-            served = [torch.stack(t) for t in zip(*(fetch(s) for s in range(len(used))))]
-            if step._grouped_ok(served[0]):
-                return step.moe_sum(h, slots, w, *served)
-            fetch = step._served(served, fetch.numel)
+        D = h.shape[-1]
+        if h.is_cuda and h.shape[0] > 8 and step._grouped_ok(h.new_empty(0, fetch.numel // D, D)):
+            # many tokens on CUDA (a prefill) in a dtype the grouped GEMMs take: the served experts stacked, so
+            # that moe_sum runs the grouped GEMMs of resident experts (equal to a resident prefill to rounding:
+            # the groups differ, tests/gpu/test_gpu_prefill.py)
+            return step.moe_sum(h, slots, w, *step.stack_served(fetch, len(used)))
         fetch.slots = len(used)
         return step.expert_sum(ks.moe(h, slots, w, fetch), h.dtype)
 
@@ -477,12 +476,8 @@ class Thinker(nn.Module):
         unknown = sorted(set(multimodal) - set(_MULTIMODAL_ARGS))
         if unknown:
             raise InputError(f"generate: unknown argument(s) {unknown}; multimodal inputs are {list(_MULTIMODAL_ARGS)}")
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        input_ids = input_ids.to(self.device)
-        self._check_ids(input_ids)
+        input_ids = self._check_generate(input_ids, max_new_tokens, do_sample, temperature, top_p, attention_mask)
         B, T = input_ids.shape
-        self._check_generate(B, T, max_new_tokens, do_sample, temperature, top_p, attention_mask)
         total = T + max_new_tokens
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         gen = torch.Generator(device=self.device)
@@ -531,9 +526,15 @@ class Thinker(nn.Module):
             diagnose(self, ids, attention_mask=None if mask is None else full[:, :ids.shape[1]])
         return torch.cat(out, dim=1)
 
-    def _check_generate(self, B: int, T: int, max_new_tokens: int, do_sample: bool, temperature: float,
-                        top_p: float, attention_mask: torch.Tensor | None) -> None:
-        """generate's argument checks (shared with the fast decoders' generate)."""
+    def _check_generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float,
+                        top_p: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """generate's argument checks (shared with the fast decoders' generate): the prompt as [B, T] ids on the
+        model's device."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        input_ids = input_ids.to(self.device)
+        self._check_ids(input_ids)
+        B, T = input_ids.shape
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and (not temperature > 0 or not 0 < top_p <= 1):   # `not >` refuses nan too
@@ -551,6 +552,7 @@ class Thinker(nn.Module):
                 rows = (~last).nonzero().flatten().tolist()
                 raise InputError(f"attention_mask: row(s) {rows} end in padding; generate needs left padding "
                                  f"(pad before the prompt, real tokens last)")
+        return input_ids
 
     @staticmethod
     def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
