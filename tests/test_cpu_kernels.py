@@ -214,6 +214,14 @@ def test_generate_on_the_cpu_set_equals_torch_and_transformers_in_float32(hf_ckp
     want = ref.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert fast.tolist() == plain.tolist() == want.tolist()
     # one decode step's logits: the C kernels against the torch set, float32 rounding apart
+    on_c, on_torch, a, b = _one_step_both(model, ids, monkeypatch)
+    torch.testing.assert_close(on_c, on_torch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.k, b.k, **F32)
+
+
+def _one_step_both(model, ids, monkeypatch):
+    """One decode step after the prompt `ids`, on the CPU set and on the torch set, each on its own cache:
+    (logits on C, logits on torch, cache of C, cache of torch)."""
     with torch.inference_mode():
         a, b = model.new_cache(1, 12), model.new_cache(1, 12)
         model(ids, cache=a)
@@ -222,8 +230,7 @@ def test_generate_on_the_cpu_set_equals_torch_and_transformers_in_float32(hf_ckp
         on_c = model._forward(tok, None, a, None, True, model.plan(step.CPU))
         monkeypatch.setenv("Q3LAB_CPU_KERNELS", "0")
         on_torch = model._forward(tok, None, b, None, True, model.plan(step.TORCH))
-    torch.testing.assert_close(on_c, on_torch, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a.k, b.k, **F32)
+    return on_c, on_torch, a, b
 
 
 def test_bf16_decode_step_on_the_cpu_set_is_close_to_torch(hf_ckpt, monkeypatch):
@@ -233,14 +240,7 @@ def test_bf16_decode_step_on_the_cpu_set_is_close_to_torch(hf_ckpt, monkeypatch)
     model = q3lab.load(Checkpoint(path), dtype=torch.bfloat16)
     assert step.kernels_for(model.device, model.dtype, model.config.hidden_size) is step.CPU
     ids = torch.randint(0, vocab, (1, 9), generator=_g(6))
-    with torch.inference_mode():
-        a, b = model.new_cache(1, 12), model.new_cache(1, 12)
-        model(ids, cache=a)
-        model(ids, cache=b)
-        tok = torch.tensor([[7]])
-        on_c = model._forward(tok, None, a, None, True, model.plan(step.CPU))
-        monkeypatch.setenv("Q3LAB_CPU_KERNELS", "0")
-        on_torch = model._forward(tok, None, b, None, True, model.plan(step.TORCH))
+    on_c, on_torch, a, b = _one_step_both(model, ids, monkeypatch)
     # both round every op to bf16, in different orders; logits of size ~1: within a few bf16 steps
     assert (on_c - on_torch).abs().max() < 0.05 * on_torch.abs().max()
     assert on_c.argmax().item() == on_torch.argmax().item()

@@ -13,6 +13,8 @@ from q3lab.kernels import grouped_moe as gm
 from q3lab.runtime import step
 from q3lab.fast.decoders import StaticDecoder
 
+from batches import left_padded  # noqa: E402  (tests/batches.py)
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -104,13 +106,7 @@ def test_prefill_logits_cuda_path_vs_torch_set(ckpt, monkeypatch):
 
 
 def _left_padded(vocab, lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, T - n:] = torch.randint(0, vocab, (n,), generator=g)
-        mask[b, T - n:] = 1
+    ids, mask = left_padded(vocab, lengths, seed)
     return ids.cuda(), mask.cuda()
 
 
