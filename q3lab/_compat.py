@@ -74,16 +74,23 @@ MOVED = {
 # Old module names that are also public functions of the package (`q3lab.record(model)`): the function wins.
 SHADOWED = ("record", "extract", "synth")
 
+# Old module paths that the issues name as public API (`q3lab.cachesim.simulate(...)`, `q3lab.causal`,
+# `q3lab.saturation.router_saturation`): a contract other code is written against, so they stay, as
+# aliases of the new modules, without a warning.
+STABLE = ("q3lab.cachesim", "q3lab.causal", "q3lab.saturation")
+
 
 class _Alias(importlib.abc.Loader):
-    """Loads an old path as the new module itself, warning once (the import system caches the result)."""
+    """Loads an old path as the new module itself, warning once (the import system caches the result), except
+    for the STABLE paths."""
 
     def __init__(self, new: str):
         self.new = new
 
     def create_module(self, spec):
-        warnings.warn(f"{spec.name} is deprecated (the package was laid out by layer): import {self.new}",
-                      DeprecationWarning, stacklevel=2)
+        if spec.name not in STABLE:
+            warnings.warn(f"{spec.name} is deprecated (the package was laid out by layer): import {self.new}",
+                          DeprecationWarning, stacklevel=2)
         return importlib.import_module(self.new)
 
     def exec_module(self, module) -> None:
