@@ -284,3 +284,42 @@ def test_a_short_prompt_through_the_c_kernels_matches_torch(dtype):
     torch.testing.assert_close(K.linear(x.reshape(-1, 40), wl).float(), F.linear(x.reshape(-1, 40), wl).float(), **tol)
     with pytest.raises(KernelError, match=r"expert ids outside 0..7: \[.*9\]"):
         K.moe_tokens(h, gate, up, down, ids.clamp(max=9) * 0 + 9, w)
+
+
+# -- a prefill on the CPU set: float32 GEMMs on oneDNN, experts grouped by expert without the big gathers ---------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_prompt_on_the_cpu_set_matches_torch(dtype):
+    """More than CPU_MAX_ROWS tokens: `moe_grouped_cpu` against `moe_torch`'s grouped path. bf16: the same GEMMs
+    (F.linear) and the same sum order, so bit-equal; float32: oneDNN's GEMMs sum in another order (F32)."""
+    g = _g(9)
+    E, I, D, N, A = 12, 40, 72, step.CPU_MAX_ROWS + 37, 4
+    gate, up = (torch.randn(E, I, D, generator=g) * 0.2).to(dtype), (torch.randn(E, I, D, generator=g) * 0.2).to(dtype)
+    down, h = (torch.randn(E, D, I, generator=g) * 0.2).to(dtype), torch.randn(N, D, generator=g).to(dtype)
+    logits = torch.randn(N, E, generator=g)
+    logits[:, 11] = -30.0                                           # an expert no token picks
+    ids, w = step.select(logits, A, True, dtype)
+    assert 11 not in ids
+    want = step.expert_sum(step.moe_torch(h, ids, w, gate, up, down), dtype)
+    got = step.moe_cpu(h, ids, w, gate, up, down)
+    assert got.shape == (N, 1, D) and got.dtype == torch.float32
+    got = step.expert_sum(got, dtype)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, **F32)
+    x, wl = torch.randn(N, 40, generator=g).to(dtype), torch.randn(17, 40, generator=g).to(dtype)
+    torch.testing.assert_close(step.linear_cpu(x, wl).float(), F.linear(x, wl).float(), **(F32 if dtype == torch.float32 else BF16))
+    if dtype == torch.bfloat16:                                     # gemm is oneDNN for float32 only
+        assert torch.equal(K.gemm(x, wl), F.linear(x, wl))
+
+
+def test_gemm_without_onednn_says_so_once_and_runs_f_linear(monkeypatch):
+    monkeypatch.setattr(K, "_ONEDNN", [])
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    x, w = torch.randn(70, 30, generator=_g(10)), torch.randn(9, 30, generator=_g(11))
+    with pytest.warns(RuntimeWarning, match="F.linear.*without oneDNN"):
+        assert torch.equal(K.gemm(x, w), F.linear(x, w))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(K.gemm(x, w), F.linear(x, w))

@@ -501,6 +501,48 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return linear(x, w)
 
 
+# -- float32 GEMMs of many rows (a prefill) ---------------------------------------------------------------
+# torch's float32 F.linear on the CPU calls MKL's sgemm, which on this AMD CPU runs its AVX2 code (~200 GFLOP/s on
+# 2 cores); oneDNN, which torch also ships (and uses for bf16), dispatches on the ISA and runs AVX-512: 380-500
+# GFLOP/s on the same shapes (bench/NOTES.md, issue 21 v3). Same float32 math, sums in another order.
+_ONEDNN: list = []   # [op] once found, [None] once refused (the reason warned once)
+
+
+def _onednn():
+    if not _ONEDNN:
+        op, why = None, ""
+        try:
+            if not torch.backends.mkldnn.is_available():
+                why = "this torch was built without oneDNN (mkldnn)"
+            else:
+                cand = torch.ops.mkldnn._linear_pointwise
+                x, w = torch.ones(2, 3), torch.ones(4, 3)
+                if torch.equal(cand(x, w, None, "none", [], ""), torch.full((2, 4), 3.0)):
+                    op = cand
+                else:
+                    why = "torch.ops.mkldnn._linear_pointwise gave a wrong product"
+        except (AttributeError, RuntimeError) as e:
+            why = f"torch.ops.mkldnn._linear_pointwise is not usable: {e}"
+        if op is None:
+            import warnings
+            warnings.warn(f"q3lab: float32 prefill GEMMs run on torch's F.linear (MKL, slower here): {why}",
+                          RuntimeWarning, stacklevel=3)
+        _ONEDNN.append(op)
+    return _ONEDNN[0]
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K]) in float32 (no bias) through oneDNN's matmul (`torch.ops.mkldnn.
+    _linear_pointwise`): AVX-512 where torch's MKL sgemm runs AVX2. Where oneDNN is missing, F.linear (warned
+    once). Any other dtype: F.linear."""
+    op = _onednn() if x.dtype == torch.float32 else None
+    if op is None or w.dtype != torch.float32 or x.requires_grad or w.requires_grad:
+        import torch.nn.functional as F
+        return F.linear(x, w)
+    return op(x if x.is_contiguous() else x.contiguous(), w if w.is_contiguous() else w.contiguous(),
+              None, "none", [], "")
+
+
 def moe_decode(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One token's MoE output [1, D] in float32 from a layer's resident experts (gate/up [E, I, D], down [E, D, I],

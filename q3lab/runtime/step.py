@@ -457,10 +457,12 @@ def linear_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     `cpu_kernels.linear` (float32 sums, one rounding), anything else F.linear."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
-    if 0 < rows <= CPU_MAX_ROWS and w.dim() == 2 \
-            and _cpu_ok(x, w):
+    if 0 < rows and w.dim() == 2 and _cpu_ok(x, w):
         from q3lab.kernels import cpu as cpu_kernels
-        return cpu_kernels.linear(x.reshape(rows, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+        if rows <= CPU_MAX_ROWS:
+            return cpu_kernels.linear(x.reshape(rows, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+        if x.dtype == torch.float32:          # a prefill: oneDNN's AVX-512 GEMM (MKL's sgemm runs AVX2 here)
+            return cpu_kernels.gemm(x, w)
     return F.linear(x, w)
 
 
@@ -540,7 +542,39 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
             return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids, w).view(1, 1, -1)
         if h.shape[0] <= CPU_MAX_ROWS:
             return cpu_kernels.moe_tokens(h.contiguous(), gate, up, down, ids, w).unsqueeze(1)
+        return moe_grouped_cpu(h, ids, w, gate, up, down)
     return moe_torch(h, ids, w, gate, up, down, gather=gather)
+
+
+def moe_grouped_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    """Many tokens (a prefill) over a layer's stacked experts, grouped by expert: each token's weighted expert sum
+    [N, 1, D] in float32. Per expert (ascending) its tokens are gathered (a block that stays in cache for its
+    three GEMMs), and its weighted outputs added into the sum in place: no [N*A, D] gather, concatenation and
+    unpermute of `moe_torch`'s grouped path. Each token's sum runs over its experts in ascending id, as
+    `expert_sum(moe_torch(...))` does, with the same roundings (bf16: each expert's output rounded, times its
+    rounded weight); float32 GEMMs on oneDNN (`cpu_kernels.gemm`), bf16 on F.linear (oneDNN already)."""
+    from q3lab.kernels import cpu as cpu_kernels
+    N, A = ids.shape
+    dt = gate.dtype
+    lin = cpu_kernels.gemm if dt == torch.float32 else F.linear
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)                    # (token, rank) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()
+    tok = order // A
+    wts = w.reshape(-1).to(dt).float()[order]
+    x = h.to(dt)
+    out = torch.zeros(N, h.shape[-1], dtype=torch.float32)
+    start = 0
+    for e, c in enumerate(counts):
+        if not c:
+            continue
+        te, we = tok[start:start + c], wts[start:start + c]
+        start += c
+        xe = x.index_select(0, te)                                  # [c, D]
+        act = F.silu(lin(xe, gate[e])).mul_(lin(xe, up[e]))
+        out.index_add_(0, te, lin(act, down[e]).float().mul_(we[:, None]))
+    return out.unsqueeze(1)
 
 
 CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu, project_cpu)
