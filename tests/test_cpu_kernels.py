@@ -185,7 +185,7 @@ def hf_ckpt(tmp_path_factory):
 
 def _counting(monkeypatch):
     calls = {}
-    for name in ("linear", "moe_decode", "rms_norm_rows", "project_one", "attend_one", "route_one"):
+    for name in ("linear", "moe_decode", "rms_norm_rows", "project_one", "attend_one", "route_one", "layer_one"):
         fn = getattr(K, name)
 
         def wrapped(*a, _fn=fn, _n=name, **kw):
@@ -207,10 +207,10 @@ def test_generate_on_the_cpu_set_equals_torch_and_transformers_in_float32(hf_ckp
     assert step.kernels_for(model.device, model.dtype, model.config.hidden_size) is step.CPU
     calls = _counting(monkeypatch)
     fast = model.generate(ids, 30)
-    # every decode step ran each kernel: 29 steps x 3 layers (linear: o per layer + lm_head; the 9-token prompt:
-    # q, k, v, o per layer + its last row's lm_head)
-    assert calls["moe_decode"] == calls["route_one"] == calls["attend_one"] == calls["project_one"] == 29 * 3
-    assert calls["rms_norm_rows"] == 29 * 3 * 2 and calls["linear"] == 29 * (3 + 1) + 3 * 4 + 1
+    # every decode step ran each layer in one call: 29 steps x 3 layers; linear: the lm_head per step; the 9-token
+    # prompt: q, k, v, o per layer + its last row's lm_head
+    assert calls["layer_one"] == 29 * 3 and "moe_decode" not in calls and "project_one" not in calls
+    assert calls["linear"] == 29 + 3 * 4 + 1
     want = ref.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert fast.tolist() == plain.tolist() == want.tolist()
     # one decode step's logits: the C kernels against the torch set, float32 rounding apart
@@ -323,3 +323,44 @@ def test_gemm_without_onednn_says_so_once_and_runs_f_linear(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(K.gemm(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_call_layer_is_bit_equal_to_the_composed_cpu_set(hf_ckpt, monkeypatch, dtype):
+    """step.layer_cpu (cpu_kernels.layer_one: the whole one-token layer in C) against the same set without it
+    (step.layer composing norm_cpu, project_cpu, attend_cpu, linear_cpu, route_cpu, moe_cpu): equal logits, caches
+    and greedy tokens, and the routing a recorder's sink sees."""
+    import dataclasses
+    import q3lab
+    from q3lab.weights.checkpoint import Checkpoint
+    _, path, vocab = hf_ckpt
+    monkeypatch.setattr(step, "CPU_F32_MIN_HIDDEN", 0)
+    model = q3lab.load(Checkpoint(path), dtype=dtype)
+    composed = dataclasses.replace(step.CPU, layer=None)
+    ids = torch.randint(0, vocab, (1, 9), generator=_g(12))
+    with torch.inference_mode():
+        caches, logits = [], []
+        for ks in (step.CPU, composed):
+            c = model.new_cache(1, 14)
+            model(ids, cache=c)
+            for tok in (7, 3, 11):
+                out = model._forward(torch.tensor([[tok]]), None, c, None, True, model.plan(ks))
+            caches.append(c)
+            logits.append(out)
+    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    # the routing handed to a sink equals the composed step's
+    plan, seen = model.plan(step.CPU), {}
+    w, experts = plan[1]
+    d = model.model.layers[0].self_attn.dims
+    x = torch.randn(1, 1, model.config.hidden_size, generator=_g(13)).to(dtype)
+    from q3lab.runtime.thinker import rope_matrix
+    cos, sin = model._rope_table(caches[0], dtype)
+    rope = Rope(rope_matrix(cos[0, 12, 0], sin[0, 12, 0]), None)
+    outs = []
+    for ks, key in ((step.CPU, "fused"), (composed, "composed")):
+        kv = KV(caches[0].k[1].clone(), caches[0].v[1].clone(), 12, None)
+        outs.append(step.layer(x, w, d, rope, kv, ks, experts, sink=lambda *r, _k=key: seen.__setitem__(_k, r)))
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(seen["fused"], seen["composed"]):
+        assert torch.equal(a, b)

@@ -383,6 +383,40 @@ void route_one(const void *h, const void *W, void *logits, int64_t *ids, void *w
     }
     for (int a = 0; a < A; a++) st(wts, a, renorm ? top[a] / tsum : top[a], dt);
 }
+
+/* One decode token through one whole layer, as the CPU kernel set composes it (step.layer with step.CPU):
+   h1 = rms_norm(x, ln1); q, k, v = project_one(h1) (k, v written at `slot`); y = attend_one(q, cache 0..slot);
+   x1 = x + linear(y, wo); h2 = rms_norm(x1, ln2); logits, ids, wts = route_one(h2); out = x1 + moe(h2)
+   rounded to the dtype. The very same functions in the same order, each with the thread count the Python
+   wrappers give it (threads when its weights have at least min_par elements): bit-equal to the composition.
+   xout [D] the layer's output; logits [E], ids [A], wts [A] the routing (for a recorder). Returns moe's code. */
+static inline int thr(int64_t n, int threads, int64_t min_par) { return n >= min_par ? threads : 1; }
+
+int layer_one(const void *x, void *xout, const void *ln1, const void *wq, const void *wk, const void *wv,
+              const void *qkn, const void *wo, const void *ln2, const void *router, const void *gate,
+              const void *up, const void *down, const void *R, void *kc, void *vc, void *logits, int64_t *ids,
+              void *wts, int D, int H, int K, int hd, int64_t cs, int slot, int E, int A, int I, int renorm,
+              float eps, float scale, int dt, int threads, int64_t min_par) {
+    size_t es = dt ? 2 : 4;
+    int nq = H * hd;
+    char h1[D * es], q[nq * es], y[nq * es], o[D * es], x1[D * es], h2[D * es];
+    float mo[D];
+    rms_norm_rows(x, ln1, h1, 1, D, 1, eps, dt);
+    project_one(h1, wq, wk, wv, qkn, R, q, kc, vc, D, H, K, hd, cs, slot, eps, dt,
+                thr((int64_t)(H + 2 * K) * hd * D, threads, min_par));
+    attend_one(q, kc, vc, y, H, K, slot + 1, hd, hd, cs, scale, dt);
+    int tl = thr((int64_t)D * nq, threads, min_par);
+    if (dt) linear_bf16((const uint16_t *)y, (const uint16_t *)wo, (uint16_t *)o, 1, D, nq, tl);
+    else linear_f32((const float *)y, (const float *)wo, (float *)o, 1, D, nq, tl);
+    for (int i = 0; i < D; i++) st(x1, i, ld(x, i, dt) + ld(o, i, dt), dt);
+    rms_norm_rows(x1, ln2, h2, 1, D, 1, eps, dt);
+    route_one(h2, router, logits, ids, wts, E, D, A, renorm, dt);
+    int tm = thr((int64_t)3 * A * I * D, threads, min_par);
+    int rc = dt ? moe_bf16((const uint16_t *)h2, gate, up, down, ids, wts, mo, A, I, D, E, tm, 1)
+                : moe_f32((const float *)h2, gate, up, down, ids, wts, mo, A, I, D, E, tm, 0);
+    for (int i = 0; i < D; i++) st(xout, i, ld(x1, i, dt) + rnd(mo[i], dt), dt);
+    return rc;
+}
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 ISA = {2: "AVX-512 BF16 (vdpbf16ps) and AVX-512F FMA", 1: "AVX-512F FMA (no AVX-512 BF16: bf16 rows widened in C)",
@@ -450,6 +484,8 @@ def _build() -> ctypes.CDLL:
     dll.attend_one.argtypes = [vp, vp, vp, vp, ci, ci, ci, ci, i64, i64, fl, ci]
     dll.route_one.argtypes = [vp, vp, vp, vp, vp, ci, ci, ci, ci, ci]
     dll.project_one.argtypes = [vp] * 9 + [ci] * 4 + [i64, ci, fl, ci, ci]
+    dll.layer_one.argtypes = [vp] * 19 + [ci] * 4 + [i64] + [ci] * 5 + [fl, fl, ci, ci, i64]
+    dll.layer_one.restype = ci
     for f in (dll.rms_norm_rows, dll.rows_matmul, dll.attend_one, dll.route_one, dll.project_one):
         f.restype = None
     return dll
@@ -687,6 +723,47 @@ def project_one(h: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.T
                       q.data_ptr(), kc.data_ptr(), vc.data_ptr(), D, H, K, hd, L * hd, slot, eps, dt,
                       _threads((H + 2 * K) * hd * D))
     return q
+
+
+def layer_one(x: torch.Tensor, ln1: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+              qk_norm: torch.Tensor, wo: torch.Tensor, ln2: torch.Tensor, router: torch.Tensor, gate: torch.Tensor,
+              up: torch.Tensor, down: torch.Tensor, rot: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: int,
+              A: int, renorm: bool, eps: float):
+    """One decode token x [1, 1, D] through a whole layer in one call: the composition `step.layer` runs on the
+    CPU set (rms_norm, project_one with the cache write at `slot`, attend_one over slots 0..slot, o projection +
+    residual, rms_norm, route_one, moe_decode + residual), bit-equal to it. The weights as in `project_one` /
+    `route_one` / `moe_decode` (one dtype, contiguous; experts [E, I, D] / [E, D, I] read in place). Returns
+    (x out [1, 1, D], logits [1, E], ids [1, A] int64, weights [1, A])."""
+    dt = _dt(x, "x")
+    D = x.shape[-1]
+    E, I = gate.shape[0], gate.shape[1]
+    K, L, hd = kc.shape[1], kc.shape[2], kc.shape[3]
+    H = wq.shape[0] // hd
+    ts = (x, ln1, wq, wk, wv, qk_norm, wo, ln2, router, gate, up, down, rot, kc, vc)
+    if (any(t.dtype != x.dtype or not t.is_contiguous() for t in ts) or x.numel() != D
+            or wq.shape != (H * hd, D) or wk.shape != (K * hd, D) or wv.shape != wk.shape or wo.shape != (D, H * hd)
+            or qk_norm.shape != (H + K, hd) or rot.shape != (hd, hd) or kc.shape != vc.shape or kc.shape[0] != 1
+            or router.shape != (E, D) or gate.shape != (E, I, D) or up.shape != gate.shape
+            or down.shape != (E, D, I) or ln1.shape != (D,) or ln2.shape != (D,) or not 0 <= slot < L
+            or not 0 < A <= E):
+        raise KernelError(f"layer_one: x {list(x.shape)}, wq {list(wq.shape)}, wk {list(wk.shape)}, wo "
+                          f"{list(wo.shape)}, router {list(router.shape)}, experts {list(gate.shape)}/"
+                          f"{list(down.shape)}, cache {list(kc.shape)} slot {slot}: expected contiguous tensors of "
+                          f"one dtype, [1, 1, D], [H*hd, D], [K*hd, D], [D, H*hd], [E, D], [E, I, D]/[E, D, I], "
+                          f"[1, K, max_len, hd]")
+    out = torch.empty_like(x)
+    logits = torch.empty(1, E, dtype=x.dtype)
+    ids = torch.empty(1, A, dtype=torch.int64)
+    wts = torch.empty(1, A, dtype=x.dtype)
+    rc = (_LIB or lib()).layer_one(
+        x.data_ptr(), out.data_ptr(), ln1.data_ptr(), wq.data_ptr(), wk.data_ptr(), wv.data_ptr(),
+        qk_norm.data_ptr(), wo.data_ptr(), ln2.data_ptr(), router.data_ptr(), gate.data_ptr(), up.data_ptr(),
+        down.data_ptr(), rot.data_ptr(), kc.data_ptr(), vc.data_ptr(), logits.data_ptr(), ids.data_ptr(),
+        wts.data_ptr(), D, H, K, hd, L * hd, slot, E, A, I, int(renorm), eps, hd ** -0.5, dt,
+        torch.get_num_threads(), PARALLEL_MIN_ELEMENTS)
+    if rc:
+        raise KernelError(f"layer_one: the router chose expert ids {ids.tolist()} outside 0..{E - 1}")
+    return out, logits, ids, wts
 
 
 def route_one(h: torch.Tensor, w: torch.Tensor, A: int, renorm: bool):

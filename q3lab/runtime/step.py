@@ -177,7 +177,14 @@ def attend_route(x: torch.Tensor, y_prev: torch.Tensor | None, w: LayerWeights, 
 def layer(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, ks: "Kernels",
           experts: Callable, sink: Callable | None = None) -> torch.Tensor:
     """One decoder layer, x [B, T, D] -> [B, T, D]: `attend_route`, then x + experts(h, ids, weights) ([N, D]).
-    sink(logits, ids, weights), when given, sees the routing (recording)."""
+    sink(logits, ids, weights), when given, sees the routing (recording). A kernel set with `layer` may compute
+    the whole composition in one kernel (the same functions fused, see `Kernels`)."""
+    if ks.layer is not None:
+        got = ks.layer(x, w, d, rope, kv, experts)
+        if got is not None:
+            if sink is not None:
+                sink(*got[1])
+            return got[0]
     x, h, logits, ids, wts = attend_route(x, None, w, d, rope, kv, ks)
     if sink is not None:
         sink(logits, ids, wts)
@@ -404,7 +411,9 @@ class Kernels:
     set, is `qkv` + `kv_write` in one kernel: (q, k, v) as they would return, or None where it does not apply.
     Optional, for sets that fuse across those boundaries (None: the step composes the functions above):
     attend_residual(x, h, w, d, rope, kv) -> x + attention(h), norm_route(x, w, d) -> (h, logits, ids, weights)
-    and residual_norm(x, y_prev, ln1, eps) -> (x + the previous experts' sum, rms_norm of it)."""
+    and residual_norm(x, y_prev, ln1, eps) -> (x + the previous experts' sum, rms_norm of it); layer(x, w, d, rope,
+    kv, experts) -> (x after the whole layer, (logits, ids, weights)), or None where it does not apply: `layer`'s
+    composition in one kernel (the CPU set's one-token `layer_one`)."""
     name: str
     attend: Callable
     route: Callable
@@ -416,6 +425,7 @@ class Kernels:
     attend_residual: Callable | None = None
     norm_route: Callable | None = None
     residual_norm: Callable | None = None
+    layer: Callable | None = None
 
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
@@ -577,7 +587,24 @@ def moe_grouped_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: t
     return out.unsqueeze(1)
 
 
-CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu, project_cpu)
+def layer_cpu(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, experts: Callable):
+    """`layer` for one decode token of one sequence with a cache (int slot, no mask), the rotation matrix and a
+    layer's stacked experts (`experts.stacked`, set by `Experts.step_fn`): the whole composition of the CPU set's
+    functions in one C call (`cpu_kernels.layer_one`, bit-equal to it): (x [1, 1, D], (logits, ids, weights));
+    None where it does not apply (the step then composes the functions)."""
+    st = getattr(experts, "stacked", None)
+    if st is None or kv is None or kv.k is None or kv.mask is not None or rope.sin is not None \
+            or w.qkv is not None or type(kv.at) is not int or x.numel() != x.shape[-1] or x.dim() != 3 \
+            or not _one_row(x) or w.wq.requires_grad or st[0].dtype != x.dtype:
+        return None
+    from q3lab.kernels import cpu as cpu_kernels
+    x, logits, ids, wts = cpu_kernels.layer_one(x, w.ln1, w.wq, w.wk, w.wv, w.qk_norm, w.wo, w.ln2, w.router,
+                                                *st, rope.cos, kv.k, kv.v, kv.at, d.A, d.renorm, d.eps)
+    return x, (logits, ids, wts)
+
+
+CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu, project_cpu,
+              layer=layer_cpu)
 _CPU_STATE: list = []   # [True] once built, [False] once refused (the reason warned once)
 
 

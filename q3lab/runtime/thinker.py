@@ -226,6 +226,7 @@ class Experts(nn.Module):
             if ks.moe is step.moe_torch:       # the torch set: grouped GEMMs for a CUDA prefill (moe_sum)
                 return step.moe_sum(h, idx, w, gate, up, down)
             return step.expert_sum(ks.moe(h, idx, w, gate, up, down), h.dtype)
+        experts.stacked = stacked              # for a set's fused layer kernel (step.layer_cpu)
         return experts
 
 
