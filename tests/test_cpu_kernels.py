@@ -192,6 +192,12 @@ def _counting(monkeypatch):
             calls[_n] = calls.get(_n, 0) + 1
             return _fn(*a, **kw)
         monkeypatch.setattr(K, name, wrapped)
+    run = K.LayerCall.run
+
+    def counted_run(self, *a):
+        calls["layer_run"] = calls.get("layer_run", 0) + 1
+        return run(self, *a)
+    monkeypatch.setattr(K.LayerCall, "run", counted_run)   # layer_one's per-step call, checked once per plan
     return calls
 
 
@@ -209,7 +215,8 @@ def test_generate_on_the_cpu_set_equals_torch_and_transformers_in_float32(hf_ckp
     fast = model.generate(ids, 30)
     # every decode step ran each layer in one call: 29 steps x 3 layers; linear: the lm_head per step; the 9-token
     # prompt: q, k, v, o per layer + its last row's lm_head
-    assert calls["layer_one"] == 29 * 3 and "moe_decode" not in calls and "project_one" not in calls
+    assert calls["layer_run"] == 29 * 3 and "moe_decode" not in calls and "project_one" not in calls
+    assert calls["layer_one"] == 3                                # its checks, once per layer and plan
     assert calls["linear"] == 29 + 3 * 4 + 1
     want = ref.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert fast.tolist() == plain.tolist() == want.tolist()
@@ -364,3 +371,23 @@ def test_the_one_call_layer_is_bit_equal_to_the_composed_cpu_set(hf_ckpt, monkey
     assert torch.equal(outs[0], outs[1])
     for a, b in zip(seen["fused"], seen["composed"]):
         assert torch.equal(a, b)
+
+
+def test_layer_one_refusals():
+    g = _g(14)
+    D, H, Kv, hd, E, I = 16, 2, 1, 8, 4, 6
+    ws = [torch.randn(*s, generator=g) for s in ((D,), (H * hd, D), (Kv * hd, D), (Kv * hd, D), (H + Kv, hd),
+                                                 (D, H * hd), (D,), (E, D), (E, I, D), (E, I, D), (E, D, I))]
+    call = K.LayerCall(*ws, Kv, hd, 2, True, 1e-6)
+    cache = torch.zeros(1, Kv, 5, hd)
+    x, rot = torch.randn(1, 1, D, generator=g), torch.eye(hd)
+    out, logits, ids, wts = call.run(x, rot, cache, cache.clone(), 0)
+    assert out.shape == (1, 1, D) and ids.shape == (1, 2) and ids.max() < E
+    with pytest.raises(KernelError, match=r"slot 5"):
+        call.run(x, rot, cache, cache.clone(), 5)
+    with pytest.raises(KernelError, match="torch.bfloat16"):
+        call.run(x.bfloat16(), rot, cache, cache.clone(), 0)
+    bad = list(ws)
+    bad[5] = torch.randn(D, H * hd + 1, generator=g)                    # o_proj of the wrong width
+    with pytest.raises(KernelError, match=r"layer_one: .*wo \[16, 17\]"):
+        K.LayerCall(*bad, Kv, hd, 2, True, 1e-6)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -182,8 +183,8 @@ def layer(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, 
     if ks.layer is not None:
         got = ks.layer(x, w, d, rope, kv, experts)
         if got is not None:
-            if sink is not None:
-                sink(*got[1])
+            if sink is not None:               # the kernel's routing is scratch for its next call: copies
+                sink(*(t.clone() for t in got[1]))
             return got[0]
     x, h, logits, ids, wts = attend_route(x, None, w, d, rope, kv, ks)
     if sink is not None:
@@ -597,10 +598,18 @@ def layer_cpu(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | No
             or w.qkv is not None or type(kv.at) is not int or x.numel() != x.shape[-1] or x.dim() != 3 \
             or not _one_row(x) or w.wq.requires_grad or st[0].dtype != x.dtype:
         return None
-    from q3lab.kernels import cpu as cpu_kernels
-    x, logits, ids, wts = cpu_kernels.layer_one(x, w.ln1, w.wq, w.wk, w.wv, w.qk_norm, w.wo, w.ln2, w.router,
-                                                *st, rope.cos, kv.k, kv.v, kv.at, d.A, d.renorm, d.eps)
+    got = _LAYER_CALLS.get(experts)
+    if got is None or got[0] is not w:     # checked once per plan (a plan serves a whole generation)
+        from q3lab.kernels import cpu as cpu_kernels
+        got = (w, cpu_kernels.LayerCall(w.ln1, w.wq, w.wk, w.wv, w.qk_norm, w.wo, w.ln2, w.router, *st, d.K, d.hd,
+                                        d.A, d.renorm, d.eps))
+        _LAYER_CALLS[experts] = got
+    x, logits, ids, wts = got[1].run(x, rope.cos, kv.k, kv.v, kv.at)
     return x, (logits, ids, wts)
+
+
+# per plan entry (its experts callable): the layer's checked C call (the LayerWeights it was made for, LayerCall)
+_LAYER_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu, project_cpu,
