@@ -391,3 +391,33 @@ def test_layer_one_refusals():
     bad[5] = torch.randn(D, H * hd + 1, generator=g)                    # o_proj of the wrong width
     with pytest.raises(KernelError, match=r"layer_one: .*wo \[16, 17\]"):
         K.LayerCall(*bad, Kv, hd, 2, True, 1e-6)
+
+
+def test_data_mini_float32_decodes_on_the_c_layer_with_the_torch_sets_tokens(monkeypatch):
+    """The contract for float32 models of hidden CPU_F32_DECODE_MIN_HIDDEN..CPU_F32_MIN_HIDDEN (data/mini, 96):
+    a prefill stays on TORCH (bit-equal to the module path), decode steps run the C layer: greedy tokens equal to
+    the torch set's, each step's logits within float32 rounding (1e-5 relative to their scale)."""
+    from pathlib import Path
+    import q3lab
+    model = q3lab.load(Path(__file__).parent.parent / "data" / "mini")
+    D = model.config.hidden_size
+    assert step.CPU_F32_DECODE_MIN_HIDDEN <= D < step.CPU_F32_MIN_HIDDEN
+    assert step.kernels_for(model.device, torch.float32, D) is step.TORCH
+    assert step.kernels_for(model.device, torch.float32, D, decode=True) is step.CPU
+    assert step.kernels_for(model.device, torch.float32, 64, decode=True) is step.TORCH       # the test models
+    ids = torch.randint(0, 4000, (1, 7), generator=_g(15))
+    fast = model.generate(ids, 24)
+    monkeypatch.setenv("Q3LAB_CPU_KERNELS", "0")
+    plain = model.generate(ids, 24)
+    assert fast.tolist() == plain.tolist()
+    monkeypatch.delenv("Q3LAB_CPU_KERNELS")
+    with torch.inference_mode():
+        a, b = model.new_cache(1, 12), model.new_cache(1, 12)
+        pa, pb = model(ids, cache=a), model(ids, cache=b)
+        assert torch.equal(pa, pb)                                  # the prompt: the torch set both times
+        tok = torch.tensor([[11]])
+        on_c = model._forward(tok, None, a, None, True, model.plan())
+        monkeypatch.setenv("Q3LAB_CPU_KERNELS", "0")               # _forward picks the set: torch's here
+        on_t = model._forward(tok, None, b, None, True, model.plan())
+    assert not torch.equal(on_c, on_t)                              # two sets ran
+    torch.testing.assert_close(on_c, on_t, rtol=1e-5, atol=1e-5 * on_t.abs().max().item())

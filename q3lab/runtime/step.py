@@ -443,11 +443,17 @@ LAYER = Kernels("triton-layer", attend_triton, route_triton, moe_triton, attend_
 
 
 # -- the CPU set: one-row products and one-token experts in q3lab.kernels.cpu (C, AVX-512 BF16 where present) ----
-# float32 models narrower than this stay on TORCH: a tiny model's decode stays bit-equal to the module path (the
-# C kernels sum in another order), as the embedded data/mini and data/mini128 (hidden 96) and the test models
-# (64) are; from 256 on the C kernels pay (synth-small, hidden 256: ~400 -> ~1150 tok/s decode, data/mini would
-# gain 1.5x). bf16 always takes the C kernels (torch's bf16 GEMV reads at 1-10 GB/s on this machine)
+# float32 models narrower than this stay on TORCH for a forward of several tokens: a tiny model's prefill stays
+# bit-equal to the module path (the C kernels and oneDNN sum in another order), as the embedded data/mini and
+# data/mini128 (hidden 96) and the test models (64) are; from 256 on the C kernels pay (synth-small, hidden 256:
+# ~400 -> ~1150 tok/s decode). bf16 always takes the C kernels (torch's bf16 GEMV reads at 1-10 GB/s here)
 CPU_F32_MIN_HIDDEN = 256
+# ... except their decode steps (one token of one sequence with a cache, no mask: what `layer_cpu` computes in one
+# C call) from this width on: data/mini (96 wide, 48 layers) decodes ~7x faster on the C layer (per-op overhead
+# is its whole cost), its greedy tokens equal transformers' and llama.cpp's (tests/test_cpu_kernels.py,
+# bench/cpu_peer.py), its logits within float32 rounding (1e-5) of the torch set's; prefills and hooked forwards
+# (notebooks, analysis) stay on TORCH, bit-equal to the module path. The 64-wide test models stay on TORCH.
+CPU_F32_DECODE_MIN_HIDDEN = 96
 
 
 def _cpu_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -617,14 +623,16 @@ CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotat
 _CPU_STATE: list = []   # [True] once built, [False] once refused (the reason warned once)
 
 
-def kernels_for(device: torch.device, dtype: torch.dtype, hidden: int) -> Kernels:
+def kernels_for(device: torch.device, dtype: torch.dtype, hidden: int, decode: bool = False) -> Kernels:
     """The kernel set `Thinker.forward` / `generate` run for a model of `dtype` and `hidden` size on `device`
-    when no hook listens: CPU on the CPU for bf16, and for float32 from CPU_F32_MIN_HIDDEN (the C kernels
+    when no hook listens: CPU on the CPU for bf16, and for float32 from CPU_F32_MIN_HIDDEN, or from
+    CPU_F32_DECODE_MIN_HIDDEN for a `decode` step (one token of one sequence with a cache, no mask) (the C kernels
     built on first use; Q3LAB_CPU_KERNELS=0 chooses TORCH), TORCH elsewhere. If the C kernels cannot be built,
     one warning gives the reason and says that the torch kernels run."""
     if torch.device(device).type != "cpu" or os.environ.get("Q3LAB_CPU_KERNELS", "1") == "0":
         return TORCH
-    if not (dtype == torch.bfloat16 or (dtype == torch.float32 and hidden >= CPU_F32_MIN_HIDDEN)):
+    f32_from = CPU_F32_DECODE_MIN_HIDDEN if decode else CPU_F32_MIN_HIDDEN
+    if not (dtype == torch.bfloat16 or (dtype == torch.float32 and hidden >= min(f32_from, CPU_F32_MIN_HIDDEN))):
         return TORCH
     if not _CPU_STATE:
         from q3lab.kernels import cpu as cpu_kernels
