@@ -422,3 +422,33 @@ def test_data_mini_float32_decodes_on_the_c_layer_with_the_torch_sets_tokens(mon
         on_t = model._forward(tok, None, b, None, True, model.plan())
     assert not torch.equal(on_c, on_t)                              # two sets ran
     torch.testing.assert_close(on_c, on_t, rtol=1e-5, atol=1e-5 * on_t.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_experts_of_a_long_prompt_run_as_one_padded_batch(dtype, monkeypatch):
+    """`moe_padded_cpu` (three bmm over all experts, padded to the busiest one) against moe_torch: the same
+    roundings, sums in ascending expert; the batched products may sum in another order than one GEMM per expert
+    (F32 / BF16 tolerances; equal on this machine). Skewed routing (padding > CPU_PADDED_MAX_WASTE x the work):
+    None, and moe_cpu runs moe_torch."""
+    g = _g(16)
+    E, I, D, N, A = 16, 12, 40, step.CPU_MAX_ROWS + 50, 3
+    gate, up = (torch.randn(E, I, D, generator=g) * 0.2).to(dtype), (torch.randn(E, I, D, generator=g) * 0.2).to(dtype)
+    down, h = (torch.randn(E, D, I, generator=g) * 0.2).to(dtype), torch.randn(N, D, generator=g).to(dtype)
+    logits = torch.randn(N, E, generator=g)
+    logits[:, 7] = -30.0                                             # an expert nobody picks: all padding
+    ids, w = step.select(logits, A, True, dtype)
+    want = step.expert_sum(step.moe_torch(h, ids, w, gate, up, down), dtype)
+    got = step.moe_cpu(h, ids, w, gate, up, down)                    # I*D < CPU_GROUPED_MIN_EXPERT: padded
+    assert got.shape == (N, 1, D)
+    torch.testing.assert_close(step.expert_sum(got, dtype).float(), want.float(),
+                               **(F32 if dtype == torch.float32 else BF16))
+    torch.testing.assert_close(got, step.moe_padded_cpu(h, ids, w, gate, up, down), rtol=0, atol=0)
+    skew = ids.clone()
+    skew[:, 0] = 0                                                   # every token in expert 0
+    skew[:, 1:] = torch.randint(1, 4, (N, A - 1), generator=g)
+    skew[:, 2] = torch.where(skew[:, 2] == skew[:, 1], skew[:, 1] % 3 + 1, skew[:, 2])
+    assert step.moe_padded_cpu(h, skew, w, gate, up, down) is None   # 16 x N rows for 3N routed
+    monkeypatch.setattr(step, "CPU_PADDED_MAX_WASTE", 100)
+    torch.testing.assert_close(step.expert_sum(step.moe_padded_cpu(h, skew, w, gate, up, down), dtype).float(),
+                               step.expert_sum(step.moe_torch(h, skew, w, gate, up, down), dtype).float(),
+                               **(F32 if dtype == torch.float32 else BF16))
