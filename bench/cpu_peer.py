@@ -69,7 +69,9 @@ def work_q3lab(a) -> dict:
     t0 = time.perf_counter()
     m = q3lab.load(a.model, dtype=dtype, progress=False)
     from q3lab.runtime import step
-    ks = step.kernels_for(m.device, m.dtype, m.config.hidden_size).name   # q3lab-torch: Q3LAB_CPU_KERNELS=0 in its environment (run_worker)
+    # q3lab-torch: Q3LAB_CPU_KERNELS=0 in its environment (run_worker); a prefill and a decode step may differ
+    pre, dec = (step.kernels_for(m.device, m.dtype, m.config.hidden_size, decode=d).name for d in (False, True))
+    ks = pre if pre == dec else f"{pre} prefill, {dec} decode"
     if a.engine == "q3lab-torch" and ks != "torch":
         raise SystemExit(f"{a.engine} worker runs the {ks} kernel set")
     load_s = time.perf_counter() - t0
@@ -264,7 +266,7 @@ def main() -> None:
                     f"--new-tokens {a.new_tokens}",
                     f"--prefill {a.prefill}", *(["--torch-baseline"] if a.kernels else [])])
     import torch
-    from q3lab.runtime.step import CPU_F32_MIN_HIDDEN
+    from q3lab.runtime.step import CPU_F32_DECODE_MIN_HIDDEN, CPU_F32_MIN_HIDDEN
     sysinfo = llama_cpp.llama_print_system_info().decode().strip()
     header = (f"\n## CPU: q3lab vs llama.cpp on the same weights ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
               f"{platform.platform()}; {platform.processor() or platform.machine()}; {os.cpu_count()} cores; "
@@ -282,7 +284,8 @@ def main() -> None:
               f"KV cache in the dtype of the weights for both. q3lab = `Thinker.generate` on its CPU kernel set "
               f"(step.CPU: q3lab.kernels.cpu, {cpu_kernels.isa()}); q3lab-torch = the same with "
               f"Q3LAB_CPU_KERNELS=0 (torch's kernels, as before); kernels = the kernel set q3lab's step ran "
-              f"(`step.kernels_for`: cpu for bf16 and float32 from hidden {CPU_F32_MIN_HIDDEN}, else torch).\n\n")
+              f"(`step.kernels_for`: cpu for bf16 and float32 from hidden {CPU_F32_MIN_HIDDEN}, and for the decode steps of "
+              f"float32 from hidden {CPU_F32_DECODE_MIN_HIDDEN}, else torch).\n\n")
     with open(a.results, "a") as f:
         f.write(header + "```\n" + text + "\n```\n\n" + "".join(f"- {n}\n" for n in notes))
     print("\n".join(notes))

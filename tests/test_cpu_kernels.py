@@ -185,13 +185,19 @@ def hf_ckpt(tmp_path_factory):
 
 def _counting(monkeypatch):
     calls = {}
-    for name in ("linear", "moe_decode", "rms_norm_rows", "project_one", "attend_one", "route_one"):
+    for name in ("linear", "moe_decode", "rms_norm_rows", "project_one", "attend_one", "route_one", "layer_one"):
         fn = getattr(K, name)
 
         def wrapped(*a, _fn=fn, _n=name, **kw):
             calls[_n] = calls.get(_n, 0) + 1
             return _fn(*a, **kw)
         monkeypatch.setattr(K, name, wrapped)
+    run = K.LayerCall.run
+
+    def counted_run(self, *a):
+        calls["layer_run"] = calls.get("layer_run", 0) + 1
+        return run(self, *a)
+    monkeypatch.setattr(K.LayerCall, "run", counted_run)   # layer_one's per-step call, checked once per plan
     return calls
 
 
@@ -207,10 +213,11 @@ def test_generate_on_the_cpu_set_equals_torch_and_transformers_in_float32(hf_ckp
     assert step.kernels_for(model.device, model.dtype, model.config.hidden_size) is step.CPU
     calls = _counting(monkeypatch)
     fast = model.generate(ids, 30)
-    # every decode step ran each kernel: 29 steps x 3 layers (linear: o per layer + lm_head; the 9-token prompt:
-    # q, k, v, o per layer + its last row's lm_head)
-    assert calls["moe_decode"] == calls["route_one"] == calls["attend_one"] == calls["project_one"] == 29 * 3
-    assert calls["rms_norm_rows"] == 29 * 3 * 2 and calls["linear"] == 29 * (3 + 1) + 3 * 4 + 1
+    # every decode step ran each layer in one call: 29 steps x 3 layers; linear: the lm_head per step; the 9-token
+    # prompt: q, k, v, o per layer + its last row's lm_head
+    assert calls["layer_run"] == 29 * 3 and "moe_decode" not in calls and "project_one" not in calls
+    assert calls["layer_one"] == 3                                # its checks, once per layer and plan
+    assert calls["linear"] == 29 + 3 * 4 + 1
     want = ref.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert fast.tolist() == plain.tolist() == want.tolist()
     # one decode step's logits: the C kernels against the torch set, float32 rounding apart
@@ -284,3 +291,164 @@ def test_a_short_prompt_through_the_c_kernels_matches_torch(dtype):
     torch.testing.assert_close(K.linear(x.reshape(-1, 40), wl).float(), F.linear(x.reshape(-1, 40), wl).float(), **tol)
     with pytest.raises(KernelError, match=r"expert ids outside 0..7: \[.*9\]"):
         K.moe_tokens(h, gate, up, down, ids.clamp(max=9) * 0 + 9, w)
+
+
+# -- a prefill on the CPU set: float32 GEMMs on oneDNN, experts grouped by expert without the big gathers ---------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_prompt_on_the_cpu_set_matches_torch(dtype, monkeypatch):
+    """More than CPU_MAX_ROWS tokens: `moe_grouped_cpu` against `moe_torch`'s grouped path. bf16: the same GEMMs
+    (F.linear) and the same sum order, so bit-equal; float32: oneDNN's GEMMs sum in another order (F32)."""
+    monkeypatch.setattr(step, "CPU_GROUPED_MIN_EXPERT", 0)          # these small bf16 experts too
+    g = _g(9)
+    E, I, D, N, A = 12, 40, 72, step.CPU_MAX_ROWS + 37, 4
+    gate, up = (torch.randn(E, I, D, generator=g) * 0.2).to(dtype), (torch.randn(E, I, D, generator=g) * 0.2).to(dtype)
+    down, h = (torch.randn(E, D, I, generator=g) * 0.2).to(dtype), torch.randn(N, D, generator=g).to(dtype)
+    logits = torch.randn(N, E, generator=g)
+    logits[:, 11] = -30.0                                           # an expert no token picks
+    ids, w = step.select(logits, A, True, dtype)
+    assert 11 not in ids
+    want = step.expert_sum(step.moe_torch(h, ids, w, gate, up, down), dtype)
+    got = step.moe_cpu(h, ids, w, gate, up, down)
+    assert got.shape == (N, 1, D) and got.dtype == torch.float32
+    got = step.expert_sum(got, dtype)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, **F32)
+    x, wl = torch.randn(N, 40, generator=g).to(dtype), torch.randn(17, 40, generator=g).to(dtype)
+    torch.testing.assert_close(step.linear_cpu(x, wl).float(), F.linear(x, wl).float(), **(F32 if dtype == torch.float32 else BF16))
+    if dtype == torch.bfloat16:                                     # gemm is oneDNN for float32 only
+        assert torch.equal(K.gemm(x, wl), F.linear(x, wl))
+
+
+def test_gemm_without_onednn_says_so_once_and_runs_f_linear(monkeypatch):
+    monkeypatch.setattr(K, "_ONEDNN", [])
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    x, w = torch.randn(70, 30, generator=_g(10)), torch.randn(9, 30, generator=_g(11))
+    with pytest.warns(RuntimeWarning, match="F.linear.*without oneDNN"):
+        assert torch.equal(K.gemm(x, w), F.linear(x, w))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(K.gemm(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_call_layer_is_bit_equal_to_the_composed_cpu_set(hf_ckpt, monkeypatch, dtype):
+    """step.layer_cpu (cpu_kernels.layer_one: the whole one-token layer in C) against the same set without it
+    (step.layer composing norm_cpu, project_cpu, attend_cpu, linear_cpu, route_cpu, moe_cpu): equal logits, caches
+    and greedy tokens, and the routing a recorder's sink sees."""
+    import dataclasses
+    import q3lab
+    from q3lab.weights.checkpoint import Checkpoint
+    _, path, vocab = hf_ckpt
+    monkeypatch.setattr(step, "CPU_F32_MIN_HIDDEN", 0)
+    model = q3lab.load(Checkpoint(path), dtype=dtype)
+    composed = dataclasses.replace(step.CPU, layer=None)
+    ids = torch.randint(0, vocab, (1, 9), generator=_g(12))
+    with torch.inference_mode():
+        caches, logits = [], []
+        for ks in (step.CPU, composed):
+            c = model.new_cache(1, 14)
+            model(ids, cache=c)
+            for tok in (7, 3, 11):
+                out = model._forward(torch.tensor([[tok]]), None, c, None, True, model.plan(ks))
+            caches.append(c)
+            logits.append(out)
+    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    # the routing handed to a sink equals the composed step's
+    plan, seen = model.plan(step.CPU), {}
+    w, experts = plan[1]
+    d = model.model.layers[0].self_attn.dims
+    x = torch.randn(1, 1, model.config.hidden_size, generator=_g(13)).to(dtype)
+    from q3lab.runtime.thinker import rope_matrix
+    cos, sin = model._rope_table(caches[0], dtype)
+    rope = Rope(rope_matrix(cos[0, 12, 0], sin[0, 12, 0]), None)
+    outs = []
+    for ks, key in ((step.CPU, "fused"), (composed, "composed")):
+        kv = KV(caches[0].k[1].clone(), caches[0].v[1].clone(), 12, None)
+        outs.append(step.layer(x, w, d, rope, kv, ks, experts, sink=lambda *r, _k=key: seen.__setitem__(_k, r)))
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(seen["fused"], seen["composed"]):
+        assert torch.equal(a, b)
+
+
+def test_layer_one_refusals():
+    g = _g(14)
+    D, H, Kv, hd, E, I = 16, 2, 1, 8, 4, 6
+    ws = [torch.randn(*s, generator=g) for s in ((D,), (H * hd, D), (Kv * hd, D), (Kv * hd, D), (H + Kv, hd),
+                                                 (D, H * hd), (D,), (E, D), (E, I, D), (E, I, D), (E, D, I))]
+    call = K.LayerCall(*ws, Kv, hd, 2, True, 1e-6)
+    cache = torch.zeros(1, Kv, 5, hd)
+    x, rot = torch.randn(1, 1, D, generator=g), torch.eye(hd)
+    out, logits, ids, wts = call.run(x, rot, cache, cache.clone(), 0)
+    assert out.shape == (1, 1, D) and ids.shape == (1, 2) and ids.max() < E
+    with pytest.raises(KernelError, match=r"slot 5"):
+        call.run(x, rot, cache, cache.clone(), 5)
+    with pytest.raises(KernelError, match="torch.bfloat16"):
+        call.run(x.bfloat16(), rot, cache, cache.clone(), 0)
+    bad = list(ws)
+    bad[5] = torch.randn(D, H * hd + 1, generator=g)                    # o_proj of the wrong width
+    with pytest.raises(KernelError, match=r"layer_one: .*wo \[16, 17\]"):
+        K.LayerCall(*bad, Kv, hd, 2, True, 1e-6)
+
+
+def test_data_mini_float32_decodes_on_the_c_layer_with_the_torch_sets_tokens(monkeypatch):
+    """The contract for float32 models of hidden CPU_F32_DECODE_MIN_HIDDEN..CPU_F32_MIN_HIDDEN (data/mini, 96):
+    a prefill stays on TORCH (bit-equal to the module path), decode steps run the C layer: greedy tokens equal to
+    the torch set's, each step's logits within float32 rounding (1e-5 relative to their scale)."""
+    from pathlib import Path
+    import q3lab
+    model = q3lab.load(Path(__file__).parent.parent / "data" / "mini")
+    D = model.config.hidden_size
+    assert step.CPU_F32_DECODE_MIN_HIDDEN <= D < step.CPU_F32_MIN_HIDDEN
+    assert step.kernels_for(model.device, torch.float32, D) is step.TORCH
+    assert step.kernels_for(model.device, torch.float32, D, decode=True) is step.CPU
+    assert step.kernels_for(model.device, torch.float32, 64, decode=True) is step.TORCH       # the test models
+    ids = torch.randint(0, 4000, (1, 7), generator=_g(15))
+    fast = model.generate(ids, 24)
+    monkeypatch.setenv("Q3LAB_CPU_KERNELS", "0")
+    plain = model.generate(ids, 24)
+    assert fast.tolist() == plain.tolist()
+    monkeypatch.delenv("Q3LAB_CPU_KERNELS")
+    with torch.inference_mode():
+        a, b = model.new_cache(1, 12), model.new_cache(1, 12)
+        pa, pb = model(ids, cache=a), model(ids, cache=b)
+        assert torch.equal(pa, pb)                                  # the prompt: the torch set both times
+        tok = torch.tensor([[11]])
+        on_c = model._forward(tok, None, a, None, True, model.plan())
+        monkeypatch.setenv("Q3LAB_CPU_KERNELS", "0")               # _forward picks the set: torch's here
+        on_t = model._forward(tok, None, b, None, True, model.plan())
+    assert not torch.equal(on_c, on_t)                              # two sets ran
+    torch.testing.assert_close(on_c, on_t, rtol=1e-5, atol=1e-5 * on_t.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_experts_of_a_long_prompt_run_as_one_padded_batch(dtype, monkeypatch):
+    """`moe_padded_cpu` (three bmm over all experts, padded to the busiest one) against moe_torch: the same
+    roundings, sums in ascending expert; the batched products may sum in another order than one GEMM per expert
+    (F32 / BF16 tolerances; equal on this machine). Skewed routing (padding > CPU_PADDED_MAX_WASTE x the work):
+    None, and moe_cpu runs moe_torch."""
+    g = _g(16)
+    E, I, D, N, A = 16, 12, 40, step.CPU_MAX_ROWS + 50, 3
+    gate, up = (torch.randn(E, I, D, generator=g) * 0.2).to(dtype), (torch.randn(E, I, D, generator=g) * 0.2).to(dtype)
+    down, h = (torch.randn(E, D, I, generator=g) * 0.2).to(dtype), torch.randn(N, D, generator=g).to(dtype)
+    logits = torch.randn(N, E, generator=g)
+    logits[:, 7] = -30.0                                             # an expert nobody picks: all padding
+    ids, w = step.select(logits, A, True, dtype)
+    want = step.expert_sum(step.moe_torch(h, ids, w, gate, up, down), dtype)
+    got = step.moe_cpu(h, ids, w, gate, up, down)                    # I*D < CPU_GROUPED_MIN_EXPERT: padded
+    assert got.shape == (N, 1, D)
+    torch.testing.assert_close(step.expert_sum(got, dtype).float(), want.float(),
+                               **(F32 if dtype == torch.float32 else BF16))
+    torch.testing.assert_close(got, step.moe_padded_cpu(h, ids, w, gate, up, down), rtol=0, atol=0)
+    skew = ids.clone()
+    skew[:, 0] = 0                                                   # every token in expert 0
+    skew[:, 1:] = torch.randint(1, 4, (N, A - 1), generator=g)
+    skew[:, 2] = torch.where(skew[:, 2] == skew[:, 1], skew[:, 1] % 3 + 1, skew[:, 2])
+    assert step.moe_padded_cpu(h, skew, w, gate, up, down) is None   # 16 x N rows for 3N routed
+    monkeypatch.setattr(step, "CPU_PADDED_MAX_WASTE", 100)
+    torch.testing.assert_close(step.expert_sum(step.moe_padded_cpu(h, skew, w, gate, up, down), dtype).float(),
+                               step.expert_sum(step.moe_torch(h, skew, w, gate, up, down), dtype).float(),
+                               **(F32 if dtype == torch.float32 else BF16))

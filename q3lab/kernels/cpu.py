@@ -383,6 +383,56 @@ void route_one(const void *h, const void *W, void *logits, int64_t *ids, void *w
     }
     for (int a = 0; a < A; a++) st(wts, a, renorm ? top[a] / tsum : top[a], dt);
 }
+
+/* One decode token through one whole layer, as the CPU kernel set composes it (step.layer with step.CPU):
+   h1 = rms_norm(x, ln1); q, k, v = project_one(h1) (k, v written at `slot`); y = attend_one(q, cache 0..slot);
+   x1 = x + linear(y, wo); h2 = rms_norm(x1, ln2); logits, ids, wts = route_one(h2); out = x1 + moe(h2)
+   rounded to the dtype. The very same functions in the same order, each with the thread count the Python
+   wrappers give it (threads when its weights have at least min_par elements): bit-equal to the composition.
+   xout [D] the layer's output; logits [E], ids [A], wts [A] the routing (for a recorder). Returns moe's code. */
+static inline int thr(int64_t n, int threads, int64_t min_par) { return n >= min_par ? threads : 1; }
+
+int layer_one(const void *x, void *xout, const void *ln1, const void *wq, const void *wk, const void *wv,
+              const void *qkn, const void *wo, const void *ln2, const void *router, const void *gate,
+              const void *up, const void *down, const void *R, void *kc, void *vc, void *logits, int64_t *ids,
+              void *wts, int D, int H, int K, int hd, int64_t cs, int slot, int E, int A, int I, int renorm,
+              float eps, float scale, int dt, int threads, int64_t min_par) {
+    size_t es = dt ? 2 : 4;
+    int nq = H * hd;
+    char h1[D * es], q[nq * es], y[nq * es], o[D * es], x1[D * es], h2[D * es];
+    float mo[D];
+    rms_norm_rows(x, ln1, h1, 1, D, 1, eps, dt);
+    project_one(h1, wq, wk, wv, qkn, R, q, kc, vc, D, H, K, hd, cs, slot, eps, dt,
+                thr((int64_t)(H + 2 * K) * hd * D, threads, min_par));
+    attend_one(q, kc, vc, y, H, K, slot + 1, hd, hd, cs, scale, dt);
+    int tl = thr((int64_t)D * nq, threads, min_par);
+    if (dt) linear_bf16((const uint16_t *)y, (const uint16_t *)wo, (uint16_t *)o, 1, D, nq, tl);
+    else linear_f32((const float *)y, (const float *)wo, (float *)o, 1, D, nq, tl);
+    for (int i = 0; i < D; i++) st(x1, i, ld(x, i, dt) + ld(o, i, dt), dt);
+    rms_norm_rows(x1, ln2, h2, 1, D, 1, eps, dt);
+    route_one(h2, router, logits, ids, wts, E, D, A, renorm, dt);
+    int tm = thr((int64_t)3 * A * I * D, threads, min_par);
+    int rc = dt ? moe_bf16((const uint16_t *)h2, gate, up, down, ids, wts, mo, A, I, D, E, tm, 1)
+                : moe_f32((const float *)h2, gate, up, down, ids, wts, mo, A, I, D, E, tm, 0);
+    for (int i = 0; i < D; i++) st(xout, i, ld(x1, i, dt) + rnd(mo[i], dt), dt);
+    return rc;
+}
+
+/* layer_one's arguments in one struct: a decode step fills in the few that change (x, out, rotation, cache,
+   slot) and passes one pointer, instead of converting 34 arguments per layer and token (ctypes: ~0.15 us each) */
+typedef struct {
+    const void *x; void *xout; const void *ln1, *wq, *wk, *wv, *qkn, *wo, *ln2, *router, *gate, *up, *down, *R;
+    void *kc, *vc, *logits; int64_t *ids; void *wts;
+    int64_t D, H, K, hd, cs, slot, E, A, I, renorm, dt, threads, min_par;
+    double eps, scale;
+} LayerArgs;
+
+int layer_run(const LayerArgs *a) {
+    return layer_one(a->x, a->xout, a->ln1, a->wq, a->wk, a->wv, a->qkn, a->wo, a->ln2, a->router, a->gate, a->up,
+                     a->down, a->R, a->kc, a->vc, a->logits, a->ids, a->wts, (int)a->D, (int)a->H, (int)a->K,
+                     (int)a->hd, a->cs, (int)a->slot, (int)a->E, (int)a->A, (int)a->I, (int)a->renorm,
+                     (float)a->eps, (float)a->scale, (int)a->dt, (int)a->threads, a->min_par);
+}
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 ISA = {2: "AVX-512 BF16 (vdpbf16ps) and AVX-512F FMA", 1: "AVX-512F FMA (no AVX-512 BF16: bf16 rows widened in C)",
@@ -391,6 +441,15 @@ ISA = {2: "AVX-512 BF16 (vdpbf16ps) and AVX-512F FMA", 1: "AVX-512F FMA (no AVX-
 
 class KernelError(Q3LabError):
     """The CPU kernels cannot be built or were given tensors they do not handle."""
+
+
+class LayerArgs(ctypes.Structure):
+    """layer_one's arguments (the C struct of the same name, field for field)."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "xout", "ln1", "wq", "wk", "wv", "qkn", "wo", "ln2", "router",
+                                                 "gate", "up", "down", "R", "kc", "vc", "logits", "ids", "wts")]
+                + [(n, ctypes.c_int64) for n in ("D", "H", "K", "hd", "cs", "slot", "E", "A", "I", "renorm", "dt",
+                                                  "threads", "min_par")]
+                + [("eps", ctypes.c_double), ("scale", ctypes.c_double)])
 
 
 _LIB: ctypes.CDLL | None = None
@@ -450,6 +509,10 @@ def _build() -> ctypes.CDLL:
     dll.attend_one.argtypes = [vp, vp, vp, vp, ci, ci, ci, ci, i64, i64, fl, ci]
     dll.route_one.argtypes = [vp, vp, vp, vp, vp, ci, ci, ci, ci, ci]
     dll.project_one.argtypes = [vp] * 9 + [ci] * 4 + [i64, ci, fl, ci, ci]
+    dll.layer_one.argtypes = [vp] * 19 + [ci] * 4 + [i64] + [ci] * 5 + [fl, fl, ci, ci, i64]
+    dll.layer_one.restype = ci
+    dll.layer_run.argtypes = [ctypes.POINTER(LayerArgs)]
+    dll.layer_run.restype = ci
     for f in (dll.rms_norm_rows, dll.rows_matmul, dll.attend_one, dll.route_one, dll.project_one):
         f.restype = None
     return dll
@@ -499,6 +562,48 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [1, K] @ w[N, K].T -> [1, N], all bf16, float32 accumulation (F.linear for one decode row)."""
     _check(w, "w", torch.bfloat16, 2)
     return linear(x, w)
+
+
+# -- float32 GEMMs of many rows (a prefill) ---------------------------------------------------------------
+# torch's float32 F.linear on the CPU calls MKL's sgemm, which on this AMD CPU runs its AVX2 code (~200 GFLOP/s on
+# 2 cores); oneDNN, which torch also ships (and uses for bf16), dispatches on the ISA and runs AVX-512: 380-500
+# GFLOP/s on the same shapes (bench/NOTES.md, issue 21 v3). Same float32 math, sums in another order.
+_ONEDNN: list = []   # [op] once found, [None] once refused (the reason warned once)
+
+
+def _onednn():
+    if not _ONEDNN:
+        op, why = None, ""
+        try:
+            if not torch.backends.mkldnn.is_available():
+                why = "this torch was built without oneDNN (mkldnn)"
+            else:
+                cand = torch.ops.mkldnn._linear_pointwise
+                x, w = torch.ones(2, 3), torch.ones(4, 3)
+                if torch.equal(cand(x, w, None, "none", [], ""), torch.full((2, 4), 3.0)):
+                    op = cand
+                else:
+                    why = "torch.ops.mkldnn._linear_pointwise gave a wrong product"
+        except (AttributeError, RuntimeError) as e:
+            why = f"torch.ops.mkldnn._linear_pointwise is not usable: {e}"
+        if op is None:
+            import warnings
+            warnings.warn(f"q3lab: float32 prefill GEMMs run on torch's F.linear (MKL, slower here): {why}",
+                          RuntimeWarning, stacklevel=3)
+        _ONEDNN.append(op)
+    return _ONEDNN[0]
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K]) in float32 (no bias) through oneDNN's matmul (`torch.ops.mkldnn.
+    _linear_pointwise`): AVX-512 where torch's MKL sgemm runs AVX2. Where oneDNN is missing, F.linear (warned
+    once). Any other dtype: F.linear."""
+    op = _onednn() if x.dtype == torch.float32 else None
+    if op is None or w.dtype != torch.float32 or x.requires_grad or w.requires_grad:
+        import torch.nn.functional as F
+        return F.linear(x, w)
+    return op(x if x.is_contiguous() else x.contiguous(), w if w.is_contiguous() else w.contiguous(),
+              None, "none", [], "")
 
 
 def moe_decode(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -645,6 +750,98 @@ def project_one(h: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.T
                       q.data_ptr(), kc.data_ptr(), vc.data_ptr(), D, H, K, hd, L * hd, slot, eps, dt,
                       _threads((H + 2 * K) * hd * D))
     return q
+
+
+def layer_one(x: torch.Tensor, ln1: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+              qk_norm: torch.Tensor, wo: torch.Tensor, ln2: torch.Tensor, router: torch.Tensor, gate: torch.Tensor,
+              up: torch.Tensor, down: torch.Tensor, rot: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: int,
+              A: int, renorm: bool, eps: float, check_only: bool = False):
+    """One decode token x [1, 1, D] through a whole layer in one call: the composition `step.layer` runs on the
+    CPU set (rms_norm, project_one with the cache write at `slot`, attend_one over slots 0..slot, o projection +
+    residual, rms_norm, route_one, moe_decode + residual), bit-equal to it. The weights as in `project_one` /
+    `route_one` / `moe_decode` (one dtype, contiguous; experts [E, I, D] / [E, D, I] read in place). Returns
+    (x out [1, 1, D], logits [1, E], ids [1, A] int64, weights [1, A]); check_only: only check, return None
+    (`LayerCall`)."""
+    dt = _dt(x, "x")
+    D = x.shape[-1]
+    E, I = gate.shape[0], gate.shape[1]
+    K, L, hd = kc.shape[1], kc.shape[2], kc.shape[3]
+    H = wq.shape[0] // hd
+    ts = (x, ln1, wq, wk, wv, qk_norm, wo, ln2, router, gate, up, down, rot, kc, vc)
+    if (any(t.dtype != x.dtype or not t.is_contiguous() for t in ts) or x.numel() != D
+            or wq.shape != (H * hd, D) or wk.shape != (K * hd, D) or wv.shape != wk.shape or wo.shape != (D, H * hd)
+            or qk_norm.shape != (H + K, hd) or rot.shape != (hd, hd) or kc.shape != vc.shape or kc.shape[0] != 1
+            or router.shape != (E, D) or gate.shape != (E, I, D) or up.shape != gate.shape
+            or down.shape != (E, D, I) or ln1.shape != (D,) or ln2.shape != (D,) or not 0 <= slot < L
+            or not 0 < A <= E):
+        raise KernelError(f"layer_one: x {list(x.shape)}, wq {list(wq.shape)}, wk {list(wk.shape)}, wo "
+                          f"{list(wo.shape)}, router {list(router.shape)}, experts {list(gate.shape)}/"
+                          f"{list(down.shape)}, cache {list(kc.shape)} slot {slot}: expected contiguous tensors of "
+                          f"one dtype, [1, 1, D], [H*hd, D], [K*hd, D], [D, H*hd], [E, D], [E, I, D]/[E, D, I], "
+                          f"[1, K, max_len, hd]")
+    if check_only:
+        return None
+    out = torch.empty_like(x)
+    logits = torch.empty(1, E, dtype=x.dtype)
+    ids = torch.empty(1, A, dtype=torch.int64)
+    wts = torch.empty(1, A, dtype=x.dtype)
+    rc = (_LIB or lib()).layer_one(
+        x.data_ptr(), out.data_ptr(), ln1.data_ptr(), wq.data_ptr(), wk.data_ptr(), wv.data_ptr(),
+        qk_norm.data_ptr(), wo.data_ptr(), ln2.data_ptr(), router.data_ptr(), gate.data_ptr(), up.data_ptr(),
+        down.data_ptr(), rot.data_ptr(), kc.data_ptr(), vc.data_ptr(), logits.data_ptr(), ids.data_ptr(),
+        wts.data_ptr(), D, H, K, hd, L * hd, slot, E, A, I, int(renorm), eps, hd ** -0.5, dt,
+        torch.get_num_threads(), PARALLEL_MIN_ELEMENTS)
+    if rc:
+        raise KernelError(f"layer_one: the router chose expert ids {ids.tolist()} outside 0..{E - 1}")
+    return out, logits, ids, wts
+
+
+class LayerCall:
+    """`layer_one` for one layer's fixed weights, checked once: `run(x, rot, kc, vc, slot)` per decode step checks
+    only what changes and makes one ctypes call with one argument (~5 us a layer less than `layer_one` on a
+    96-wide model, whose whole layer computes in a few us). The routing it returns is scratch: overwritten by the
+    layer's next call (copy it to keep it)."""
+
+    def __init__(self, ln1, wq, wk, wv, qk_norm, wo, ln2, router, gate, up, down, K: int, hd: int, A: int,
+                 renorm: bool, eps: float):
+        x = torch.empty(1, 1, wq.shape[1], dtype=wq.dtype)
+        rot = torch.empty(hd, hd, dtype=wq.dtype)
+        kc = torch.empty(1, K, 1, hd, dtype=wq.dtype)
+        # every check of layer_one on the weights, once (a 1-slot cache stands for the real one)
+        layer_one(x, ln1, wq, wk, wv, qk_norm, wo, ln2, router, gate, up, down, rot, kc, kc, 0, A, renorm, eps,
+                  check_only=True)
+        self.keep = (ln1, wq, wk, wv, qk_norm, wo, ln2, router, gate, up, down)   # the pointers stay valid
+        self.dtype, self.D, self.K, self.hd, self.E = wq.dtype, wq.shape[1], K, hd, gate.shape[0]
+        self.A = A
+        self.logits = torch.empty(1, self.E, dtype=wq.dtype)
+        self.ids = torch.empty(1, A, dtype=torch.int64)
+        self.wts = torch.empty(1, A, dtype=wq.dtype)
+        a = self.args = LayerArgs()
+        for name, t in zip(("ln1", "wq", "wk", "wv", "qkn", "wo", "ln2", "router", "gate", "up", "down"), self.keep):
+            setattr(a, name, t.data_ptr())
+        a.logits, a.ids, a.wts = self.logits.data_ptr(), self.ids.data_ptr(), self.wts.data_ptr()
+        a.D, a.H, a.K, a.hd, a.E, a.A, a.I = self.D, wq.shape[0] // hd, K, hd, self.E, A, gate.shape[1]
+        a.renorm, a.dt, a.min_par = int(renorm), int(wq.dtype == torch.bfloat16), PARALLEL_MIN_ELEMENTS
+        a.eps, a.scale = eps, hd ** -0.5
+        self.ref = ctypes.byref(a)
+
+    def run(self, x: torch.Tensor, rot: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: int):
+        """(x out [1, 1, D], logits [1, E], ids [1, A], weights [1, A]) of one token x [1, 1, D] (see `layer_one`)."""
+        dt, K, hd = self.dtype, self.K, self.hd
+        L = kc.shape[2]
+        if (x.dtype != dt or rot.dtype != dt or kc.dtype != dt or vc.dtype != dt or x.numel() != self.D
+                or not (x.is_contiguous() and rot.is_contiguous() and kc.is_contiguous() and vc.is_contiguous())
+                or rot.shape != (hd, hd) or kc.shape != (1, K, L, hd) or vc.shape != kc.shape or not 0 <= slot < L):
+            raise KernelError(f"layer_one: x {list(x.shape)} {x.dtype}, rotation {list(rot.shape)}, cache "
+                              f"{list(kc.shape)} {kc.dtype} slot {slot}: expected contiguous {dt} [1, 1, "
+                              f"{self.D}], [{hd}, {hd}], [1, {K}, max_len, {hd}] with slot < max_len")
+        out = torch.empty_like(x)
+        a = self.args
+        a.x, a.xout, a.R, a.kc, a.vc = x.data_ptr(), out.data_ptr(), rot.data_ptr(), kc.data_ptr(), vc.data_ptr()
+        a.cs, a.slot, a.threads = L * hd, slot, torch.get_num_threads()
+        if (_LIB or lib()).layer_run(self.ref):
+            raise KernelError(f"layer_one: the router chose expert ids {self.ids.tolist()} outside 0..{self.E - 1}")
+        return out, self.logits, self.ids, self.wts
 
 
 def route_one(h: torch.Tensor, w: torch.Tensor, A: int, renorm: bool):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -177,7 +178,14 @@ def attend_route(x: torch.Tensor, y_prev: torch.Tensor | None, w: LayerWeights, 
 def layer(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, ks: "Kernels",
           experts: Callable, sink: Callable | None = None) -> torch.Tensor:
     """One decoder layer, x [B, T, D] -> [B, T, D]: `attend_route`, then x + experts(h, ids, weights) ([N, D]).
-    sink(logits, ids, weights), when given, sees the routing (recording)."""
+    sink(logits, ids, weights), when given, sees the routing (recording). A kernel set with `layer` may compute
+    the whole composition in one kernel (the same functions fused, see `Kernels`)."""
+    if ks.layer is not None:
+        got = ks.layer(x, w, d, rope, kv, experts)
+        if got is not None:
+            if sink is not None:               # the kernel's routing is scratch for its next call: copies
+                sink(*(t.clone() for t in got[1]))
+            return got[0]
     x, h, logits, ids, wts = attend_route(x, None, w, d, rope, kv, ks)
     if sink is not None:
         sink(logits, ids, wts)
@@ -404,7 +412,9 @@ class Kernels:
     set, is `qkv` + `kv_write` in one kernel: (q, k, v) as they would return, or None where it does not apply.
     Optional, for sets that fuse across those boundaries (None: the step composes the functions above):
     attend_residual(x, h, w, d, rope, kv) -> x + attention(h), norm_route(x, w, d) -> (h, logits, ids, weights)
-    and residual_norm(x, y_prev, ln1, eps) -> (x + the previous experts' sum, rms_norm of it)."""
+    and residual_norm(x, y_prev, ln1, eps) -> (x + the previous experts' sum, rms_norm of it); layer(x, w, d, rope,
+    kv, experts) -> (x after the whole layer, (logits, ids, weights)), or None where it does not apply: `layer`'s
+    composition in one kernel (the CPU set's one-token `layer_one`)."""
     name: str
     attend: Callable
     route: Callable
@@ -416,6 +426,7 @@ class Kernels:
     attend_residual: Callable | None = None
     norm_route: Callable | None = None
     residual_norm: Callable | None = None
+    layer: Callable | None = None
 
 
 TORCH = Kernels("torch", attend_torch, route_torch, moe_torch)
@@ -432,11 +443,17 @@ LAYER = Kernels("triton-layer", attend_triton, route_triton, moe_triton, attend_
 
 
 # -- the CPU set: one-row products and one-token experts in q3lab.kernels.cpu (C, AVX-512 BF16 where present) ----
-# float32 models narrower than this stay on TORCH: a tiny model's decode stays bit-equal to the module path (the
-# C kernels sum in another order), as the embedded data/mini and data/mini128 (hidden 96) and the test models
-# (64) are; from 256 on the C kernels pay (synth-small, hidden 256: ~400 -> ~1150 tok/s decode, data/mini would
-# gain 1.5x). bf16 always takes the C kernels (torch's bf16 GEMV reads at 1-10 GB/s on this machine)
+# float32 models narrower than this stay on TORCH for a forward of several tokens: a tiny model's prefill stays
+# bit-equal to the module path (the C kernels and oneDNN sum in another order), as the embedded data/mini and
+# data/mini128 (hidden 96) and the test models (64) are; from 256 on the C kernels pay (synth-small, hidden 256:
+# ~400 -> ~1150 tok/s decode). bf16 always takes the C kernels (torch's bf16 GEMV reads at 1-10 GB/s here)
 CPU_F32_MIN_HIDDEN = 256
+# ... except their decode steps (one token of one sequence with a cache, no mask: what `layer_cpu` computes in one
+# C call) from this width on: data/mini (96 wide, 48 layers) decodes ~7x faster on the C layer (per-op overhead
+# is its whole cost), its greedy tokens equal transformers' and llama.cpp's (tests/test_cpu_kernels.py,
+# bench/cpu_peer.py), its logits within float32 rounding (1e-5) of the torch set's; prefills and hooked forwards
+# (notebooks, analysis) stay on TORCH, bit-equal to the module path. The 64-wide test models stay on TORCH.
+CPU_F32_DECODE_MIN_HIDDEN = 96
 
 
 def _cpu_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -457,10 +474,12 @@ def linear_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     `cpu_kernels.linear` (float32 sums, one rounding), anything else F.linear."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
-    if 0 < rows <= CPU_MAX_ROWS and w.dim() == 2 \
-            and _cpu_ok(x, w):
+    if 0 < rows and w.dim() == 2 and _cpu_ok(x, w):
         from q3lab.kernels import cpu as cpu_kernels
-        return cpu_kernels.linear(x.reshape(rows, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+        if rows <= CPU_MAX_ROWS:
+            return cpu_kernels.linear(x.reshape(rows, K).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+        if x.dtype == torch.float32:          # a prefill: oneDNN's AVX-512 GEMM (MKL's sgemm runs AVX2 here)
+            return cpu_kernels.gemm(x, w)
     return F.linear(x, w)
 
 
@@ -540,21 +559,123 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
             return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids, w).view(1, 1, -1)
         if h.shape[0] <= CPU_MAX_ROWS:
             return cpu_kernels.moe_tokens(h.contiguous(), gate, up, down, ids, w).unsqueeze(1)
+        if gate.shape[1] * gate.shape[2] >= CPU_GROUPED_MIN_EXPERT:
+            return moe_grouped_cpu(h, ids, w, gate, up, down)
+        got = moe_padded_cpu(h, ids, w, gate, up, down)
+        if got is not None:
+            return got
     return moe_torch(h, ids, w, gate, up, down, gather=gather)
 
 
-CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu, project_cpu)
+# experts of a prefill smaller than this (I*D elements) run as one padded batch (`moe_padded_cpu`: 3 batched
+# products a layer instead of 3 per expert, whose ~15 us of dispatch each is a tiny expert's whole cost): one
+# layer of data/mini (32 experts of 16 x 96, 512 tokens, bf16) 0.26 ms against 1.84 ms on moe_torch and 2.1 on
+# moe_grouped_cpu; from synth-small's 128 x 256 on moe_grouped_cpu pays (bf16 1.78 ms, padded 2.12, moe_torch 3.28)
+CPU_GROUPED_MIN_EXPERT = 1 << 14
+# the padded batch is refused (moe_torch runs) when padding would more than quadruple the work (skewed routing)
+CPU_PADDED_MAX_WASTE = 4
+
+
+def moe_padded_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor | None:
+    """Many tokens over a layer's small stacked experts as one batch: each expert's tokens gathered into a block of
+    C rows (C = the busiest expert's count; empty rows read a zero row), three `torch.bmm` over all experts, the
+    weighted outputs added into each token's float32 sum in ascending expert: [N, 1, D], with `moe_torch`'s
+    roundings (bf16: each product rounded, silu * up rounded, each expert's output rounded, times its rounded
+    weight). None when the padding would exceed CPU_PADDED_MAX_WASTE x the routed rows."""
+    N, A = ids.shape
+    E, I, D = gate.shape
+    dt = gate.dtype
+    flat = ids.reshape(-1)
+    counts = torch.bincount(flat, minlength=E)
+    C = int(counts.max())
+    if E * C > CPU_PADDED_MAX_WASTE * N * A:
+        return None
+    order = torch.argsort(flat, stable=True)                     # pairs grouped by expert, ascending token
+    e_sorted = flat[order]
+    slot = e_sorted * C + (torch.arange(N * A) - (torch.cumsum(counts, 0) - counts)[e_sorted])
+    src = torch.full((E * C,), N, dtype=torch.int64)             # padding rows read (and add into) row N
+    src[slot] = order // A
+    x = torch.cat((h.to(dt), h.new_zeros(1, D, dtype=dt))).index_select(0, src).view(E, C, D)
+    act = F.silu(torch.bmm(x, gate.transpose(1, 2))).mul_(torch.bmm(x, up.transpose(1, 2)))
+    y = torch.bmm(act, down.transpose(1, 2)).view(E * C, D)
+    wts = torch.zeros(E * C, dtype=torch.float32)
+    wts[slot] = w.reshape(-1).to(dt).float()[order]
+    out = torch.zeros(N + 1, D, dtype=torch.float32)
+    out.index_add_(0, src, y.float().mul_(wts[:, None]))
+    return out[:N].unsqueeze(1)
+
+
+def moe_grouped_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    """Many tokens (a prefill) over a layer's stacked experts, grouped by expert: each token's weighted expert sum
+    [N, 1, D] in float32. Per expert (ascending) its tokens are gathered (a block that stays in cache for its
+    three GEMMs), and its weighted outputs added into the sum in place: no [N*A, D] gather, concatenation and
+    unpermute of `moe_torch`'s grouped path. Each token's sum runs over its experts in ascending id, as
+    `expert_sum(moe_torch(...))` does, with the same roundings (bf16: each expert's output rounded, times its
+    rounded weight); float32 GEMMs on oneDNN (`cpu_kernels.gemm`), bf16 on F.linear (oneDNN already)."""
+    from q3lab.kernels import cpu as cpu_kernels
+    N, A = ids.shape
+    dt = gate.dtype
+    lin = cpu_kernels.gemm if dt == torch.float32 else F.linear
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)                    # (token, rank) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()
+    tok = order // A
+    wts = w.reshape(-1).to(dt).float()[order]
+    x = h.to(dt)
+    out = torch.zeros(N, h.shape[-1], dtype=torch.float32)
+    start = 0
+    for e, c in enumerate(counts):
+        if not c:
+            continue
+        te, we = tok[start:start + c], wts[start:start + c]
+        start += c
+        xe = x.index_select(0, te)                                  # [c, D]
+        act = F.silu(lin(xe, gate[e])).mul_(lin(xe, up[e]))
+        out.index_add_(0, te, lin(act, down[e]).float().mul_(we[:, None]))
+    return out.unsqueeze(1)
+
+
+def layer_cpu(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | None, experts: Callable):
+    """`layer` for one decode token of one sequence with a cache (int slot, no mask), the rotation matrix and a
+    layer's stacked experts (`experts.stacked`, set by `Experts.step_fn`): the whole composition of the CPU set's
+    functions in one C call (`cpu_kernels.layer_one`, bit-equal to it): (x [1, 1, D], (logits, ids, weights));
+    None where it does not apply (the step then composes the functions)."""
+    st = getattr(experts, "stacked", None)
+    if st is None or kv is None or kv.k is None or kv.mask is not None or rope.sin is not None \
+            or w.qkv is not None or type(kv.at) is not int or x.numel() != x.shape[-1] or x.dim() != 3 \
+            or not _one_row(x) or w.wq.requires_grad or st[0].dtype != x.dtype:
+        return None
+    got = _LAYER_CALLS.get(experts)
+    if got is None or got[0] is not w:     # checked once per plan (a plan serves a whole generation)
+        from q3lab.kernels import cpu as cpu_kernels
+        got = (w, cpu_kernels.LayerCall(w.ln1, w.wq, w.wk, w.wv, w.qk_norm, w.wo, w.ln2, w.router, *st, d.K, d.hd,
+                                        d.A, d.renorm, d.eps))
+        _LAYER_CALLS[experts] = got
+    x, logits, ids, wts = got[1].run(x, rope.cos, kv.k, kv.v, kv.at)
+    return x, (logits, ids, wts)
+
+
+# per plan entry (its experts callable): the layer's checked C call (the LayerWeights it was made for, LayerCall)
+_LAYER_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+CPU = Kernels("cpu", attend_cpu, route_cpu, moe_cpu, linear_cpu, norm_cpu, rotate_cpu, project_cpu,
+              layer=layer_cpu)
 _CPU_STATE: list = []   # [True] once built, [False] once refused (the reason warned once)
 
 
-def kernels_for(device: torch.device, dtype: torch.dtype, hidden: int) -> Kernels:
+def kernels_for(device: torch.device, dtype: torch.dtype, hidden: int, decode: bool = False) -> Kernels:
     """The kernel set `Thinker.forward` / `generate` run for a model of `dtype` and `hidden` size on `device`
-    when no hook listens: CPU on the CPU for bf16, and for float32 from CPU_F32_MIN_HIDDEN (the C kernels
+    when no hook listens: CPU on the CPU for bf16, and for float32 from CPU_F32_MIN_HIDDEN, or from
+    CPU_F32_DECODE_MIN_HIDDEN for a `decode` step (one token of one sequence with a cache, no mask) (the C kernels
     built on first use; Q3LAB_CPU_KERNELS=0 chooses TORCH), TORCH elsewhere. If the C kernels cannot be built,
     one warning gives the reason and says that the torch kernels run."""
     if torch.device(device).type != "cpu" or os.environ.get("Q3LAB_CPU_KERNELS", "1") == "0":
         return TORCH
-    if not (dtype == torch.bfloat16 or (dtype == torch.float32 and hidden >= CPU_F32_MIN_HIDDEN)):
+    f32_from = CPU_F32_DECODE_MIN_HIDDEN if decode else CPU_F32_MIN_HIDDEN
+    if not (dtype == torch.bfloat16 or (dtype == torch.float32 and hidden >= min(f32_from, CPU_F32_MIN_HIDDEN))):
         return TORCH
     if not _CPU_STATE:
         from q3lab.kernels import cpu as cpu_kernels

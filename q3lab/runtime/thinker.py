@@ -226,6 +226,7 @@ class Experts(nn.Module):
             if ks.moe is step.moe_torch:       # the torch set: grouped GEMMs for a CUDA prefill (moe_sum)
                 return step.moe_sum(h, idx, w, gate, up, down)
             return step.expert_sum(ks.moe(h, idx, w, gate, up, down), h.dtype)
+        experts.stacked = stacked              # for a set's fused layer kernel (step.layer_cpu)
         return experts
 
 
@@ -409,7 +410,8 @@ class Thinker(nn.Module):
                 if deepstack is not None:    # vision features after the first layers (q3lab.omni.towers.DeepStack)
                     x = deepstack.add(x, i)
         else:
-            d, ks = model.layers[0].self_attn.dims, step.kernels_for(dev, self.dtype, self.config.hidden_size)
+            decode = T == 1 and B == 1 and cache is not None and mask is None   # what step.layer_cpu fuses
+            d, ks = model.layers[0].self_attn.dims, step.kernels_for(dev, self.dtype, self.config.hidden_size, decode)
             for i, ((w, experts), kv) in enumerate(zip(plan, kvs)):
                 x = step.layer(x, w, d, rope, kv, ks, experts)
                 if deepstack is not None:
