@@ -99,10 +99,12 @@ class StaticDecoder:
     prefill_graphs: True: the bucket prefill replays a CUDA graph captured once per (batch, bucket) on first use
         (CUDA only); "padded": the same right-padded forward run eagerly, without a graph (what the graph
         captures; CPU tests run it); False: every prefill is today's eager one. Default: True where the step is
-        graphed on CUDA (`cuda_graph`), else False. Memory: the bucket graphs share one private pool, which keeps
-        the activations of the largest bucket captured (one layer's working set at a time, plus the bucket's ids
-        and logits): at the real dimensions in bf16 about 1 GB at T=4096 (grouped experts' rows [N*A, 2I] and
-        [N*A, D], attention, the last hidden states), held while the decoder lives; prefill_graphs=False holds none.
+        graphed on CUDA (`cuda_graph`), else False. Memory: a graph keeps the activations it was captured with;
+        the bucket graphs share one private pool, so it holds about the largest captured bucket's working set (one
+        layer's at a time: at the real dimensions in bf16 and T=4096 the grouped experts' rows [N*A, D] and
+        [N*A, 2I], some hundreds of MB, estimated; bench/gpu_rows_prefill.py reports the measured growth) plus
+        each bucket's ids and logits [B, V], while the decoder lives (a new batch size frees them);
+        prefill_graphs=False holds none.
     """
 
     def __init__(self, model: Thinker, max_len: int, *, batch: int = 1, cuda_graph: bool | None = None,
