@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from q3lab.runtime.recording import active_recorders
 from q3lab.runtime import step
 from q3lab.fast.device_cache import DeviceExpertCache
-from q3lab.errors import InputError
+from q3lab.errors import InputError, Q3LabError
 from q3lab.runtime.experts import ExpertProvider
 from q3lab.runtime.thinker import (KVCache, Thinker, decode_loop, hook_dicts, mrope_freqs, rms_norm, rope_cos_sin,
                                    stacked_experts)
@@ -66,6 +66,10 @@ def _refuse_hooks(model: Thinker) -> None:
                          f"{', '.join(where[:3])}{'...' if len(where) > 3 else ''}: arbitrary hook code needs the "
                          f"eager path (Thinker.generate). Routing can be recorded here: q3lab.record(model) is "
                          f"written on the device by the decoders")
+
+
+class PrefillCaptureError(Q3LabError):
+    """The bucket prefill could not be captured as a CUDA graph (something in the forward needs the host)."""
 
 
 class _Bucket(NamedTuple):
@@ -421,8 +425,13 @@ class StaticDecoder:
         if self._prefill_pool is None:
             self._prefill_pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._prefill_pool):
-            self._prefill_forward(st)
+        try:
+            with torch.cuda.graph(g, pool=self._prefill_pool):
+                self._prefill_forward(st)
+        except RuntimeError as e:       # e.g. a host read added to the forward: name the way out, do not hide it
+            raise PrefillCaptureError(
+                f"StaticDecoder: capturing the prefill of bucket {tuple(st.ids.shape)} (batch, tokens) as a CUDA "
+                f"graph failed: {e}. prefill_graphs=False runs the eager prefill") from e
         st.graph.update(graph=g, rope=cos, sin=sin)      # the table stays referenced while the graph reads it
 
     # -- generation -------------------------------------------------------------------------------
