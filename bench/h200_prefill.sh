@@ -50,7 +50,7 @@ print(pd.DataFrame(r.get("prefill_profiles", {})).T.to_string(float_format=lambd
 print("failed rows:", r.get("failed_rows"))
 PYEOF
 
-step "the other GPU tests (does the graphed prefill, now the default on CUDA, change any of them?)"
+step "the other GPU tests (regression check of the shared changes: Thinker._forward, _rope_table, moe_torch)"
 timeout "$(left)" $PY -m pytest -q -p no:cacheprovider tests/gpu --ignore=tests/gpu/test_gpu_prefill_graphs.py \
     > "$OUT/gpu_tests_others.txt" 2>&1
 echo "rc=$?"

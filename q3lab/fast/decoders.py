@@ -102,8 +102,10 @@ class StaticDecoder:
         max_len); a prompt is right-padded to the smallest bucket that holds it (see `prefill`).
     prefill_graphs: True: the bucket prefill replays a CUDA graph captured once per (batch, bucket) on first use
         (CUDA only); "padded": the same right-padded forward run eagerly, without a graph (what the graph
-        captures; CPU tests run it); False: every prefill is today's eager one. Default: True where the step is
-        graphed on CUDA (`cuda_graph`), else False. Memory: a graph keeps the activations it was captured with;
+        captures; CPU tests run it); False (default): every prefill is the eager one. Opt-in because a padded
+        prefill agrees with the unpadded one to rounding, not bit for bit (longer GEMMs may sum in another
+        order), and `OffloadedDecoder`'s bit-equality with this decoder rests on both running the eager prefill.
+        Memory: a graph keeps the activations it was captured with;
         the bucket graphs share one private pool, so it holds about the largest captured bucket's working set (one
         layer's at a time: at the real dimensions in bf16 and T=4096 the grouped experts' rows [N*A, D] and
         [N*A, 2I], some hundreds of MB, estimated; bench/gpu_rows_prefill.py reports the measured growth) plus
@@ -114,7 +116,7 @@ class StaticDecoder:
     def __init__(self, model: Thinker, max_len: int, *, batch: int = 1, cuda_graph: bool | None = None,
                  layer_experts=None, compile: bool | str = False, fused: bool = False,
                  fused_router: bool | None = None, prefill_buckets: Sequence[int] | None = None,
-                 prefill_graphs: bool | str | None = None):
+                 prefill_graphs: bool | str = False):
         _refuse_hooks(model)
         c = model.config
         self.model, self.config, self.max_len = model, c, int(max_len)
@@ -149,10 +151,9 @@ class StaticDecoder:
         self.slots = torch.arange(self.max_len, device=dev)
         self._use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
         self.prefill_buckets = self._check_buckets(prefill_buckets)
-        if prefill_graphs is None:
-            prefill_graphs = bool(self._use_graph and dev.type == "cuda")
         if prefill_graphs not in (True, False, "padded"):
             raise InputError(f"prefill_graphs must be True, False or 'padded', got {prefill_graphs!r}")
+        prefill_graphs = prefill_graphs if prefill_graphs == "padded" else bool(prefill_graphs)
         if prefill_graphs is True and dev.type != "cuda":
             raise InputError(f"prefill_graphs=True captures CUDA graphs and the model is on {dev}; "
                              f"prefill_graphs='padded' runs the same bucket prefill without a graph")
