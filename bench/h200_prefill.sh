@@ -18,13 +18,13 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 git log --oneline -1 2>/dev/null || true
 
 step "GPU tests of the graphed prefill (tests/gpu/test_gpu_prefill_graphs.py)"
-timeout 100 $PY -m pytest -q -p no:cacheprovider -rA tests/gpu/test_gpu_prefill_graphs.py > "$OUT/gpu_tests.txt" 2>&1
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rA tests/gpu/test_gpu_prefill_graphs.py > "$OUT/gpu_tests.txt" 2>&1
 echo "rc=$?"
 grep -E "passed|failed|PASSED|FAILED|Error|assert|bf16 T=" "$OUT/gpu_tests.txt" | grep -v "warn" | tail -40
 
 step "gpu_decode.py --rows prefill --skip-reference --profile"
 rm -rf /tmp/prefill_profiles
-timeout 230 $PY bench/gpu_decode.py --rows prefill --skip-reference --profile --new-tokens 8 \
+timeout 220 $PY bench/gpu_decode.py --rows prefill --skip-reference --profile --new-tokens 8 \
     --json "$OUT/gpu_decode_prefill.json" 2>&1 | grep -v "warnings.warn\|DeprecationWarning"
 echo "rc=${PIPESTATUS[0]}"
 for f in /tmp/prefill_profiles/profile_prefill*.txt; do
