@@ -178,17 +178,23 @@ def prefill_rows(hf, ours, cfg, res: dict, rows: list, save, *, lengths=(512, 40
                 t_hf = _time(lambda: hf_prefill(ids), repeats)
                 t_q = _time(lambda: ours(ids, last_only=True), repeats)
                 # the graphed prefill: the first call warms up, captures and replays (timed apart)
+                # memory: reserved after empty_cache before and after (torch.cuda.graph empties the cache itself,
+                # and the graph's private pool is not released by it): the pool + the bucket's buffers
                 _sync()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
                 mem0 = torch.cuda.memory_reserved() if dev.type == "cuda" else 0
                 t0 = time.perf_counter()
                 got = dec.prefill(ids)[0]
                 _sync()
                 capture_s = time.perf_counter() - t0
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
                 pool_gb = (torch.cuda.memory_reserved() - mem0) / GB if dev.type == "cuda" else float("nan")
                 graph_rel_eager, graph_rel_hf = _rel(got, eager_last), _rel(got, theirs)
                 t_g = _time(lambda: dec.prefill(ids), repeats)
                 log(f"prefill T={T}: StaticDecoder.prefill bucket {dec.prefill_bucket(T)}, first call (warm-up + "
-                    f"capture + replay) {capture_s:.2f} s, memory reserved +{pool_gb:.2f} GB; last logits vs eager "
+                    f"capture + replay) {capture_s:.2f} s, memory reserved {pool_gb:+.2f} GB; last logits vs eager "
                     f"{graph_rel_eager:.2e}, vs transformers {graph_rel_hf:.2e}; distinct experts per layer "
                     f"{distinct.mean().item():.1f}")
                 if profile_dir is not None:
