@@ -2,9 +2,11 @@
 q3lab's Thinker on the same bf16 tensors): prefill, batched decode, traced prefill.
 
 - prefill (`prefill_rows`): one sequence of T = 512 and 4096, q3lab `Thinker.forward` (last_only; experts as
-  grouped GEMMs, `q3lab.kernels.grouped_moe`; attention SDPA causal) against transformers' text model + lm_head on the
-  last token (its default experts implementation), and a compute floor = FLOPs / the bf16 matmul rate measured
-  here (a large torch.matmul);
+  grouped GEMMs, `q3lab.kernels.grouped_moe`; attention SDPA causal) and q3lab `StaticDecoder.prefill` (the same
+  forward captured as a CUDA graph per bucket; the capture timed apart) against transformers' text model + lm_head
+  on the last token (its default experts implementation); a compute floor = FLOPs / the bf16 matmul rate measured
+  here (a large torch.matmul) and a bytes floor = dense weights + the distinct experts touched (9.4 MB each at the
+  real size) over the measured copy bandwidth;
 - batched decode (`batch_rows`): B = 1, 4, 16, 64 with one prompt length, q3lab `StaticDecoder` at batch B (CUDA
   graph; several tokens' experts as grouped GEMMs) against transformers `generate` at the same B; step time against
   a bytes floor in which the experts count the DISTINCT experts touched per layer (counted from the routing that
@@ -62,11 +64,12 @@ def _guard(label: str, res: dict, fn) -> None:
             torch.cuda.empty_cache()
 
 
-def profile_to(path, fn, repeats: int = 1) -> None:
+def profile_to(path, fn, repeats: int = 1) -> dict | None:
     """Kernel-time table (top 25 by device time) of `repeats` calls of fn, written to `path` and its summary
-    printed: where the time of a row goes (kernels vs gaps)."""
+    printed: where the time of a row goes (kernels vs gaps). Returns {"kernels": count, "kernel_ms": device time}
+    per call (None without CUDA)."""
     if path is None or not torch.cuda.is_available():
-        return
+        return None
     from torch.profiler import ProfilerActivity, profile
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
@@ -81,6 +84,7 @@ def profile_to(path, fn, repeats: int = 1) -> None:
     count = sum(e.count for e in cuda) / repeats
     log(f"profile {path.name}: {count:.0f} kernels, {total / 1e3:.2f} ms of kernel time per call")
     log("\n".join(table.splitlines()[:14]))
+    return {"kernels": count, "kernel_ms": total / 1e3}
 
 
 def matmul_rate(device: str = "cuda", n: int = 8192, repeats: int = 10) -> float:
@@ -111,17 +115,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- prefill -----------------------------------------------------------------------------------------------------
+def prefill_bytes(cfg, distinct_per_layer, dtype_bytes: int = 2) -> float:
+    """Bytes a prefill must read at least: every layer's dense weights and the lm_head (`_dense_bytes`) and each
+    DISTINCT expert touched once (gate, up, down: 3*I*D elements; `distinct_per_layer` summed over the layers)."""
+    expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * dtype_bytes
+    return _dense_bytes(cfg, dtype_bytes) + float(sum(distinct_per_layer)) * expert
+
+
 def prefill_rows(hf, ours, cfg, res: dict, rows: list, save, *, lengths=(512, 4096), repeats: int = 3,
-                 seed: int = 0, profile_dir=None) -> None:
-    """Goal 3: one sequence of each length, q3lab forward vs transformers' forward, against a compute floor."""
+                 seed: int = 0, profile_dir=None, bandwidth: float | None = None) -> None:
+    """Goal 3: one sequence of each length, q3lab forward and q3lab StaticDecoder.prefill (a CUDA graph per
+    bucket; on the CPU the same padded forward without a graph) vs transformers' forward, against a compute
+    floor (FLOPs / measured bf16 matmul rate) and a bytes floor (dense weights + the distinct experts the prompt
+    touches, read once, over the measured copy bandwidth). With profile_dir: kernel tables of the three at every
+    length, with their kernel count, kernel time and the wall time (the difference: launch and host gaps)."""
+    import q3lab
+    from q3lab.fast.decoders import StaticDecoder
+    from q3lab.kernels.grouped_moe import distinct_experts
     from q3lab.oracle import text_model
     dev = ours.device
     size = 8192 if dev.type == "cuda" else 512       # cpu: a smoke test of this script only
     rate = matmul_rate(dev, size)
     res["bf16_matmul_TFLOPs"] = rate / 1e12
     log(f"bf16 matmul rate ({size}^3 torch.matmul): {rate / 1e12:.1f} TFLOP/s")
+    bw = bandwidth or res.get("d2d_GBps", 4000) * GB
     lm = text_model(hf)
     g = torch.Generator().manual_seed(seed)
+    L, E = cfg.num_hidden_layers, cfg.num_experts
+    graphs = True if dev.type == "cuda" else "padded"
+    # one decoder for every length, a bucket per length (no pads: the row times the graph, not the padding)
+    dec = StaticDecoder(ours, max(lengths) + 1, cuda_graph=False, prefill_graphs=graphs,
+                        prefill_buckets=tuple(lengths))
+    res.setdefault("prefill_profiles", {})
 
     def hf_prefill(ids):
         hid = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
@@ -141,22 +166,68 @@ def prefill_rows(hf, ours, cfg, res: dict, rows: list, save, *, lengths=(512, 40
                     log(f"prefill T={T}: q3lab vs transformers logits rel. diff "
                         f"{res[f'prefill{T}_logits_rel_diff']:.2e}, top-1 agreement "
                         f"{res[f'prefill{T}_top1_agreement']:.3f}")
-                last_rel = _rel(ours(ids, last_only=True)[0, -1], hf_prefill(ids)[0, -1])
+                theirs = hf_prefill(ids)[0, -1]
+                eager_last = ours(ids, last_only=True)[0, -1]
+                last_rel = _rel(eager_last, theirs)
+                with q3lab.record(ours) as rec:      # the routing: distinct experts per layer for the bytes floor
+                    ours(ids, last_only=True)
+                call = rec._calls()[0]
+                distinct = distinct_experts(torch.stack([call.topk_ids[i] for i in range(L)]).reshape(L, -1).to(dev),
+                                            E).float()
+                del rec, call
                 t_hf = _time(lambda: hf_prefill(ids), repeats)
                 t_q = _time(lambda: ours(ids, last_only=True), repeats)
-                if profile_dir is not None and T == lengths[-1]:
-                    profile_to(profile_dir / f"profile_prefill{T}_q3lab.txt", lambda: ours(ids, last_only=True))
-                    profile_to(profile_dir / f"profile_prefill{T}_transformers.txt", lambda: hf_prefill(ids))
+                # the graphed prefill: the first call warms up, captures and replays (timed apart)
+                # memory: reserved after empty_cache before and after (torch.cuda.graph empties the cache itself,
+                # and the graph's private pool is not released by it): the pool + the bucket's buffers
+                _sync()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                mem0 = torch.cuda.memory_reserved() if dev.type == "cuda" else 0
+                t0 = time.perf_counter()
+                got = dec.prefill(ids)[0]
+                _sync()
+                capture_s = time.perf_counter() - t0
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                pool_gb = (torch.cuda.memory_reserved() - mem0) / GB if dev.type == "cuda" else float("nan")
+                graph_rel_eager, graph_rel_hf = _rel(got, eager_last), _rel(got, theirs)
+                t_g = _time(lambda: dec.prefill(ids), repeats)
+                log(f"prefill T={T}: StaticDecoder.prefill bucket {dec.prefill_bucket(T)}, first call (warm-up + "
+                    f"capture + replay) {capture_s:.2f} s, memory reserved {pool_gb:+.2f} GB; last logits vs eager "
+                    f"{graph_rel_eager:.2e}, vs transformers {graph_rel_hf:.2e}; distinct experts per layer "
+                    f"{distinct.mean().item():.1f}")
+                if profile_dir is not None:
+                    for name, fn, wall in (("q3lab", lambda: ours(ids, last_only=True), t_q),
+                                           ("q3lab_graph", lambda: dec.prefill(ids), t_g),
+                                           ("transformers", lambda: hf_prefill(ids), t_hf)):
+                        pr = profile_to(profile_dir / f"profile_prefill{T}_{name}.txt", fn)
+                        if pr is not None:
+                            pr |= {"wall_ms": wall * 1e3, "kernel_over_wall": pr["kernel_ms"] / (wall * 1e3)}
+                            res["prefill_profiles"][f"T={T} {name}"] = pr
+                            log(f"profile T={T} {name}: {pr['kernels']:.0f} kernels, {pr['kernel_ms']:.2f} ms "
+                                f"kernel time of {wall * 1e3:.2f} ms wall ({pr['kernel_over_wall']:.0%}; the rest "
+                                f"is launch/host gaps)")
             fl = prefill_flops(cfg, T)
             floor = fl["total"] / rate
-            for system, t in ((f"transformers forward ({res.get('experts_implementation', '?')})", t_hf),
-                              ("q3lab Thinker.forward (grouped experts, SDPA)", t_q)):
+            need = prefill_bytes(cfg, distinct.tolist())
+            bfloor = need / bw
+            for system, t, extra in (
+                    (f"transformers forward ({res.get('experts_implementation', '?')})", t_hf, {}),
+                    ("q3lab Thinker.forward (grouped experts, SDPA)", t_q, {}),
+                    ("q3lab StaticDecoder.prefill (CUDA graph per bucket)" if graphs is True else
+                     "q3lab StaticDecoder.prefill (bucket path, no graph: CPU smoke)", t_g,
+                     {"capture_s": capture_s, "graph_pool_GB": pool_gb, "last_logits_rel_diff_vs_eager":
+                      graph_rel_eager})):
                 rows.append(dict(system=f"prefill T={T}: {system}", prefill_ms=t * 1e3, tok_s=T / t,
-                                 compute_floor_ms=floor * 1e3, of_floor=t / floor,
-                                 speedup_vs_transformers=t_hf / t, last_logits_rel_diff=last_rel))
+                                 compute_floor_ms=floor * 1e3, of_floor=t / floor, bytes_floor_ms=bfloor * 1e3,
+                                 of_bytes_floor=t / bfloor, speedup_vs_transformers=t_hf / t,
+                                 last_logits_rel_diff=graph_rel_hf if extra else last_rel,
+                                 distinct_experts_per_layer=distinct.mean().item(), GB_floor=need / GB, **extra))
                 log(rows[-1])
             save()
         _guard(f"prefill T={T}", res, one)
+    del dec
 
 
 # -- batched decode ----------------------------------------------------------------------------------------------
@@ -296,8 +367,8 @@ GROUPS = ("prefill", "batch", "traced")
 def run(groups, hf, ours, cfg, res: dict, rows: list, save, *, prompt: int = 32, new_tokens: int = 16,
         repeats: int = 3, small: bool = False, profile_dir=None) -> None:
     """The rows of `groups` (a subset of GROUPS) in order, each group robust to the failure of one row. small: a
-    CPU smoke test of this code (short sequences, no torch.compile). profile_dir: kernel tables of the longest
-    prefill and the largest batch's step go there (CUDA only)."""
+    CPU smoke test of this code (short sequences, no torch.compile). profile_dir: kernel tables of every prefill
+    length (eager, graphed, transformers) and the largest batch's step go there (CUDA only)."""
     if "prefill" in groups:
         prefill_rows(hf, ours, cfg, res, rows, save, repeats=repeats, lengths=(32, 64) if small else (512, 4096),
                      profile_dir=profile_dir)

@@ -23,6 +23,7 @@ kernels read cache slots instead of expert ids, so its outputs are bit-equal to 
 from __future__ import annotations
 
 import types
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from q3lab.runtime.recording import active_recorders
 from q3lab.runtime import step
 from q3lab.fast.device_cache import DeviceExpertCache
-from q3lab.errors import InputError
+from q3lab.errors import InputError, Q3LabError
 from q3lab.runtime.experts import ExpertProvider
 from q3lab.runtime.thinker import (KVCache, Thinker, decode_loop, hook_dicts, mrope_freqs, rms_norm, rope_cos_sin,
                                    stacked_experts)
@@ -67,6 +68,19 @@ def _refuse_hooks(model: Thinker) -> None:
                          f"written on the device by the decoders")
 
 
+class PrefillCaptureError(Q3LabError):
+    """The bucket prefill could not be captured as a CUDA graph (something in the forward needs the host)."""
+
+
+class _Bucket(NamedTuple):
+    """A prefill bucket's fixed buffers: the padded ids [B, bucket], the last real token's index [1], the logits
+    [B, V] float32, and {"graph": its CUDA graph, "rope": the table it reads} once captured."""
+    ids: torch.Tensor
+    last: torch.Tensor
+    logits: torch.Tensor
+    graph: dict
+
+
 class StaticDecoder:
     """Decoding with fixed shapes; experts from `ResidentExperts`-style stacked tensors.
 
@@ -84,11 +98,25 @@ class StaticDecoder:
         kernel; the post-attention norm + router + softmax + top-k in one kernel).
     layer_experts: callable(layer) -> (gate [E, I, D], up [E, I, D], down [E, D, I]); default: the model's
         resident provider's stacked tensors.
+    prefill_buckets: the prompt lengths a graphed prefill is captured for (default: powers of two from 16 up to
+        max_len); a prompt is right-padded to the smallest bucket that holds it (see `prefill`).
+    prefill_graphs: True: the bucket prefill replays a CUDA graph captured once per (batch, bucket) on first use
+        (CUDA only); "padded": the same right-padded forward run eagerly, without a graph (what the graph
+        captures; CPU tests run it); False (default): every prefill is the eager one. Opt-in because a padded
+        prefill agrees with the unpadded one to rounding, not bit for bit (longer GEMMs may sum in another
+        order), and `OffloadedDecoder`'s bit-equality with this decoder rests on both running the eager prefill.
+        Memory: a graph keeps the activations it was captured with;
+        the bucket graphs share one private pool, so it holds about the largest captured bucket's working set (one
+        layer's at a time: at the real dimensions in bf16 and T=4096 the grouped experts' rows [N*A, D] and
+        [N*A, 2I], some hundreds of MB, estimated; bench/gpu_rows_prefill.py reports the measured growth) plus
+        each bucket's ids and logits [B, V], while the decoder lives (a new batch size frees them);
+        prefill_graphs=False holds none.
     """
 
     def __init__(self, model: Thinker, max_len: int, *, batch: int = 1, cuda_graph: bool | None = None,
                  layer_experts=None, compile: bool | str = False, fused: bool = False,
-                 fused_router: bool | None = None):
+                 fused_router: bool | None = None, prefill_buckets: Sequence[int] | None = None,
+                 prefill_graphs: bool | str = False):
         _refuse_hooks(model)
         c = model.config
         self.model, self.config, self.max_len = model, c, int(max_len)
@@ -122,6 +150,14 @@ class StaticDecoder:
         self.cos_table, self.sin_table = cos[0], sin[0]                                # [max_len, hd], folded sin
         self.slots = torch.arange(self.max_len, device=dev)
         self._use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+        self.prefill_buckets = self._check_buckets(prefill_buckets)
+        if prefill_graphs not in (True, False, "padded"):
+            raise InputError(f"prefill_graphs must be True, False or 'padded', got {prefill_graphs!r}")
+        prefill_graphs = prefill_graphs if prefill_graphs == "padded" else bool(prefill_graphs)
+        if prefill_graphs is True and dev.type != "cuda":
+            raise InputError(f"prefill_graphs=True captures CUDA graphs and the model is on {dev}; "
+                             f"prefill_graphs='padded' runs the same bucket prefill without a graph")
+        self.prefill_graphs = prefill_graphs
         self._recording = (False, False)       # (ids and weights, router logits) written by the step
         self._alloc(batch)
         self._ready()
@@ -146,6 +182,8 @@ class StaticDecoder:
         self.rec_logits: torch.Tensor | None = None
         self.graph = None
         self._captured = None
+        self._prefill_state: dict = {}         # (batch, bucket) -> _Bucket: its buffers and graph (on this cache)
+        self._prefill_pool = None
         self._set_recording(*self._recording)
 
     def _set_recording(self, ids: bool, logits: bool) -> None:
@@ -274,11 +312,46 @@ class StaticDecoder:
         else:
             self._step()
 
-    # -- generation -------------------------------------------------------------------------------
+    # -- prefill --------------------------------------------------------------------------------------
+    def _check_buckets(self, buckets: Sequence[int] | None) -> tuple[int, ...]:
+        """The prefill buckets, ascending (default: powers of two from 16 up to max_len)."""
+        if buckets is None:
+            out, b = [], 16
+            while b <= self.max_len:
+                out.append(b)
+                b *= 2
+            return tuple(out)
+        out = sorted({int(b) for b in buckets})
+        bad = [b for b in out if not 1 <= b <= self.max_len]
+        if bad:
+            raise InputError(f"prefill_buckets {bad} lie outside 1..max_len={self.max_len} (a bucket's padded "
+                             f"prompt is written into the cache)")
+        return tuple(out)
+
+    def prefill_bucket(self, T: int, attention_mask: torch.Tensor | None = None) -> int | None:
+        """The bucket a prompt of T tokens is padded to by `prefill`, or None when it runs the eager prefill
+        (prefill_graphs=False, a left-padded batch, hooks or `q3lab.record` active, experts served by a cache,
+        or no bucket holds T)."""
+        if self.prefill_graphs is False or attention_mask is not None or any(hook_dicts(self.model)):
+            return None
+        if stacked_experts(self.model.experts_provider, 0) is None:   # a cache's host-side serving syncs
+            return None
+        return next((b for b in self.prefill_buckets if b >= T), None)
+
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompt [B, T] (left padding: attention_mask [B, T]) through the eager model into this decoder's
-        cache and set the step's state after it; returns the last prompt token's logits [B, V]."""
+        cache and set the step's state after it; returns the last prompt token's logits [B, V].
+
+        Bucket prefill (`prefill_bucket`): the prompt is right-padded (token 0) to its bucket and the model's own
+        forward (`Thinker._forward`, the functions and kernel set of the eager prefill) runs the bucket into the
+        cache; the last real token's logits are picked by a device-side index. The pads change nothing before
+        them (causal attention, per-token routing); their keys/values lie in the slots from T on, which each
+        decode step overwrites (its slot) before attending, and the step's bias masks every slot after its own
+        (`_embed`). With prefill_graphs=True that forward is a CUDA graph captured per (batch, bucket) on first
+        use (warm-up on a side stream), replayed afterwards. Left-padded batches (attention_mask), hooks or an
+        active `q3lab.record` (whose hooks must see the prompt), experts from a cache, and prompts longer than
+        the largest bucket take the eager prefill, as before."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         B, T = input_ids.shape
@@ -289,7 +362,12 @@ class StaticDecoder:
             raise InputError(f"prompt of {T} tokens leaves no room in max_len={self.max_len}")
         self.cache.length = 0
         self.valid.fill_(True)
-        if attention_mask is not None:
+        bucket = self.prefill_bucket(T, attention_mask)
+        if bucket is not None:
+            self.model._check_ids(input_ids)          # forward's check (it reads the ids on the host: not captured)
+            logits = self._prefill_padded(input_ids, bucket)
+            self.pos.fill_(T)
+        elif attention_mask is not None:
             mask = attention_mask.to(self.device).bool()
             self.valid[:, :T].copy_(mask)
             full = self.valid[:, :T].clone()
@@ -304,6 +382,60 @@ class StaticDecoder:
         self.out[0] = self.tok
         return logits
 
+    def _prefill_padded(self, input_ids: torch.Tensor, bucket: int) -> torch.Tensor:
+        """The bucket prefill of `prefill`: logits [B, V] of the last real token (a copy: the buffers are reused)."""
+        B, T = input_ids.shape
+        st = self._prefill_state.get((B, bucket))
+        if st is None:
+            dev = self.device
+            st = _Bucket(torch.zeros(B, bucket, dtype=torch.long, device=dev),
+                         torch.zeros(1, dtype=torch.long, device=dev),
+                         torch.zeros(B, self.config.vocab_size, dtype=torch.float32, device=dev), {})
+            self._prefill_state[(B, bucket)] = st
+        st.ids.zero_()
+        st.ids[:, :T].copy_(input_ids)
+        st.last.fill_(T - 1)
+        if self.prefill_graphs is True:
+            # the graph reads the rope table it was captured with: a rebuilt one (inv_freq changed) recaptures
+            cos, _ = self.model._rope_table(self.cache, self.dtype)
+            if st.graph.get("graph") is None or st.graph.get("rope") is not cos:
+                self._capture_prefill(st)
+            st.graph["graph"].replay()
+        else:
+            self._prefill_forward(st)
+        self.cache.length = T
+        return st.logits.clone()
+
+    def _prefill_forward(self, st: "_Bucket") -> None:
+        """The bucket's forward into the cache from slot 0, written into st.logits (what the graph captures)."""
+        self.cache.length = 0
+        self.cache.rope_deltas = None
+        logits = self.model._forward(st.ids, None, self.cache, None, st.last)      # [B, 1, V] float32
+        st.logits.copy_(logits[:, 0])
+
+    def _capture_prefill(self, st: "_Bucket") -> None:
+        """Warm up (cuBLAS, grouped GEMM workspaces) on a side stream, then capture the bucket's forward. The rope
+        table is built and checked before the capture (`Thinker._rope_table` reuses it under capture)."""
+        cos, sin = self.model._rope_table(self.cache, self.dtype)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._prefill_forward(st)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, pool=self._prefill_pool):
+                self._prefill_forward(st)
+        except RuntimeError as e:       # e.g. a host read added to the forward: name the way out, do not hide it
+            raise PrefillCaptureError(
+                f"StaticDecoder: capturing the prefill of bucket {tuple(st.ids.shape)} (batch, tokens) as a CUDA "
+                f"graph failed: {e}. prefill_graphs=False runs the eager prefill") from e
+        st.graph.update(graph=g, rope=cos, sin=sin)      # the table stays referenced while the graph reads it
+
+    # -- generation -------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,

@@ -238,6 +238,10 @@ def moe_torch(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None
             # experts (same layout and rounding; q3lab.kernels.grouped_moe)
             from q3lab.kernels.grouped_moe import moe_grouped
             return moe_grouped(h, ids, w, gate, up, down)
+        if not gather and fetch is None and ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            # the grouping below reads the counts on the host, an error under CUDA-graph capture (StaticDecoder's
+            # bucket prefill, e.g. in float32): gathered on the device instead, the same products per expert
+            gather = True
     if gather:
         flat = ids.reshape(-1)
         if fetch is None:                                          # on the device: no host sync

@@ -364,11 +364,12 @@ class Thinker(nn.Module):
         return self._forward(input_ids, position_ids, cache, attention_mask, last_only)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache | None,
-                 attention_mask: torch.Tensor | None, last_only: bool, plan: list | None = None, *,
+                 attention_mask: torch.Tensor | None, last_only: bool | torch.Tensor, plan: list | None = None, *,
                  embeds: torch.Tensor | None = None, deepstack=None) -> torch.Tensor:
         """`forward` after the token-id check (generate's decode steps feed ids it picked itself). With `plan`
         (`Thinker.plan()`, given when no hook listens) the layers run as `step.layer` without their modules;
-        without it, through the modules unless no hook is registered anywhere."""
+        without it, through the modules unless no hook is registered anywhere. last_only may be a device tensor
+        [1]: the logits of that position alone [B, 1, V]."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past == 0 and embeds is None:
@@ -418,7 +419,10 @@ class Thinker(nn.Module):
                     x = deepstack.add(x, i)
         if cache is not None:
             cache.length += T
-        x = x if not last_only else x[:, -1:]
+        if isinstance(last_only, torch.Tensor):   # a device index [1]: a padded prompt's last real token, no host
+            x = x.index_select(1, last_only)      # value (StaticDecoder's graphed prefill replays it)
+        elif last_only:
+            x = x[:, -1:]
         if plan is None:
             return self.lm_head(model.hook_final_norm(model.norm(x))).float()
         return ks.linear(rms_norm(x, model.norm.weight, self.config.rms_norm_eps), self.lm_head.weight).float()
@@ -453,6 +457,10 @@ class Thinker(nn.Module):
         """cos / folded sin [1, max_len, 1, hd] of text positions 0..max_len-1, made once per cache: a decode
         step then slices its row instead of recomputing angles (equal axes: the same as 1-D RoPE)."""
         c, f = self.config, self.inv_freq
+        if cache.rope is not None and f.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a CUDA graph (StaticDecoder's bucket prefill) captures reads of the table its caller built and
+            # checked just before the capture: the stamp below may read inv_freq on the host, an error there
+            return cache.rope[1], cache.rope[2]
         # rebuilt when the angles change (rope_check writes inv_freq in place; inference tensors keep no version)
         stamp = tuple(f.tolist()) if f.is_inference() else (f.data_ptr(), f._version)
         key = (stamp, tuple(c.mrope_section), c.mrope_interleaved, dtype)
