@@ -22,6 +22,7 @@ kernels read cache slots instead of expert ids, so its outputs are bit-equal to 
 """
 from __future__ import annotations
 
+import time
 import types
 
 import torch
@@ -42,6 +43,13 @@ def _fresh(fn):
     code object, so each decoder compiling its own copy never meets another decoder's recompile limit."""
     code = fn.__code__.replace()
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _lap(prof: dict, phase: str, t0: float, clock) -> float:
+    """Add the time since t0 to `phase`; returns now (the next phase's start)."""
+    t = clock()
+    prof[phase] += t - t0
+    return t
 
 
 def _foreign_hooks(model: Thinker) -> list[str]:
@@ -391,6 +399,8 @@ class OffloadedDecoder(StaticDecoder):
         if (host_experts is None) != (host_split is None):
             raise InputError("OffloadedDecoder: host_experts and host_split go together (both or neither)")
         self.host_experts, self.host_split = host_experts, host_split
+        self.phase_times: dict | None = None        # profile_phases() turns the per-phase clock on
+        self.phase_steps = 0
         if host_experts is not None and batch != 1:
             raise InputError(f"OffloadedDecoder: host-computed experts serve batch 1, got batch={batch}")
         super().__init__(model, max_len, batch=batch, cuda_graph=cuda_graph, layer_experts=lambda layer: None,
@@ -423,6 +433,11 @@ class OffloadedDecoder(StaticDecoder):
         hd = c.head_dim
         self.rope_buf = torch.zeros(2, B, 1, 1, hd, device=dev, dtype=dt)
         self.bias_buf = torch.zeros(B, 1, 1, self.max_len, device=dev, dtype=dt)
+        # flat numpy views of the pinned buffers the host reads/writes each layer (cheaper than torch's
+        # tolist / tensor() + copy_ on 8 values)
+        self._idx_np, self._w_np = self.idx_host.view(-1).numpy(), self.w_host.view(-1).numpy()
+        self._pred_np, self._slot_np = self.pred_host.view(-1).numpy(), self.slot_host.view(-1).numpy()
+        self._yh_np = self.yh_host.view(-1, D).numpy()
         self._graphs: dict = {}
 
     def _segments(self) -> dict:
@@ -495,34 +510,83 @@ class OffloadedDecoder(StaticDecoder):
         df["host_ms"] = [s * 1e3 for s in self.host_seconds]
         return df
 
+    # -- the per-phase profile of `step` (host clock) ---------------------------------------------------
+    PHASES = ("embed", "launch_pre", "sync", "route", "residency", "prefetch", "host", "slots_h2d", "launch_moe",
+              "finish")
+    PHASE_DOC = {"embed": "embed segment launch", "launch_pre": "attention+router segment launch (CPU: its compute)",
+                 "sync": "wait for the layer's ids (the GPU's queued work: copies, experts, attention)",
+                 "route": "ids/weights to Python, replay override, prediction bookkeeping",
+                 "residency": "host split + residency + issuing the copies (slots_split)",
+                 "prefetch": "next layer's guesses: residency + issuing their copies",
+                 "host": "host-computed experts + their outputs/mask to the device",
+                 "slots_h2d": "slot ids to the device", "launch_moe": "experts segment launch (CPU: its compute)",
+                 "finish": "final norm + lm_head segment launch"}
+
+    def profile_phases(self, on: bool = True) -> None:
+        """Time the phases of each `step` on the host clock (perf_counter between them) from now on, or stop
+        (`on=False`); `phase_frame()` reads them. Off (the default), `step` takes no timestamps at all."""
+        self.phase_times = dict.fromkeys(self.PHASES, 0.0) if on else None
+        self.phase_steps = 0
+
+    def phase_frame(self):
+        """The profile since `profile_phases()`: one row per phase, ms_per_token (host wall time between the
+        phase's start and end, per step), share of the step, what it covers. A phase's time is the host's:
+        GPU work shows up where the host waits for it (sync)."""
+        import pandas as pd
+        pt = getattr(self, "phase_times", None)
+        if pt is None:
+            raise InputError("OffloadedDecoder.phase_frame: no profile; call profile_phases() before stepping")
+        n = max(self.phase_steps, 1)
+        tot = sum(pt.values())
+        return pd.DataFrame([dict(phase=k, ms_per_token=v / n * 1e3, share=v / tot if tot else 0.0,
+                                  what=self.PHASE_DOC[k]) for k, v in pt.items()])
+
     def step(self) -> None:
         cache, L = self.expert_cache, self.config.num_hidden_layers
         override = self.route_override
+        prof = getattr(self, "phase_times", None)
+        clock = time.perf_counter
+        if prof is not None:
+            t0 = clock()
+        split = self.host_split
+        guesses = self._guess
+        ids_np, w_np, slot_np = self._idx_np, self._w_np, self._slot_np
+        cuda = self.device.type == "cuda"
         host_used = False
         self._run("embed")
+        if prof is not None:
+            t0 = _lap(prof, "embed", t0, clock)
         for layer in range(L):
             self._run(("pre", layer))
-            if self.device.type == "cuda":
+            if prof is not None:
+                t0 = _lap(prof, "launch_pre", t0, clock)
+            if cuda:
                 torch.cuda.current_stream().synchronize()                         # the one sync per layer
-            ids = self.idx_host.view(-1).tolist()
-            weights = self.w_host.view(-1).tolist()
+                if prof is not None:
+                    t0 = _lap(prof, "sync", t0, clock)
+            ids = ids_np.tolist()
+            router_w = w_np.tolist()
+            weights = router_w
             if override is not None:
                 ids = override(layer, ids)
                 ow = getattr(override, "weights", None)
                 if ow is not None:
                     weights = ow(layer) or weights
-            guess = self._guess[layer]
+            guess = guesses[layer]
             if guess is not None:
-                actual = set(ids)
-                self.pred_found[layer] += len(actual & guess)
-                self.pred_total[layer] += len(actual)
-                self._guess[layer] = None
+                self.pred_found[layer] += len(guess.intersection(ids))
+                self.pred_total[layer] += len(set(ids))
+                guesses[layer] = None
+            if prof is not None:
+                t0 = _lap(prof, "route", t0, clock)
             host_k = 0
-            if self.host_split is not None:
+            if split is not None:
                 slot_of = cache.residency.slot_of
                 missing = sum(1 for e in set(ids) if (layer, e) not in slot_of)
-                host_k = self.host_split.split(layer, missing) if missing else 0
+                host_k = split.split(layer, missing) if missing else 0
             slots, on_host = cache.slots_split(layer, ids, weights, host=host_k)
+            if prof is not None:
+                t0 = _lap(prof, "residency", t0, clock)
             if self.prefetch and layer + 1 < L:
                 op = getattr(override, "predicted", None) if override is not None else None
                 guess = op(layer + 1) if op is not None else None
@@ -530,33 +594,48 @@ class OffloadedDecoder(StaticDecoder):
                     if not self._predictor:
                         raise InputError("OffloadedDecoder: prefetch switched on, but the decoder was built "
                                          "without its predictor (prefetch=False)")
-                    guess = self.pred_host.view(-1).tolist()
-                self._guess[layer + 1] = set(guess)
+                    guess = self._pred_np.tolist()
+                guesses[layer + 1] = set(guess)
                 cache.prefetch(layer + 1, guess)
+                if prof is not None:
+                    t0 = _lap(prof, "prefetch", t0, clock)
             if on_host or host_used:
-                host_used = self._host_compute(layer, ids, slots, on_host)
-            if on_host:
-                live = next((s for s in slots if s is not None), 0)
-                slots = [live if s is None else s for s in slots]
-            self.slot_host.copy_(torch.tensor(slots, dtype=torch.long).view(self.slot_host.shape))
+                # only when this layer or the previous one computed experts on the host: yh/mask stay as
+                # they are (zero/one) otherwise
+                host_used = self._host_compute(layer, ids, router_w, slots, on_host)
+                if on_host:
+                    live = next((s for s in slots if s is not None), 0)
+                    slots = [live if s is None else s for s in slots]
+                if prof is not None:
+                    t0 = _lap(prof, "host", t0, clock)
+            slot_np[:] = slots
             self.slot_buf.copy_(self.slot_host, non_blocking=True)
+            if prof is not None:
+                t0 = _lap(prof, "slots_h2d", t0, clock)
             self._run(("moe", layer))
+            if prof is not None:
+                t0 = _lap(prof, "launch_moe", t0, clock)
         self._run("finish")
+        if prof is not None:
+            _lap(prof, "finish", t0, clock)
+            self.phase_steps += 1
 
-    def _host_compute(self, layer: int, ids: list[int], slots: list, on_host: list[int]) -> bool:
+    def _host_compute(self, layer: int, ids: list[int], router_w: list[float], slots: list,
+                      on_host: list[int]) -> bool:
         """Compute the `on_host` experts of this token on the host into yh (weight 0 for them on the device);
         with none, clear what an earlier layer left. Returns whether yh/mask now hold host work."""
-        import time
         self.mask_host.fill_(1)
-        self.yh_host.zero_()
+        self._yh_np.fill(0.0)
         if on_host:
-            pos = [k for k, e in enumerate(ids) if e in set(on_host)]
-            w = self.w_host.view(-1).tolist()
+            hs = set(on_host)
+            pos = [k for k, e in enumerate(ids) if e in hs]
             t = time.perf_counter()
-            y = self.host_experts.compute(layer, self.h_host[0], [ids[k] for k in pos], [w[k] for k in pos])
+            # one call for all of them (their weighted sum, in row pos[0]; the other rows stay zero)
+            y = self.host_experts.compute_sum(layer, self.h_host[0], [ids[k] for k in pos],
+                                              [router_w[k] for k in pos])
             dt = time.perf_counter() - t
-            self.yh_host[0, pos] = y
-            self.mask_host[0, pos] = 0
+            self._yh_np[pos[0]] = y.numpy()
+            self.mask_host.view(-1)[pos] = 0
             self.host_count[layer] += len(on_host)
             self.host_seconds[layer] += dt
             self.host_split.record(layer, len(on_host), dt, sum(1 for s in slots if s is not None))

@@ -15,7 +15,9 @@ instead of one batched product), so it agrees with the resident decoder to the w
 """
 from __future__ import annotations
 
+import ctypes
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -27,34 +29,123 @@ from q3lab.errors import InputError
 class HostExperts:
     """Experts of host tensors gate/up [L, E, I, D] and down [L, E, D, I], computed on the CPU.
 
-    threads: torch intra-op threads for the host products (default: torch's current setting)."""
+    threads: CPU threads for the host products (default: torch's current setting, read once here); the C
+        kernels get it explicitly per call (OpenMP num_threads), the torch twin sets torch's intra-op threads.
+    kernel: "c" (`q3lab.kernels.cpu`'s one-token MoE, reading the host tensors in place, bf16 on vdpbf16ps where
+        the CPU has AVX-512 BF16, else widened in C), "torch" (F.linear per expert: the twin), or None (default):
+        "c" where the library builds and the tensors suit it (bf16/float32, contiguous), else "torch" with a
+        one-time warning naming the reason. An explicit "c" that cannot run raises `KernelError`.
+    """
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, threads: int | None = None):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, threads: int | None = None,
+                 kernel: str | None = None):
         if gate.device.type != "cpu" or up.device.type != "cpu" or down.device.type != "cpu":
             raise InputError(f"HostExperts needs host (CPU) expert tensors, got gate on {gate.device}")
         if gate.dim() != 4 or up.shape != gate.shape or down.shape != (*gate.shape[:2], gate.shape[3], gate.shape[2]):
             raise InputError(f"HostExperts: want gate/up [L, E, I, D] and down [L, E, D, I], got "
                              f"{list(gate.shape)}, {list(up.shape)}, {list(down.shape)}")
+        if kernel not in (None, "c", "torch"):
+            raise InputError(f"HostExperts: kernel must be 'c', 'torch' or None, got {kernel!r}")
         self.gate, self.up, self.down = gate, up, down
-        self.threads = threads
+        self.threads = int(threads) if threads else torch.get_num_threads()
         self.dtype = gate.dtype
+        self._lib = None
+        if kernel != "torch":
+            why = self._c_unusable()
+            if why is None:
+                self.kernel = "c"
+            elif kernel == "c":
+                from q3lab.kernels.cpu import KernelError
+                raise KernelError(f"HostExperts(kernel='c'): {why}")
+            else:
+                _warn_once(f"HostExperts: the C kernels cannot serve these experts ({why}); the torch kernels "
+                           f"(F.linear per expert, several times slower in bf16) compute them")
+                self.kernel = "torch"
+        else:
+            self.kernel = "torch"
+
+    def _c_unusable(self) -> str | None:
+        """Why q3lab.kernels.cpu cannot compute these experts (None: it can; the library is then loaded)."""
+        if self.dtype not in (torch.bfloat16, torch.float32):
+            return f"experts are {self.dtype}; the C kernels take bf16 or float32"
+        for t, n in ((self.gate, "gate"), (self.up, "up"), (self.down, "down")):
+            if not t.is_contiguous():
+                return f"host {n} {list(t.shape)} is not contiguous"
+        try:
+            from q3lab.kernels import cpu
+            self._lib = cpu.lib()
+        except Exception as e:           # KernelError (no compiler, failed build) or an OSError loading it
+            return f"{type(e).__name__}: {str(e)[:300]}"
+        self._fn = self._lib.moe_bf16 if self.dtype == torch.bfloat16 else self._lib.moe_f32
+        return None
+
+    def isa(self) -> str:
+        """What computes the experts: the C library's inner loops (`q3lab.kernels.cpu.isa`) or the torch twin."""
+        if self.kernel == "torch":
+            return "torch F.linear"
+        from q3lab.kernels import cpu
+        return cpu.isa()
+
+    def _args(self, experts: Sequence[int], weights: Sequence[float]):
+        if len(experts) != len(weights):
+            raise InputError(f"HostExperts.compute: {len(experts)} experts but {len(weights)} weights")
+        # the router weights rounded to the experts' dtype, as the resident kernels use them
+        return torch.tensor([float(w) for w in weights], dtype=torch.float32).to(self.dtype).float()
+
+    def _c(self, layer: int, x: torch.Tensor, ids: Sequence[int], wt: torch.Tensor) -> torch.Tensor:
+        """The C kernel on `ids` of `layer`: the weighted sum [D] float32."""
+        L, E, I, D = self.gate.shape
+        if not 0 <= layer < L:
+            raise InputError(f"HostExperts: layer {layer} outside 0..{L - 1}")
+        A = len(ids)
+        idx = (ctypes.c_int64 * A)(*ids)
+        out = torch.empty(D, dtype=torch.float32)
+        rc = self._fn(x.data_ptr(), self.gate[layer].data_ptr(), self.up[layer].data_ptr(),
+                      self.down[layer].data_ptr(), ctypes.addressof(idx), wt.data_ptr(), out.data_ptr(),
+                      A, I, D, E, self.threads, 0)
+        if rc:
+            raise InputError(f"HostExperts: expert ids {list(ids)} of layer {layer} outside 0..{E - 1}")
+        return out
 
     def compute(self, layer: int, h: torch.Tensor, experts: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
         """The weighted outputs [len(experts), D] float32 of one token's hidden state h [D] (or [1, D]) through
-        `experts` of `layer` with their router weights."""
-        if len(experts) != len(weights):
-            raise InputError(f"HostExperts.compute: {len(experts)} experts but {len(weights)} weights")
-        if self.threads is not None and torch.get_num_threads() != self.threads:
+        `experts` of `layer` with their router weights (one row per expert)."""
+        wt = self._args(experts, weights)
+        x = h.reshape(1, -1).to(self.dtype).contiguous()
+        if self.kernel == "c":
+            return torch.stack([self._c(layer, x, [e], wt[k:k + 1]) for k, e in enumerate(experts)]) \
+                if len(experts) else torch.empty(0, x.shape[1])
+        return self._torch(layer, x, experts, wt)
+
+    def compute_sum(self, layer: int, h: torch.Tensor, experts: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+        """The sum [D] float32 of `compute`'s rows: with the C kernel one call for all of `experts` (the threads
+        split every expert's rows, one fork/join a layer), summed in the given order."""
+        wt = self._args(experts, weights)
+        x = h.reshape(1, -1).to(self.dtype).contiguous()
+        if not len(experts):
+            return torch.zeros(x.shape[1])
+        if self.kernel == "c":
+            return self._c(layer, x, experts, wt)
+        return self._torch(layer, x, experts, wt).sum(0)
+
+    def _torch(self, layer: int, x: torch.Tensor, experts: Sequence[int], wt: torch.Tensor) -> torch.Tensor:
+        if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        dt = self.dtype
-        x = h.reshape(1, -1).to(dt)
         out = torch.empty(len(experts), x.shape[1], dtype=torch.float32)
-        wt = torch.tensor([float(w) for w in weights], dtype=torch.float32).to(dt).float()
         for k, e in enumerate(experts):
             # F.linear on a [1, D] row: the GEMM path (oneDNN for bf16), not the generic matrix-vector kernel
             act = F.silu(F.linear(x, self.gate[layer, e])) * F.linear(x, self.up[layer, e])   # [1, I], in dt
             out[k] = F.linear(act, self.down[layer, e])[0].float() * wt[k]
         return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 class HostSplit:
