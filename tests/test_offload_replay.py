@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import q3lab
 from q3lab.analysis.cachesim import replay as sim_replay, simulate
@@ -221,6 +222,76 @@ def test_host_experts_match_resident_arithmetic(dtype, tol, small_ckpt):
         got = host.compute(layer, h[0], ids[0].tolist(), w[0].float().tolist())
         err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
         assert err <= tol, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_experts_c_kernel_against_torch_twin_and_float64(dtype, small_ckpt):
+    """The C host path against its torch twin and a float64 hand computation of the same experts; compute_sum
+    (one C call for all of them) equals the sum of compute's rows to float32 rounding."""
+    model = _load(small_ckpt, dtype)
+    gate, up, down = model.host_experts_
+    c = HostExperts(gate, up, down, threads=2, kernel="c")
+    t = HostExperts(gate, up, down, threads=1, kernel="torch")
+    assert c.kernel == "c" and t.kernel == "torch" and c.isa() != t.isa()
+    g = torch.Generator().manual_seed(1)
+    layer, ids = 3, [5, 2, 9]
+    h = torch.randn(model.config.hidden_size, generator=g).to(dtype)
+    w = torch.softmax(torch.randn(3, generator=g), -1).to(dtype).float().tolist()
+    hd = h.double()
+    ref = torch.stack([(down[layer, e].double() @ (F.silu(gate[layer, e].double() @ hd) * (up[layer, e].double() @ hd)))
+                       * wk for e, wk in zip(ids, w)])
+    got_c, got_t = c.compute(layer, h, ids, w), t.compute(layer, h, ids, w)
+    rel = lambda a, b: ((a.double() - b).norm(dim=-1) / b.norm(dim=-1)).max().item()  # noqa: E731
+    # float32: sums in another order only; bf16: the activation rounded to bf16 (both), the torch twin also
+    # rounds each projection and each expert's output to bf16, the C kernel keeps float32 sums
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert rel(got_c, ref) <= tol and rel(got_t, ref) <= tol
+    assert rel(got_c, got_t.double()) <= tol
+    if dtype == torch.bfloat16:       # the C kernel is the closer of the two to the exact value
+        assert rel(got_c, ref) < rel(got_t, ref)
+    s = c.compute_sum(layer, h, ids, w)
+    assert s.shape == (model.config.hidden_size,)
+    assert torch.allclose(s, got_c.sum(0), rtol=1e-5, atol=1e-6 * got_c.abs().max().item())
+    assert torch.allclose(t.compute_sum(layer, h, ids, w), got_t.sum(0))
+    with pytest.raises(InputError, match="outside"):
+        c.compute_sum(layer, h, [0, gate.shape[1]], [0.5, 0.5])
+
+
+def test_host_experts_fall_back_to_torch_with_a_warning(small_ckpt):
+    """float16 experts: the C kernels do not take them; the default warns once and runs the torch twin, an
+    explicit kernel='c' raises."""
+    from q3lab.kernels.cpu import KernelError
+    model = _load(small_ckpt, torch.float32)
+    g16 = [x[:2].half() for x in model.host_experts_]
+    with pytest.warns(RuntimeWarning, match="float16"):
+        host = HostExperts(*g16)
+    assert host.kernel == "torch"
+    with pytest.raises(KernelError, match="float16"):
+        HostExperts(*g16, kernel="c")
+
+
+def test_phase_profile_sums_to_the_step_and_is_off_by_default(small_ckpt):
+    model = _load(small_ckpt, torch.float32)
+    c = model.config
+    cache = _cache(model, 12)
+    off = OffloadedDecoder(model, 48, cache)
+    off.prefill(_prompt(c.vocab_size, 5))
+    off.step()
+    assert off.phase_times is None
+    with pytest.raises(InputError, match="profile_phases"):
+        off.phase_frame()
+    off.profile_phases()
+    import time
+    t = time.perf_counter()
+    for _ in range(3):
+        off.step()
+    wall = (time.perf_counter() - t) / 3 * 1e3
+    df = off.phase_frame()
+    assert list(df.phase) == list(OffloadedDecoder.PHASES) and off.phase_steps == 3
+    assert 0 < df.ms_per_token.sum() <= wall        # the phases are laps inside the steps
+    assert df.set_index("phase").loc["launch_moe", "ms_per_token"] > 0 and abs(df.share.sum() - 1) < 1e-9
+    off.profile_phases(False)
+    assert off.phase_times is None
 
 
 def test_host_split_from_rates():

@@ -3,15 +3,20 @@
 When the host -> device link is the bottleneck of an offloaded decode, a miss can either be copied (its
 3 * I * D weights over the link) or computed where the weights already are: the host reads them at its own
 memory bandwidth, and only the token's hidden state (D values) and the expert's output (D values) cross the
-link. `HostExperts` computes a token's experts on the host with the arithmetic of `q3lab.runtime.step.moe_torch`'s
-one-token path (projections, silu * up and each output rounded to the weights' dtype, then times the weight
-rounded to it, in float32). `HostSplit` decides, per layer, how many of a step's misses go to the host: the k
-minimising max(k * host_s, (m - k) * link_s) for m misses, with host_s a per-layer running mean of the measured
-host time per expert and link_s the copy time of one expert at the measured link rate.
+link. `HostExperts` computes a token's experts on the host with `q3lab.kernels.cpu`'s one-token MoE (C, OpenMP, bf16
+rows on vdpbf16ps where the CPU has AVX-512 BF16: memory speed, where torch's bf16 F.linear on one row reads at
+a fraction of it, bench/NOTES.md issue 21), reading the host tensors in place, all of a layer's host experts in
+one call; or with its torch twin (kernel="torch": `q3lab.runtime.step.moe_torch`'s one-token arithmetic expert
+by expert). `HostSplit` decides, per layer, how many of a step's misses go to the host: the k minimising
+max(k * host_s, (m - k) * link_s) for m misses, with host_s a per-layer running mean of the measured host time
+per expert and link_s the copy time of one expert at the measured link rate.
 
-Tolerance: on the CPU the host path is `moe_torch`'s arithmetic expert by expert (matrix-vector products
-instead of one batched product), so it agrees with the resident decoder to the weights' rounding (bf16: relative
-1e-2 on one expert's output, float32: 1e-5); tests/test_offload_replay.py checks greedy tokens equal.
+Tolerance: the host path agrees with the resident decoder to the weights' rounding, not bit for bit. float32:
+relative 1e-5 on one expert's output (sums in another order). bf16: both paths round the activation
+silu(gate) * up to bf16; the torch twin also rounds each projection and each expert's output to bf16 as the
+resident experts do, the C kernel keeps float32 (closer to the exact value); relative 1.5e-2 on one expert's
+output against a float64 computation for either. tests/test_offload_replay.py checks both kernels against
+float64 and each other, and greedy tokens equal to the resident decoder.
 """
 from __future__ import annotations
 
@@ -185,18 +190,20 @@ class HostSplit:
 
 
 def time_host_expert(host: HostExperts, layer: int = 0, repeats: int = 5, experts: int = 4) -> float:
-    """Median seconds per expert of `host.compute` on one token (a calibration for `HostSplit`). Each repeat
-    reads other experts (of the next layer), so the host's caches cannot serve the weights of a previous one."""
+    """Median seconds per expert of `host.compute_sum` (what the offloaded decoder calls) on one token, `experts`
+    at a time (a calibration for `HostSplit`). Each repeat reads other experts (of the next layer), so the
+    host's caches cannot serve the weights of a previous one."""
     L, E, _, D = host.gate.shape
     h = torch.randn(D).to(host.dtype)
-    ws = [1.0 / experts] * experts
-    host.compute(layer, h, list(range(min(experts, E))), ws[:min(experts, E)])   # warm-up (threads, kernels)
+    n = min(experts, E)
+    ws = [1.0 / n] * n
+    host.compute_sum(layer, h, list(range(n)), ws)   # warm-up (threads, kernels)
     ts = []
     for r in range(repeats):
         lay = (layer + 1 + r) % L
-        ids = [(experts * r + k) % E for k in range(experts)]
+        ids = [(n * r + k) % E for k in range(n)]
         t = time.perf_counter()
-        host.compute(lay, h, ids, ws)
-        ts.append((time.perf_counter() - t) / experts)
+        host.compute_sum(lay, h, ids, ws)
+        ts.append((time.perf_counter() - t) / n)
     ts.sort()
     return ts[len(ts) // 2]
