@@ -118,14 +118,14 @@ class DeviceExpertCache(ExpertProvider):
         if host > 0:
             missing = [e for e in uniq if (layer, e) not in res.slot_of]
             on_host = set(missing[len(missing) - min(host, len(missing)):])
-        slot_of, copied = {}, self._prefetch_pending
+        slot_of, fetch = {}, []
         for e in uniq:
             slot, hit = res.access(layer, e, admit=e not in on_host)
             if not hit and e not in on_host:
-                self._copy_in((layer, e), slot)
-                copied = True
+                fetch.append(((layer, e), slot))
             slot_of[e] = slot
-        if copied:
+        self._copy_many(fetch)       # protected until served: no access above reassigned these slots
+        if fetch or self._prefetch_pending:
             self._sync_copies()
             self._prefetch_pending = False
         return [slot_of[e] for e in experts], sorted(on_host)
@@ -134,18 +134,19 @@ class DeviceExpertCache(ExpertProvider):
         """Copy in `experts` of `layer` ahead of use, where that evicts nothing of the current group: the
         copies are queued on the copy stream and not waited for here (the next `slots` call makes the compute
         stream wait for them). Returns the number of experts loaded."""
-        res, n = self.residency, 0
+        res = self.residency
         guess = sorted(set(int(x) for x in experts))
         batch = {(layer, e) for e in guess}          # one guess's experts do not evict each other
+        fetch = []
         for e in guess:
             loaded, slot = res.prefetch((layer, e), protect=batch)
             if loaded:
-                self._copy_in((layer, e), slot)
-                self._prefetched += 1
-                n += 1
-        if n:
+                fetch.append(((layer, e), slot))
+        self._copy_many(fetch)
+        self._prefetched += len(fetch)
+        if fetch:
             self._prefetch_pending = True
-        return n
+        return len(fetch)
 
     def warm(self, groups: Iterable[tuple[int, Sequence[int], Sequence[float] | None]]) -> int:
         """Run `groups` (layer, experts, weights or None) through the residency as a decode would, without
@@ -174,19 +175,29 @@ class DeviceExpertCache(ExpertProvider):
         return n
 
     def _copy_in(self, key: tuple[int, int], slot: int) -> None:
-        layer, e = key
-        hg, hu, hd = self.host
-        self._copied += 1
-        self._content[slot] = key
-        if self.copy_stream is None:
-            self.gate[slot].copy_(hg[layer, e]), self.up[slot].copy_(hu[layer, e]), self.down[slot].copy_(hd[layer, e])
+        self._copy_many([(key, slot)])
+
+    def _copy_many(self, items: list) -> None:
+        """Copy ((layer, expert), slot) pairs in: on CUDA one stream wait and one stream switch for all of them
+        (a decode layer's misses), then three asynchronous copies each."""
+        if not items:
             return
-        # the slot may still be read by kernels queued on the compute stream: copy after them
+        hg, hu, hd = self.host
+        self._copied += len(items)
+        for key, slot in items:
+            self._content[slot] = key
+        if self.copy_stream is None:
+            for (layer, e), slot in items:
+                self.gate[slot].copy_(hg[layer, e]), self.up[slot].copy_(hu[layer, e])
+                self.down[slot].copy_(hd[layer, e])
+            return
+        # the slots may still be read by kernels queued on the compute stream: copy after them
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            self.gate[slot].copy_(hg[layer, e], non_blocking=True)
-            self.up[slot].copy_(hu[layer, e], non_blocking=True)
-            self.down[slot].copy_(hd[layer, e], non_blocking=True)
+            for (layer, e), slot in items:
+                self.gate[slot].copy_(hg[layer, e], non_blocking=True)
+                self.up[slot].copy_(hu[layer, e], non_blocking=True)
+                self.down[slot].copy_(hd[layer, e], non_blocking=True)
 
     def _sync_copies(self) -> None:
         if self.copy_stream is not None:
