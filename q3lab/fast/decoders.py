@@ -438,6 +438,10 @@ class OffloadedDecoder(StaticDecoder):
         self._idx_np, self._w_np = self.idx_host.view(-1).numpy(), self.w_host.view(-1).numpy()
         self._pred_np, self._slot_np = self.pred_host.view(-1).numpy(), self.slot_host.view(-1).numpy()
         self._yh_np = self.yh_host.view(-1, D).numpy()
+        self._yh_row = None                    # the row of yh_host holding the last host sum (others are zero)
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[self.mask_host.element_size()]
+        self._mask_np = self.mask_host.view(-1).view(bits).numpy()           # dt's bit patterns (numpy has no bf16)
+        self._mask_one = int(torch.ones(1, dtype=dt).view(bits).item())
         self._graphs: dict = {}
 
     def _segments(self) -> dict:
@@ -624,8 +628,10 @@ class OffloadedDecoder(StaticDecoder):
                       on_host: list[int]) -> bool:
         """Compute the `on_host` experts of this token on the host into yh (weight 0 for them on the device);
         with none, clear what an earlier layer left. Returns whether yh/mask now hold host work."""
-        self.mask_host.fill_(1)
-        self._yh_np.fill(0.0)
+        self._mask_np.fill(self._mask_one)
+        if self._yh_row is not None:
+            self._yh_np[self._yh_row] = 0.0
+            self._yh_row = None
         if on_host:
             hs = set(on_host)
             pos = [k for k, e in enumerate(ids) if e in hs]
@@ -635,7 +641,8 @@ class OffloadedDecoder(StaticDecoder):
                                               [router_w[k] for k in pos])
             dt = time.perf_counter() - t
             self._yh_np[pos[0]] = y.numpy()
-            self.mask_host.view(-1)[pos] = 0
+            self._yh_row = pos[0]
+            self._mask_np[pos] = 0                                  # 0 is all-zero bits in every float dtype
             self.host_count[layer] += len(on_host)
             self.host_seconds[layer] += dt
             self.host_split.record(layer, len(on_host), dt, sum(1 for s in slots if s is not None))
