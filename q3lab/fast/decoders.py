@@ -380,11 +380,15 @@ class OffloadedDecoder(StaticDecoder):
         extra sync), and their copies are issued on the copy stream before this layer's experts run.
     host_experts, host_split: a `q3lab.fast.host_experts.HostExperts` and `HostSplit`: per layer, `HostSplit`'s
         share of the misses is computed on the host CPU (batch 1) while the other misses are copied; the
-        experts kernel then gets weight 0 there and adds the host's outputs. Outputs then agree with the
-        resident decoder to a tolerance (see `q3lab.fast.host_experts`), not bit for bit.
+        experts kernel then gets weight 0 there and adds the host's outputs (their weighted sum, one C call a
+        layer, in the first host-computed expert's row). Outputs then agree with the resident decoder to a
+        tolerance (see `q3lab.fast.host_experts`), not bit for bit.
     route_override (benchmarks only): callable(layer, router_ids) -> ids actually served (outputs are then
         meaningless), e.g. a `q3lab.analysis.replay.Replay`; its `weights(layer)` and `predicted(layer)`, when it has
         them, replace the router's weights (score policy) and the device predictor's guesses.
+
+    Profile: `profile_phases()` then steps, `phase_frame()`: ms per token of each phase of `step` on the host
+    clock (`PHASES`; off by default, then `step` takes no timestamps).
     """
 
     def __init__(self, model: Thinker, max_len: int, cache: DeviceExpertCache, *, batch: int = 1,
