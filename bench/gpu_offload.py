@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -286,7 +287,7 @@ def main() -> None:
 
     def run_row(routing: str, budget: float, policy: str = "lru", *, prefetch: bool = False, host: bool = False,
                 adaptive: bool = False, host_threads: int | None = None, label: str = "",
-                kernel: str | None = None) -> dict:
+                kernel: str | None = None, gpu_profile: bool = False) -> dict:
         cap = int(round(budget * L * E))
         rkw: dict = {}
         tr = traces.get(routing)
@@ -327,8 +328,14 @@ def main() -> None:
             cache.reset_stats()
             off.reset_offload_stats()
             off.profile_phases()          # perf_counter laps only: a few us a token
-            steps = [sync_time(off.step) for _ in range(N)]
+            n_ev = min(16, N // 4) if (gpu_profile and DEV == "cuda") else 0
+            steps = [sync_time(off.step) for _ in range(N - n_ev)]
             phases = off.phase_frame()
+            if n_ev:                      # the last steps also with CUDA events (~1 ms a step more host work)
+                off.profile_phases(gpu=True)
+                steps += [sync_time(off.step) for _ in range(n_ev)]
+                g = off.phase_frame()
+                phases = pd.concat([phases, g[g.phase.str.startswith("gpu_")]], ignore_index=True)
             off.profile_phases(False)
         off.route_override = None
         st = cache.stats()
@@ -387,17 +394,18 @@ def main() -> None:
     printed_layers: list = []
     b0 = budgets[0]
     half = max((args.host_threads or 2) // 2, 1)
-    plan = [("synthetic", b0, "lru", {})]
-    plan += [("uniform", b0, "lru", {}), ("uniform", b0, "lru", {"host": True}),
+    gp = {"gpu_profile": True}
+    plan = [("synthetic", b0, "lru", gp)]
+    plan += [("uniform", b0, "lru", gp), ("uniform", b0, "lru", {"host": True, **gp}),
              ("uniform", b0, "lru", {"host": True, "host_threads": half}),
-             ("uniform", b0, "lru", {"host": True, "kernel": "torch", "label": "torch twin"}),
+             ("uniform", b0, "lru", {"host": True, "kernel": "torch", "label": "torch twin", **gp}),
              ("uniform", b0, "lru", {"prefetch": True})]
     if "mini128" in traces:
         for pol in ("lru", "lfu", "score", "belady", "pinned"):
-            plan.append(("mini128", b0, pol, {}))
+            plan.append(("mini128", b0, pol, gp if pol == "lfu" else {}))
         plan += [("mini128", b0, "lfu", {"adaptive": True}),
                  ("mini128", b0, "lru", {"prefetch": True}), ("mini128", b0, "lfu", {"prefetch": True}),
-                 ("mini128", b0, "lfu", {"host": True}), ("mini128", b0, "lfu", {"prefetch": True, "host": True})]
+                 ("mini128", b0, "lfu", {"host": True, **gp}), ("mini128", b0, "lfu", {"prefetch": True, "host": True})]
     for b in budgets[1:]:
         plan += [("uniform", b, "lru", {}), ("uniform", b, "lru", {"host": True})]
         if "mini128" in traces:
@@ -434,13 +442,15 @@ def _phases(tables: dict, b0: float) -> None:
     if not key:
         return
     df = pd.DataFrame({t: tables[t].set_index("phase").ms_per_token for t in key})
-    df.loc["sum of phases"] = df.sum()
-    df.loc["measured step"] = [float(tables[t].ms_per_token_measured.iloc[0]) for t in key]
+    host_ph = [p for p in OffloadedDecoder.PHASES if p in df.index]
+    gpu_ph = [p for p in OffloadedDecoder.GPU_PHASES if p in df.index]
+    df = pd.concat([df.loc[host_ph], pd.DataFrame([df.loc[host_ph].sum(),
+                    pd.Series({t: float(tables[t].ms_per_token_measured.iloc[0]) for t in key})],
+                    index=["sum of phases", "measured step"]), df.loc[gpu_ph]])
     log("per-phase profile of OffloadedDecoder.step, ms per token (host clock; GPU time shows up as sync):")
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         log(df.to_string(float_format=lambda v: f"{v:.2f}"))
-    first = next(iter(tables.values()))
-    log("phases: " + "; ".join(f"{p}: {w}" for p, w in zip(first.phase, first.what)))
+    log("phases: " + "; ".join(f"{p}: {w}" for p, w in (OffloadedDecoder.PHASE_DOC | OffloadedDecoder.GPU_PHASES).items()))
 
 
 def _goals(df, b0: float) -> None:

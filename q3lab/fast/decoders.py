@@ -52,6 +52,13 @@ def _lap(prof: dict, phase: str, t0: float, clock) -> float:
     return t
 
 
+def _event(stream) -> torch.cuda.Event:
+    """A timing event recorded now on `stream` (None: the current stream)."""
+    e = torch.cuda.Event(enable_timing=True)
+    e.record(stream)
+    return e
+
+
 def _foreign_hooks(model: Thinker) -> list[str]:
     """Where hooks other than an active `q3lab.record`'s are registered ('' when none)."""
     ours = {h.id for rec in active_recorders(model) for h in rec._handles}
@@ -405,6 +412,7 @@ class OffloadedDecoder(StaticDecoder):
         self.host_experts, self.host_split = host_experts, host_split
         self.phase_times: dict | None = None        # profile_phases() turns the per-phase clock on
         self.phase_steps = 0
+        self._gpu_events = None
         if host_experts is not None and batch != 1:
             raise InputError(f"OffloadedDecoder: host-computed experts serve batch 1, got batch={batch}")
         super().__init__(model, max_len, batch=batch, cuda_graph=cuda_graph, layer_experts=lambda layer: None,
@@ -530,11 +538,19 @@ class OffloadedDecoder(StaticDecoder):
                  "slots_h2d": "slot ids to the device", "launch_moe": "experts segment launch (CPU: its compute)",
                  "finish": "final norm + lm_head segment launch"}
 
-    def profile_phases(self, on: bool = True) -> None:
+    GPU_PHASES = {"gpu_pre": "GPU: attention+router segment (events)",
+                  "gpu_copy": "GPU copy stream: the layer's demand copies (events; after any queued prefetch)",
+                  "gpu_wait": "GPU compute stream idle between the two segments: host work + waiting for copies",
+                  "gpu_moe": "GPU: experts segment (events)"}
+
+    def profile_phases(self, on: bool = True, gpu: bool = False) -> None:
         """Time the phases of each `step` on the host clock (perf_counter between them) from now on, or stop
-        (`on=False`); `phase_frame()` reads them. Off (the default), `step` takes no timestamps at all."""
+        (`on=False`); `phase_frame()` reads them. Off (the default), `step` takes no timestamps at all.
+        gpu (CUDA only): also CUDA events around each layer's segments and copies (`GPU_PHASES`); recording
+        them costs the host a few us a layer, so a benchmark times steps without them."""
         self.phase_times = dict.fromkeys(self.PHASES, 0.0) if on else None
         self.phase_steps = 0
+        self._gpu_events = [] if (on and gpu and self.device.type == "cuda") else None
 
     def phase_frame(self):
         """The profile since `profile_phases()`: one row per phase, ms_per_token (host wall time between the
@@ -546,8 +562,20 @@ class OffloadedDecoder(StaticDecoder):
             raise InputError("OffloadedDecoder.phase_frame: no profile; call profile_phases() before stepping")
         n = max(self.phase_steps, 1)
         tot = sum(pt.values())
-        return pd.DataFrame([dict(phase=k, ms_per_token=v / n * 1e3, share=v / tot if tot else 0.0,
-                                  what=self.PHASE_DOC[k]) for k, v in pt.items()])
+        rows = [dict(phase=k, ms_per_token=v / n * 1e3, share=v / tot if tot else 0.0, what=self.PHASE_DOC[k])
+                for k, v in pt.items()]
+        gev = getattr(self, "_gpu_events", None)
+        if gev:
+            torch.cuda.synchronize(self.device)
+            acc = dict.fromkeys(self.GPU_PHASES, 0.0)
+            for p0, p1, c0, c1, m0, m1 in gev:
+                acc["gpu_pre"] += p0.elapsed_time(p1)
+                acc["gpu_copy"] += c0.elapsed_time(c1)
+                acc["gpu_wait"] += p1.elapsed_time(m0)
+                acc["gpu_moe"] += m0.elapsed_time(m1)
+            rows += [dict(phase=k, ms_per_token=v / n, share=float("nan"), what=self.GPU_PHASES[k])
+                     for k, v in acc.items()]
+        return pd.DataFrame(rows)
 
     def step(self) -> None:
         cache, L = self.expert_cache, self.config.num_hidden_layers
@@ -560,12 +588,17 @@ class OffloadedDecoder(StaticDecoder):
         guesses = self._guess
         ids_np, w_np, slot_np = self._idx_np, self._w_np, self._slot_np
         cuda = self.device.type == "cuda"
+        gev = getattr(self, "_gpu_events", None) if prof is not None else None
         host_used = False
         self._run("embed")
         if prof is not None:
             t0 = _lap(prof, "embed", t0, clock)
         for layer in range(L):
+            if gev is not None:
+                evs = [_event(None)]
             self._run(("pre", layer))
+            if gev is not None:
+                evs.append(_event(None))
             if prof is not None:
                 t0 = _lap(prof, "launch_pre", t0, clock)
             if cuda:
@@ -592,7 +625,11 @@ class OffloadedDecoder(StaticDecoder):
                 slot_of = cache.residency.slot_of
                 missing = sum(1 for e in set(ids) if (layer, e) not in slot_of)
                 host_k = split.split(layer, missing) if missing else 0
+            if gev is not None:
+                evs.append(_event(cache.copy_stream))
             slots, on_host = cache.slots_split(layer, ids, weights, host=host_k)
+            if gev is not None:
+                evs.append(_event(cache.copy_stream))
             if prof is not None:
                 t0 = _lap(prof, "residency", t0, clock)
             if self.prefetch and layer + 1 < L:
@@ -620,7 +657,12 @@ class OffloadedDecoder(StaticDecoder):
             self.slot_buf.copy_(self.slot_host, non_blocking=True)
             if prof is not None:
                 t0 = _lap(prof, "slots_h2d", t0, clock)
+            if gev is not None:
+                evs.append(_event(None))
             self._run(("moe", layer))
+            if gev is not None:
+                evs.append(_event(None))
+                gev.append(evs)
             if prof is not None:
                 t0 = _lap(prof, "launch_moe", t0, clock)
         self._run("finish")
