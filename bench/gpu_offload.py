@@ -287,7 +287,7 @@ def main() -> None:
 
     def run_row(routing: str, budget: float, policy: str = "lru", *, prefetch: bool = False, host: bool = False,
                 adaptive: bool = False, host_threads: int | None = None, label: str = "",
-                kernel: str | None = None, gpu_profile: bool = False) -> dict:
+                kernel: str | None = None, gpu_profile: bool = False, bias: float = 1.0) -> dict:
         cap = int(round(budget * L * E))
         rkw: dict = {}
         tr = traces.get(routing)
@@ -309,8 +309,8 @@ def main() -> None:
         off.prefetch = prefetch
         hx = host_torch if kernel == "torch" else host_obj
         off.host_experts = hx
-        off.host_split = HostSplit(L, expert_bytes, link, host_s_torch if kernel == "torch" else host_s) \
-            if host else None
+        off.host_split = HostSplit(L, expert_bytes, link, host_s_torch if kernel == "torch" else host_s,
+                                   bias=bias) if host else None
         hx.threads = host_threads or args.host_threads
         with torch.inference_mode():
             if tr is None:                                         # synthetic: the model's own routing
@@ -374,13 +374,15 @@ def main() -> None:
             base_ms[(routing, budget, policy, adaptive, host)] = per * 1e3
         if host:
             row["host_kernel"] = hx.kernel
+            row["split_bias"] = bias
             row["host_experts_per_token"] = float(ls.host_experts.sum() / N)
             row["host_ms_per_token"] = float(ls.host_ms.sum() / N)
             ls.to_csv(args.out / f"layers_{routing}_{int(budget * 100)}_{policy}_host.csv", index=False)
         row["label"] = label
         rows.append(row)
         tag = f"{routing} {budget:.0%} {row['policy']}{' +prefetch' if prefetch else ''}" + \
-            (f" +host{row['host']}{'' if hx.kernel == 'c' else ' ' + hx.kernel}" if host else "")
+            (f" +host{row['host']}{'' if hx.kernel == 'c' else ' ' + hx.kernel}" if host else "") + \
+            (f" bias{bias}" if bias != 1.0 else "")
         phase_tables[tag] = phases.assign(ms_per_token_measured=per * 1e3)
         res.setdefault("phases", {})[tag] = dict(zip(phases.phase, phases.ms_per_token)) | {
             "measured_ms_per_token": per * 1e3}
@@ -399,6 +401,9 @@ def main() -> None:
     plan += [("uniform", b0, "lru", gp), ("uniform", b0, "lru", {"host": True, **gp}),
              ("uniform", b0, "lru", {"host": True, "host_threads": half}),
              ("uniform", b0, "lru", {"host": True, "kernel": "torch", "label": "torch twin", **gp}),
+             # the split rule checked: more of the misses to the host, then more to the link
+             ("uniform", b0, "lru", {"host": True, "bias": 0.6, "label": "split bias 0.6"}),
+             ("uniform", b0, "lru", {"host": True, "bias": 1.6, "label": "split bias 1.6"}),
              ("uniform", b0, "lru", {"prefetch": True})]
     if "mini128" in traces:
         for pol in ("lru", "lfu", "score", "belady", "pinned"):
@@ -425,7 +430,7 @@ def main() -> None:
     cols = [c for c in ("routing", "budget", "policy", "prefetch", "host", "tok_s", "ms_per_token", "hit_rate",
                         "belady_hit_rate", "GB_per_token", "link_GBps", "floor_ms", "prediction_accuracy",
                         "GB_wasted_per_token", "saved_ms_vs_no_prefetch", "host_experts_per_token",
-                        "host_ms_per_token", "host_kernel", "error") if c in df]
+                        "host_ms_per_token", "host_kernel", "split_bias", "label", "error") if c in df]
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
     _phases(phase_tables, b0)

@@ -300,6 +300,9 @@ def test_host_split_from_rates():
     assert s.split(0, 6) == 2 and s.split(0, 1) == 0
     s.record(1, 2, 2e-3, 4)       # measured 1 ms per expert on layer 1: fewer go there
     assert s.split(1, 6) == 1 and s.split(0, 6) == 2
+    # bias moves the split: host_s x 0.5 = 0.2 ms -> 3 of 6 (0.6 ms) on the host; x 2 = 0.8 ms -> 1
+    assert HostSplit(4, 9_437_184, 50e9, 0.4e-3, bias=0.5).split(0, 6) == 3
+    assert HostSplit(4, 9_437_184, 50e9, 0.4e-3, bias=2.0).split(0, 6) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -157,22 +157,24 @@ class HostSplit:
     """How many of a layer's misses to compute on the host: from the link's measured bytes/s and a per-layer
     running mean of the host's seconds per expert (measured by `record`).
 
-    max_host: at most this many per layer (0 turns the host path off)."""
+    max_host: at most this many per layer (0 turns the host path off).
+    bias: the split uses bias * host_s (1: the rule; a benchmark checks the rule's optimum by moving the split
+        toward the host, bias < 1, or toward the link, bias > 1, while host_s still learns the measured rate)."""
 
     def __init__(self, layers: int, expert_bytes: int, link_bytes_per_s: float, host_s_per_expert: float,
-                 max_host: int = 8, smoothing: float = 0.3):
+                 max_host: int = 8, smoothing: float = 0.3, bias: float = 1.0):
         if link_bytes_per_s <= 0 or host_s_per_expert <= 0:
             raise InputError(f"HostSplit: rates must be positive (link {link_bytes_per_s} B/s, host "
                              f"{host_s_per_expert} s/expert)")
         self.link_s = expert_bytes / link_bytes_per_s
         self.host_s = [float(host_s_per_expert)] * layers
-        self.max_host, self.smoothing = int(max_host), float(smoothing)
+        self.max_host, self.smoothing, self.bias = int(max_host), float(smoothing), float(bias)
         self.host_experts = [0] * layers
         self.copied = [0] * layers
 
     def split(self, layer: int, misses: int) -> int:
         """The number k of `misses` to compute on the host: argmin over k of max(k host_s, (m - k) link_s)."""
-        hs, ls = self.host_s[layer], self.link_s
+        hs, ls = self.host_s[layer] * self.bias, self.link_s
         best, best_t = 0, misses * ls
         for k in range(1, min(misses, self.max_host) + 1):
             t = max(k * hs, (misses - k) * ls)
