@@ -387,6 +387,7 @@ def main() -> None:
         res.setdefault("phases", {})[tag] = dict(zip(phases.phase, phases.ms_per_token)) | {
             "measured_ms_per_token": per * 1e3}
         log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        log("  phases ms/token: " + " ".join(f"{p}={v:.2f}" for p, v in zip(phases.phase, phases.ms_per_token)))
         save()
         return row
 
