@@ -21,6 +21,7 @@ float64 and each other, and greedy tokens equal to the resident decoder.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from q3lab.errors import InputError
+from q3lab.errors import InputError, Q3LabError
 
 
 class HostExperts:
@@ -39,7 +40,8 @@ class HostExperts:
     kernel: "c" (`q3lab.kernels.cpu`'s one-token MoE, reading the host tensors in place, bf16 on vdpbf16ps where
         the CPU has AVX-512 BF16, else widened in C), "torch" (F.linear per expert: the twin), or None (default):
         "c" where the library builds and the tensors suit it (bf16/float32, contiguous), else "torch" with a
-        one-time warning naming the reason. An explicit "c" that cannot run raises `KernelError`.
+        one-time warning naming the reason; Q3LAB_CPU_KERNELS=0 (as for `step.kernels_for`) chooses "torch".
+        An explicit "c" that cannot run raises `KernelError`.
     """
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, threads: int | None = None,
@@ -55,6 +57,8 @@ class HostExperts:
         self.threads = int(threads) if threads else torch.get_num_threads()
         self.dtype = gate.dtype
         self._lib = None
+        if kernel is None and os.environ.get("Q3LAB_CPU_KERNELS", "1") == "0":
+            kernel = "torch"
         if kernel != "torch":
             why = self._c_unusable()
             if why is None:
@@ -79,7 +83,7 @@ class HostExperts:
         try:
             from q3lab.kernels import cpu
             self._lib = cpu.lib()
-        except Exception as e:           # KernelError (no compiler, failed build) or an OSError loading it
+        except (Q3LabError, OSError) as e:    # KernelError (no compiler, failed build) or loading it failed
             return f"{type(e).__name__}: {str(e)[:300]}"
         self._fn = self._lib.moe_bf16 if self.dtype == torch.bfloat16 else self._lib.moe_f32
         return None
