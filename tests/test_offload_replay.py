@@ -346,3 +346,23 @@ def test_per_layer_policies_rank_as_one_policy(policy):
             hits.extend(res.access(layer, e)[1] for e in experts)
         runs.append(hits)
     assert runs[0] == runs[1] and 0 < sum(runs[0]) < len(runs[0])
+
+
+def test_segment_variants_stay_bit_equal(small_ckpt):
+    """A decoder built with the predictor and the host path, run with prefetch off and no host split, takes
+    the lean segment variants (no predictor, experts without the host's outputs): still bit-equal to the
+    resident decoder, as it is with prefetch on."""
+    model = _load(small_ckpt, torch.float32)
+    c = model.config
+    ids = _prompt(c.vocab_size, 7, seed=4)
+    want = StaticDecoder(model, 40).generate(ids, 12)
+    cache = _cache(model, 10)
+    host = HostExperts(*model.host_experts_)
+    off = OffloadedDecoder(model, 40, cache, prefetch=True, host_experts=host,
+                           host_split=HostSplit(c.num_hidden_layers, cache.expert_bytes, 1e9, 1.0))
+    assert ("pre", 0, True) in off._segments() and ("moe", True) in off._segments()
+    off.host_split, off.prefetch = None, False
+    assert torch.equal(off.generate(ids, 12), want)
+    off.prefetch = True
+    assert torch.equal(off.generate(ids, 12), want)
+    assert cache.stats()["prefetch_loads"] > 0

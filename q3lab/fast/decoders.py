@@ -457,10 +457,17 @@ class OffloadedDecoder(StaticDecoder):
         self._graphs: dict = {}
 
     def _segments(self) -> dict:
+        """Every segment; the attention+router one with and without the next layer's predictor (~6 kernels a
+        layer, only worth running when prefetch uses its guesses), the experts one (the same for every layer:
+        one graph) with and without the host's outputs."""
         segs = {"embed": self._seg_embed, "finish": self._seg_finish}
+        preds = (True, False) if self._predictor else (False,)
         for layer in range(self.config.num_hidden_layers):
-            segs[("pre", layer)] = lambda layer=layer: self._seg_pre(layer)
-            segs[("moe", layer)] = self._seg_moe
+            for p in preds:
+                segs[("pre", layer, p)] = lambda layer=layer, p=p: self._seg_pre(layer, p)
+        segs[("moe", False)] = lambda: self._seg_moe(False)
+        if self.host_experts is not None:
+            segs[("moe", True)] = lambda: self._seg_moe(True)
         return segs
 
     # segments: each reads and writes only the static buffers, so each can be a graph
@@ -470,11 +477,11 @@ class OffloadedDecoder(StaticDecoder):
         self.bias_buf.copy_(bias)
         self.y_buf.zero_()
 
-    def _seg_pre(self, layer: int) -> None:
+    def _seg_pre(self, layer: int, predict: bool) -> None:
         x, h, idx, w = self._pre(layer, self.x_buf, self.y_buf, Rope(self.rope_buf[0], self.rope_buf[1]),
                                  self.bias_buf)
         self.x_buf.copy_(x), self.h_buf.copy_(h), self.idx_buf.copy_(idx), self.w_buf.copy_(w)
-        if self._predictor and layer + 1 < self.config.num_hidden_layers:
+        if predict and layer + 1 < self.config.num_hidden_layers:
             # the next layer's router on this layer's post-attention residual: a guess of its experts that
             # reaches the host with this layer's ids, so prefetching costs no extra sync
             nxt = self._weights[layer + 1]
@@ -486,9 +493,9 @@ class OffloadedDecoder(StaticDecoder):
         if self.host_experts is not None:
             self.h_host.copy_(self.h_buf, non_blocking=True)
 
-    def _seg_moe(self) -> None:
+    def _seg_moe(self, host: bool) -> None:
         c = self.expert_cache
-        if self.host_experts is None:
+        if not host:
             self.y_buf.copy_(self._moe(self.h_buf, self.slot_buf, self.w_buf, c.gate, c.up, c.down))
         else:   # weight 0 where the host computed the expert, whose output yh_buf holds (0 elsewhere)
             y = self._moe(self.h_buf, self.slot_buf, self.w_buf * self.mask_buf, c.gate, c.up, c.down)
@@ -499,7 +506,13 @@ class OffloadedDecoder(StaticDecoder):
 
     def _run(self, key) -> None:
         g = self._graphs.get(key)
-        g.replay() if g is not None else self._segments()[key]()
+        if g is not None:
+            g.replay()
+            return
+        segs = self.__dict__.get("_segs")
+        if segs is None:                  # no graphs (CPU): the segments run eagerly, built once
+            segs = self._segs = self._segments()
+        segs[key]()
 
     def _capture(self) -> None:
         saved = (self.expert_cache.hits, self.expert_cache.misses)
@@ -588,15 +601,18 @@ class OffloadedDecoder(StaticDecoder):
         guesses = self._guess
         ids_np, w_np, slot_np = self._idx_np, self._w_np, self._slot_np
         cuda = self.device.type == "cuda"
+        # the segment variants this step needs: the predictor only when its guesses are used; the experts
+        # segment with the host's outputs only where a layer computed some on the host (elsewhere yh/mask are
+        # not read, whatever they hold)
+        predict = self._predictor and self.prefetch
         gev = getattr(self, "_gpu_events", None) if prof is not None else None
-        host_used = False
         self._run("embed")
         if prof is not None:
             t0 = _lap(prof, "embed", t0, clock)
         for layer in range(L):
             if gev is not None:
                 evs = [_event(None)]
-            self._run(("pre", layer))
+            self._run(("pre", layer, predict))
             if gev is not None:
                 evs.append(_event(None))
             if prof is not None:
@@ -644,13 +660,10 @@ class OffloadedDecoder(StaticDecoder):
                 cache.prefetch(layer + 1, guess)
                 if prof is not None:
                     t0 = _lap(prof, "prefetch", t0, clock)
-            if on_host or host_used:
-                # only when this layer or the previous one computed experts on the host: yh/mask stay as
-                # they are (zero/one) otherwise
-                host_used = self._host_compute(layer, ids, router_w, slots, on_host)
-                if on_host:
-                    live = next((s for s in slots if s is not None), 0)
-                    slots = [live if s is None else s for s in slots]
+            if on_host:
+                self._host_compute(layer, ids, router_w, slots, on_host)
+                live = next((s for s in slots if s is not None), 0)
+                slots = [live if s is None else s for s in slots]
                 if prof is not None:
                     t0 = _lap(prof, "host", t0, clock)
             slot_np[:] = slots
@@ -659,7 +672,7 @@ class OffloadedDecoder(StaticDecoder):
                 t0 = _lap(prof, "slots_h2d", t0, clock)
             if gev is not None:
                 evs.append(_event(None))
-            self._run(("moe", layer))
+            self._run(("moe", bool(on_host)))
             if gev is not None:
                 evs.append(_event(None))
                 gev.append(evs)
@@ -671,9 +684,10 @@ class OffloadedDecoder(StaticDecoder):
             self.phase_steps += 1
 
     def _host_compute(self, layer: int, ids: list[int], router_w: list[float], slots: list,
-                      on_host: list[int]) -> bool:
-        """Compute the `on_host` experts of this token on the host into yh (weight 0 for them on the device);
-        with none, clear what an earlier layer left. Returns whether yh/mask now hold host work."""
+                      on_host: list[int]) -> None:
+        """Compute the `on_host` experts of this token on the host into yh (weight 0 for them on the device):
+        mask and yh rewritten whole (what an earlier layer left is cleared), for the host variant of the
+        experts segment, the only one that reads them."""
         self._mask_np.fill(self._mask_one)
         if self._yh_row is not None:
             self._yh_np[self._yh_row] = 0.0
