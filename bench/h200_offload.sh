@@ -12,8 +12,8 @@ lscpu | grep -E "Model name|^CPU\(s\)|Thread|Flags" | cut -c1-300 | tee "$OUT/cp
 lscpu | grep -o -w -E "avx512f|avx512bw|avx512_bf16|amx_bf16" | sort -u | tr '\n' ' '; echo
 date -u
 # the C kernels build here (a failure prints the compiler's message; the bench would then run the torch twin)
-timeout 30 python -c "from q3lab.kernels import cpu; print('q3lab.kernels.cpu:', cpu.isa())" 2>&1 | tail -5 | tee "$OUT/cpu_kernels.txt"
-timeout 65 python -m pytest -q -x tests/gpu/test_offload_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-timeout 320 python bench/gpu_offload.py --out "$OUT" 2>&1 | tee "$OUT/gpu_offload_log.txt"
+timeout 20 python -c "from q3lab.kernels import cpu; print('q3lab.kernels.cpu:', cpu.isa())" 2>&1 | tail -5 | tee "$OUT/cpu_kernels.txt"
+timeout 60 python -m pytest -q -x tests/gpu/test_offload_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout 325 python bench/gpu_offload.py --out "$OUT" 2>&1 | tee "$OUT/gpu_offload_log.txt"
 echo "exit ${PIPESTATUS[0]}"
 date -u
