@@ -13,7 +13,7 @@ lscpu | grep -o -w -E "avx512f|avx512bw|avx512_bf16|amx_bf16" | sort -u | tr '\n
 date -u
 # the C kernels build here (a failure prints the compiler's message; the bench would then run the torch twin)
 timeout 20 python -c "from q3lab.kernels import cpu; print('q3lab.kernels.cpu:', cpu.isa())" 2>&1 | tail -5 | tee "$OUT/cpu_kernels.txt"
-timeout 60 python -m pytest -q -x tests/gpu/test_offload_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout 60 python -m pytest -q tests/gpu/test_offload_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 timeout 325 python bench/gpu_offload.py --out "$OUT" 2>&1 | tee "$OUT/gpu_offload_log.txt"
 echo "exit ${PIPESTATUS[0]}"
 date -u
