@@ -366,3 +366,22 @@ def test_segment_variants_stay_bit_equal(small_ckpt):
     off.prefetch = True
     assert torch.equal(off.generate(ids, 12), want)
     assert cache.stats()["prefetch_loads"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_split_switched_off_leaves_no_host_outputs(dtype, small_ckpt):
+    """A generate with host-computed experts, then the same decoder with the host split off: bit-equal to the
+    resident decoder (the experts segment without the host's outputs runs; what yh/mask still hold from the
+    last host layer is not read). The lead's H200 probe found this broken at 3cd0626 (first diff at step 13)."""
+    model = _load(small_ckpt, dtype)
+    c = model.config
+    ids = _prompt(c.vocab_size, 9, seed=7)
+    want = StaticDecoder(model, 48).generate(ids, 24)
+    cache = _cache(model, 12)
+    split = HostSplit(c.num_hidden_layers, cache.expert_bytes, 1e9, 1e-9, max_host=3)
+    split.split = lambda layer, misses: min(misses, 3)
+    off = OffloadedDecoder(model, 48, cache, host_experts=HostExperts(*model.host_experts_), host_split=split)
+    off.generate(ids, 24)
+    assert off.offload_stats().host_experts.sum() > 50 and off._yh_row is not None   # yh holds host work
+    off.host_split = None
+    assert torch.equal(off.generate(ids, 24), want)
