@@ -328,7 +328,7 @@ def main() -> None:
             cache.reset_stats()
             off.reset_offload_stats()
             off.profile_phases()          # perf_counter laps only: a few us a token
-            n_ev = min(16, N // 4) if (gpu_profile and DEV == "cuda") else 0
+            n_ev = min(16, N // 4) if gpu_profile else 0
             steps = [sync_time(off.step) for _ in range(N - n_ev)]
             phases = off.phase_frame()
             if n_ev:                      # the last steps also with CUDA events (~1 ms a step more host work)
@@ -425,7 +425,6 @@ def main() -> None:
             rows.append(dict(routing=routing, budget=b, policy=pol, error=f"{type(e).__name__}: {e}", **opts))
     res["seconds"] = time.perf_counter() - t_start
     save()
-    import pandas as pd
     df = pd.DataFrame(rows)
     df.to_csv(args.out / "gpu_offload.csv", index=False)
     cols = [c for c in ("routing", "budget", "policy", "prefetch", "host", "tok_s", "ms_per_token", "hit_rate",
@@ -442,7 +441,6 @@ def main() -> None:
 def _phases(tables: dict, b0: float) -> None:
     """The per-phase profile (host clock, ms per token) of the key rows side by side, and of every row in the
     JSON: where a step's time goes."""
-    import pandas as pd
     key = [t for t in tables if t.startswith(("synthetic", f"uniform {b0:.0%} lru", f"mini128 {b0:.0%} lfu"))
            and "per-layer" not in t]
     if not key:

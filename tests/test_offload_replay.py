@@ -292,6 +292,13 @@ def test_phase_profile_sums_to_the_step_and_is_off_by_default(small_ckpt):
     assert df.set_index("phase").loc["launch_moe", "ms_per_token"] > 0 and abs(df.share.sum() - 1) < 1e-9
     off.profile_phases(False)
     assert off.phase_times is None
+    # with the GPU phases: on the CPU the host clock stands in for the events (the frame code is the same)
+    off.profile_phases(gpu=True)
+    for _ in range(2):
+        off.step()
+    df = off.phase_frame().set_index("phase")
+    assert set(OffloadedDecoder.GPU_PHASES) <= set(df.index)
+    assert df.loc["gpu_pre", "ms_per_token"] > 0 and df.loc["gpu_moe", "ms_per_token"] > 0
 
 
 def test_host_split_from_rates():

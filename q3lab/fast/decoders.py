@@ -52,8 +52,22 @@ def _lap(prof: dict, phase: str, t0: float, clock) -> float:
     return t
 
 
-def _event(stream) -> torch.cuda.Event:
-    """A timing event recorded now on `stream` (None: the current stream)."""
+class _HostEvent:
+    """The host clock standing in for a CUDA event where there is no GPU (the segments run eagerly on the
+    CPU, so their host time is their compute time): the same `elapsed_time` in ms."""
+    __slots__ = ("t",)
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other: "_HostEvent") -> float:
+        return (other.t - self.t) * 1e3
+
+
+def _event(stream, cuda: bool):
+    """A timing event recorded now on `stream` (None: the current stream); without CUDA a `_HostEvent`."""
+    if not cuda:
+        return _HostEvent()
     e = torch.cuda.Event(enable_timing=True)
     e.record(stream)
     return e
@@ -559,11 +573,12 @@ class OffloadedDecoder(StaticDecoder):
     def profile_phases(self, on: bool = True, gpu: bool = False) -> None:
         """Time the phases of each `step` on the host clock (perf_counter between them) from now on, or stop
         (`on=False`); `phase_frame()` reads them. Off (the default), `step` takes no timestamps at all.
-        gpu (CUDA only): also CUDA events around each layer's segments and copies (`GPU_PHASES`); recording
-        them costs the host a few us a layer, so a benchmark times steps without them."""
+        gpu: also CUDA events around each layer's segments and copies (`GPU_PHASES`); recording them costs the
+        host a few us a layer, so a benchmark times steps without them. Without CUDA the host clock stands in
+        (the segments and copies then run on the host: their compute time)."""
         self.phase_times = dict.fromkeys(self.PHASES, 0.0) if on else None
         self.phase_steps = 0
-        self._gpu_events = [] if (on and gpu and self.device.type == "cuda") else None
+        self._gpu_events = [] if (on and gpu) else None
 
     def phase_frame(self):
         """The profile since `profile_phases()`: one row per phase, ms_per_token (host wall time between the
@@ -579,7 +594,8 @@ class OffloadedDecoder(StaticDecoder):
                 for k, v in pt.items()]
         gev = getattr(self, "_gpu_events", None)
         if gev:
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             acc = dict.fromkeys(self.GPU_PHASES, 0.0)
             for p0, p1, c0, c1, m0, m1 in gev:
                 acc["gpu_pre"] += p0.elapsed_time(p1)
@@ -611,10 +627,10 @@ class OffloadedDecoder(StaticDecoder):
             t0 = _lap(prof, "embed", t0, clock)
         for layer in range(L):
             if gev is not None:
-                evs = [_event(None)]
+                evs = [_event(None, cuda)]
             self._run(("pre", layer, predict))
             if gev is not None:
-                evs.append(_event(None))
+                evs.append(_event(None, cuda))
             if prof is not None:
                 t0 = _lap(prof, "launch_pre", t0, clock)
             if cuda:
@@ -642,10 +658,10 @@ class OffloadedDecoder(StaticDecoder):
                 missing = sum(1 for e in set(ids) if (layer, e) not in slot_of)
                 host_k = split.split(layer, missing) if missing else 0
             if gev is not None:
-                evs.append(_event(cache.copy_stream))
+                evs.append(_event(cache.copy_stream, cuda))
             slots, on_host = cache.slots_split(layer, ids, weights, host=host_k)
             if gev is not None:
-                evs.append(_event(cache.copy_stream))
+                evs.append(_event(cache.copy_stream, cuda))
             if prof is not None:
                 t0 = _lap(prof, "residency", t0, clock)
             if self.prefetch and layer + 1 < L:
@@ -671,10 +687,10 @@ class OffloadedDecoder(StaticDecoder):
             if prof is not None:
                 t0 = _lap(prof, "slots_h2d", t0, clock)
             if gev is not None:
-                evs.append(_event(None))
+                evs.append(_event(None, cuda))
             self._run(("moe", bool(on_host)))
             if gev is not None:
-                evs.append(_event(None))
+                evs.append(_event(None, cuda))
                 gev.append(evs)
             if prof is not None:
                 t0 = _lap(prof, "launch_moe", t0, clock)
