@@ -234,8 +234,10 @@ def main() -> None:
     off = OffloadedDecoder(model, max_len, cache, prefetch=True, host_experts=host,
                            host_split=HostSplit(L, expert_bytes, link, host_s), **kw)
     off.host_split = None
+    res["raw_driver_copies"] = cache._raw is not None
     log(f"offloaded decoder {kw} built and captured in {time.perf_counter() - t:.0f} s; slab {cap_max} experts "
-        f"({cap_max * expert_bytes / GB:.1f} GB)")
+        f"({cap_max * expert_bytes / GB:.1f} GB); copies issued by "
+        f"{'cuMemcpyHtoDAsync directly' if cache._raw is not None else 'torch copy_'}")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size - 16, (1, P), generator=g).to(DEV)
 
