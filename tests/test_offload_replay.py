@@ -392,3 +392,34 @@ def test_host_split_switched_off_leaves_no_host_outputs(dtype, small_ckpt):
     assert off.offload_stats().host_experts.sum() > 50 and off._yh_row is not None   # yh holds host work
     off.host_split = None
     assert torch.equal(off.generate(ids, 24), want)
+
+
+def test_direct_copy_plan_addresses_on_cpu(small_ckpt, monkeypatch):
+    """The direct-driver copy path (CUDA: cuMemcpyHtoDAsync per tensor of an expert) with memmove standing in
+    for the driver on CPU tensors: the byte offsets of experts and slots are right (decode bit-equal to the
+    resident decoder) and the issue order is the one the CUDA path uses."""
+    import ctypes
+    model = _load(small_ckpt, torch.float32)
+    c = model.config
+    ids = _prompt(c.vocab_size, 9, seed=7)
+    want = StaticDecoder(model, 40).generate(ids, 16)
+    cache = _cache(model, 12)
+    calls = []
+
+    def fake(dst, src, nb, stream):
+        ctypes.memmove(dst, src, nb)
+        calls.append(nb)
+        return 0
+
+    class Stream:
+        cuda_stream = 0
+
+        def wait_stream(self, other):
+            pass
+    hosts, slabs = cache.host, (cache.gate, cache.up, cache.down)
+    plan = [(h.data_ptr(), d.data_ptr(), h[0, 0].numel() * h.element_size()) for h, d in zip(hosts, slabs)]
+    cache._raw, cache.copy_stream = (fake, plan, hosts[0].shape[1]), Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    off = OffloadedDecoder(model, 40, cache)
+    assert torch.equal(off.generate(ids, 16), want)
+    assert len(calls) == 3 * cache.stats()["bytes_copied"] // cache.expert_bytes > 0

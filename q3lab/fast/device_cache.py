@@ -127,12 +127,20 @@ class DeviceExpertCache(ExpertProvider):
             missing = [e for e in uniq if (layer, e) not in res.slot_of]
             on_host = set(missing[len(missing) - min(host, len(missing)):])
         slot_of, fetch = {}, []
+        raw = self._raw
         for e in uniq:
             slot, hit = res.access(layer, e, admit=e not in on_host)
             if not hit and e not in on_host:
+                if raw is not None:      # issued at once (a few us): the link starts while the rest is decided
+                    if not fetch:
+                        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                    self._copied += 1
+                    self._content[slot] = (layer, e)
+                    self._raw_issue(raw, [((layer, e), slot)])
                 fetch.append(((layer, e), slot))
             slot_of[e] = slot
-        self._copy_many(fetch)       # protected until served: no access above reassigned these slots
+        if raw is None:
+            self._copy_many(fetch)   # protected until served: no access above reassigned these slots
         if fetch or self._prefetch_pending:
             self._sync_copies()
             self._prefetch_pending = False
