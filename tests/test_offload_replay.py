@@ -242,13 +242,11 @@ def test_host_experts_c_kernel_against_torch_twin_and_float64(dtype, small_ckpt)
                        * wk for e, wk in zip(ids, w)])
     got_c, got_t = c.compute(layer, h, ids, w), t.compute(layer, h, ids, w)
     rel = lambda a, b: ((a.double() - b).norm(dim=-1) / b.norm(dim=-1)).max().item()  # noqa: E731
-    # float32: sums in another order only; bf16: the activation rounded to bf16 (both), the torch twin also
-    # rounds each projection and each expert's output to bf16, the C kernel keeps float32 sums
+    # float32: sums in another order only; bf16: both round the projections, silu, silu * up and each
+    # output to bf16 (as the device's kernels do): they differ only where a sum lands across a rounding
     tol = 1e-5 if dtype == torch.float32 else 1.5e-2
     assert rel(got_c, ref) <= tol and rel(got_t, ref) <= tol
-    assert rel(got_c, got_t.double()) <= tol
-    if dtype == torch.bfloat16:       # the C kernel is the closer of the two to the exact value
-        assert rel(got_c, ref) < rel(got_t, ref)
+    assert rel(got_c, got_t.double()) <= (1e-5 if dtype == torch.float32 else 4e-3)
     s = c.compute_sum(layer, h, ids, w)
     assert s.shape == (model.config.hidden_size,)
     assert torch.allclose(s, got_c.sum(0), rtol=1e-5, atol=1e-6 * got_c.abs().max().item())
