@@ -419,5 +419,14 @@ def test_direct_copy_plan_addresses_on_cpu(small_ckpt, monkeypatch):
     cache._raw, cache.copy_stream = (fake, plan, hosts[0].shape[1]), Stream()
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
     off = OffloadedDecoder(model, 40, cache)
+    n0 = len(calls)
     assert torch.equal(off.generate(ids, 16), want)
-    assert len(calls) == 3 * cache.stats()["bytes_copied"] // cache.expert_bytes > 0
+    # the decoder's slot ids go through the same path (one small copy a layer), the experts 3 copies each
+    experts = sum(1 for nb in calls[n0:] if nb == plan[0][2])
+    assert experts == 3 * cache.stats()["bytes_copied"] // cache.expert_bytes > 0
+    assert len(calls) - n0 - experts == 15 * c.num_hidden_layers          # 15 decode steps x layers
+    # with host-computed experts: mask and outputs too; tokens still those of the resident decoder
+    split = HostSplit(c.num_hidden_layers, cache.expert_bytes, 1e9, 1e-9, max_host=3)
+    split.split = lambda layer, misses: min(misses, 3)
+    offh = OffloadedDecoder(model, 40, cache, host_experts=HostExperts(*model.host_experts_), host_split=split)
+    assert torch.equal(offh.generate(ids, 16), want) and offh.offload_stats().host_experts.sum() > 20

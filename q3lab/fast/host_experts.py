@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,17 +103,29 @@ class HostExperts:
     def _args(self, experts: Sequence[int], weights: Sequence[float]):
         if len(experts) != len(weights):
             raise InputError(f"HostExperts.compute: {len(experts)} experts but {len(weights)} weights")
-        # the router weights rounded to the experts' dtype, as the resident kernels use them
-        return torch.tensor([float(w) for w in weights], dtype=torch.float32).to(self.dtype).float()
+        # the router weights rounded to the experts' dtype, as the resident kernels use them (bf16: round to
+        # nearest even on the float32 bits, in numpy: a few us less than a torch round trip per layer)
+        a = np.asarray(weights, dtype=np.float32)
+        if self.dtype == torch.bfloat16:
+            u = a.view(np.uint32)
+            a = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(np.float32)
+        elif self.dtype != torch.float32:
+            return torch.from_numpy(a).to(self.dtype).float()
+        return torch.from_numpy(np.ascontiguousarray(a))
 
-    def _c(self, layer: int, x: torch.Tensor, ids: Sequence[int], wt: torch.Tensor) -> torch.Tensor:
-        """The C kernel on `ids` of `layer`: the weighted sum [D] float32."""
+    def _c(self, layer: int, x: torch.Tensor, ids: Sequence[int], wt: torch.Tensor,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+        """The C kernel on `ids` of `layer`: the weighted sum [D] float32 (into `out` when given)."""
         L, E, I, D = self.gate.shape
         if not 0 <= layer < L:
             raise InputError(f"HostExperts: layer {layer} outside 0..{L - 1}")
         A = len(ids)
         idx = (ctypes.c_int64 * A)(*ids)
-        out = torch.empty(D, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(D, dtype=torch.float32)
+        elif out.dtype != torch.float32 or out.numel() != D or not out.is_contiguous() or out.device.type != "cpu":
+            raise InputError(f"HostExperts: out must be a contiguous float32 CPU tensor of {D}, got "
+                             f"{list(out.shape)} {out.dtype} on {out.device}")
         rc = self._fn(x.data_ptr(), self.gate[layer].data_ptr(), self.up[layer].data_ptr(),
                       self.down[layer].data_ptr(), ctypes.addressof(idx), wt.data_ptr(), out.data_ptr(),
                       A, I, D, E, self.threads, 0)
@@ -130,15 +143,17 @@ class HostExperts:
                 if len(experts) else torch.empty(0, x.shape[1])
         return self._torch(layer, x, experts, wt)
 
-    def compute_sum(self, layer: int, h: torch.Tensor, experts: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+    def compute_sum(self, layer: int, h: torch.Tensor, experts: Sequence[int], weights: Sequence[float],
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """The sum [D] float32 of `compute`'s rows: with the C kernel one call for all of `experts` (the threads
-        split every expert's rows, one fork/join a layer), summed in the given order."""
+        split every expert's rows, one fork/join a layer), summed in the given order; written into `out` (a
+        contiguous float32 [D]) by the C kernel when given (the torch twin returns a new tensor)."""
         wt = self._args(experts, weights)
         x = h.reshape(1, -1).to(self.dtype).contiguous()
         if not len(experts):
             return torch.zeros(x.shape[1])
         if self.kernel == "c":
-            return self._c(layer, x, experts, wt)
+            return self._c(layer, x, experts, wt, out)
         return self._torch(layer, x, experts, wt).sum(0)
 
     def _torch(self, layer: int, x: torch.Tensor, experts: Sequence[int], wt: torch.Tensor) -> torch.Tensor:
