@@ -414,9 +414,17 @@ def test_direct_copy_plan_addresses_on_cpu(small_ckpt, monkeypatch):
 
         def wait_stream(self, other):
             pass
+
+        def wait_event(self, event):
+            pass
+
+    class Event:
+        def record(self, stream=None):
+            pass
     hosts, slabs = cache.host, (cache.gate, cache.up, cache.down)
     plan = [(h.data_ptr(), d.data_ptr(), h[0, 0].numel() * h.element_size()) for h, d in zip(hosts, slabs)]
     cache._raw, cache.copy_stream = (fake, plan, hosts[0].shape[1]), Stream()
+    cache._ev_compute, cache._ev_copy = Event(), Event()
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
     off = OffloadedDecoder(model, 40, cache)
     n0 = len(calls)

@@ -74,6 +74,8 @@ class DeviceExpertCache(ExpertProvider):
         self.down = torch.zeros(S, D, I, dtype=dt, device=self.device)                # [slots, D, I]
         self.expert_bytes = 3 * I * D * host_gate.element_size()
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.copy_stream is not None:
+            self._ev_compute, self._ev_copy = torch.cuda.Event(), torch.cuda.Event()
         self._raw = self._raw_copies() if self.copy_stream is not None else None
         self._copied = 0                                  # experts copied since the last reset (misses)
         self._prefetched = 0                              # ... of them by prefetch
@@ -133,7 +135,7 @@ class DeviceExpertCache(ExpertProvider):
             if not hit and e not in on_host:
                 if raw is not None:      # issued at once (a few us): the link starts while the rest is decided
                     if not fetch:
-                        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                        self._copies_after_compute()
                     self._copied += 1
                     self._content[slot] = (layer, e)
                     self._raw_issue(raw, [((layer, e), slot)])
@@ -260,7 +262,7 @@ class DeviceExpertCache(ExpertProvider):
                 self.down[slot].copy_(hd[layer, e])
             return
         # the slots may still be read by kernels queued on the compute stream: copy after them
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._copies_after_compute()
         if self._raw is not None:
             self._raw_issue(self._raw, items)
             return
@@ -272,7 +274,14 @@ class DeviceExpertCache(ExpertProvider):
 
     def _sync_copies(self) -> None:
         if self.copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            # as wait_stream, with one reused event (wait_stream makes a new one each call)
+            self._ev_copy.record(self.copy_stream)
+            torch.cuda.current_stream(self.device).wait_event(self._ev_copy)
+
+    def _copies_after_compute(self) -> None:
+        """The copy stream waits for the compute stream's queued work (kernels may still read the slots)."""
+        self._ev_compute.record(torch.cuda.current_stream(self.device))
+        self.copy_stream.wait_event(self._ev_compute)
 
     # -- the provider protocol, so that the eager model (prefill) reads the same slots --------------
     def prepare(self, layer: int, experts: list[int], weights: Sequence[float] | None = None) -> None:
