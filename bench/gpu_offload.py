@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -127,10 +128,10 @@ def overlap_probe(host: HostExperts, hg, hu, hd, expert_bytes: int, n_copy: int 
                 dst_down[k].copy_(hd[lay % hg.shape[0], e], non_blocking=True)
     for threads in (full, max(full // 2, 1)):
         host.threads = threads
-        host.compute(5, h, list(range(n_host)), [0.1] * n_host)
+        host.compute_sum(5, h, list(range(n_host)), [0.1] * n_host)
         t = time.perf_counter(); copies(0); torch.cuda.synchronize(); t_copy = time.perf_counter() - t
-        t = time.perf_counter(); host.compute(7, h, list(range(n_host)), [0.1] * n_host); t_host = time.perf_counter() - t
-        t = time.perf_counter(); copies(600); host.compute(9, h, list(range(n_host)), [0.1] * n_host)
+        t = time.perf_counter(); host.compute_sum(7, h, list(range(n_host)), [0.1] * n_host); t_host = time.perf_counter() - t
+        t = time.perf_counter(); copies(600); host.compute_sum(9, h, list(range(n_host)), [0.1] * n_host)
         t_mid = time.perf_counter() - t
         torch.cuda.synchronize(); t_both = time.perf_counter() - t
         out[threads] = dict(copy_ms=t_copy * 1e3, host_ms=t_host * 1e3, both_ms=t_both * 1e3,
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=ROOT / "bench" / "data" / "mini128_heldout_routing.npz")
     ap.add_argument("--seq", type=int, default=0, help="which replayed sequence is timed")
     ap.add_argument("--host-threads", type=int, default=os.cpu_count())
+    ap.add_argument("--host-kernel", default=None, choices=["c", "torch"],
+                    help="HostExperts kernel (default: C where q3lab.kernels.cpu builds)")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test (with --preset small)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-fused", dest="fused", action="store_false")
@@ -195,10 +198,23 @@ def main() -> None:
         f"GPU, experts {(hg.nbytes + hu.nbytes + hd.nbytes) / GB:.1f} GB in {'pinned ' if pin else ''}host memory")
 
     # -- the host's rate for one expert (16 cores on the H200 machine) ----------------------------
-    host = host_obj = HostExperts(hg, hu, hd, threads=args.host_threads)
-    host_s = time_host_expert(host, layer=1)
+    # the C kernels (q3lab.kernels.cpu, built here on first use) and their torch twin, timed alike
+    host = host_obj = HostExperts(hg, hu, hd, threads=args.host_threads, kernel=args.host_kernel)
+    host_torch = HostExperts(hg, hu, hd, threads=args.host_threads, kernel="torch")
     expert_bytes = 3 * I * D * 2
+    host_rates = {}
+    for name, hx in (("torch", host_torch), (host.kernel, host)):
+        for n in (1, 4):
+            host_rates[(name, n)] = time_host_expert(hx, layer=1, experts=n)
+    host_s = host_rates[(host.kernel, 4)]
+    host_s_torch = host_rates[("torch", 4)]
+    res["host_kernel"], res["host_isa"] = host.kernel, host.isa()
     res["host_ms_per_expert"], res["link_ms_per_expert"] = host_s * 1e3, expert_bytes / link * 1e3
+    res["host_ms_per_expert_by_kernel"] = {f"{k}_{n}": v * 1e3 for (k, n), v in host_rates.items()}
+    log(f"host kernel {host.kernel} ({host.isa()}), {args.host_threads} threads")
+    for (name, n), v in host_rates.items():
+        log(f"host {name:5s} {n} expert(s) a call: {v * 1e3:.3f} ms per expert ({expert_bytes / v / GB:.1f} GB/s "
+            f"of weights)")
     log(f"host: {host_s * 1e3:.3f} ms per expert on {args.host_threads} threads "
         f"({expert_bytes / host_s / GB:.1f} GB/s of weights); link {expert_bytes / link * 1e3:.3f} ms per expert")
 
@@ -218,8 +234,10 @@ def main() -> None:
     off = OffloadedDecoder(model, max_len, cache, prefetch=True, host_experts=host,
                            host_split=HostSplit(L, expert_bytes, link, host_s), **kw)
     off.host_split = None
+    res["raw_driver_copies"] = cache._raw is not None
     log(f"offloaded decoder {kw} built and captured in {time.perf_counter() - t:.0f} s; slab {cap_max} experts "
-        f"({cap_max * expert_bytes / GB:.1f} GB)")
+        f"({cap_max * expert_bytes / GB:.1f} GB); copies issued by "
+        f"{'cuMemcpyHtoDAsync directly' if cache._raw is not None else 'torch copy_'}")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size - 16, (1, P), generator=g).to(DEV)
 
@@ -270,7 +288,8 @@ def main() -> None:
     seq_of = {"uniform": 0, "mini128": args.seq}
 
     def run_row(routing: str, budget: float, policy: str = "lru", *, prefetch: bool = False, host: bool = False,
-                adaptive: bool = False, host_threads: int | None = None, label: str = "") -> dict:
+                adaptive: bool = False, host_threads: int | None = None, label: str = "",
+                kernel: str | None = None, gpu_profile: bool = False, bias: float = 1.0) -> dict:
         cap = int(round(budget * L * E))
         rkw: dict = {}
         tr = traces.get(routing)
@@ -290,8 +309,11 @@ def main() -> None:
             capacity = cap
         cache.reconfigure(capacity, policy="lru" if pol == "belady" else pol, **rkw)
         off.prefetch = prefetch
-        off.host_split = HostSplit(L, expert_bytes, link, host_s) if host else None
-        host_obj.threads = host_threads or args.host_threads
+        hx = host_torch if kernel == "torch" else host_obj
+        off.host_experts = hx
+        off.host_split = HostSplit(L, expert_bytes, link, host_s_torch if kernel == "torch" else host_s,
+                                   bias=bias) if host else None
+        hx.threads = host_threads or args.host_threads
         with torch.inference_mode():
             if tr is None:                                         # synthetic: the model's own routing
                 off.route_override = None
@@ -307,7 +329,16 @@ def main() -> None:
                 off.route_override = Replay(tr, s, start=P)
             cache.reset_stats()
             off.reset_offload_stats()
-            steps = [sync_time(off.step) for _ in range(N)]
+            off.profile_phases()          # perf_counter laps only: a few us a token
+            n_ev = min(16, N // 4) if gpu_profile else 0
+            steps = [sync_time(off.step) for _ in range(N - n_ev)]
+            phases = off.phase_frame()
+            if n_ev:                      # the last steps also with CUDA events (~1 ms a step more host work)
+                off.profile_phases(gpu=True)
+                steps += [sync_time(off.step) for _ in range(n_ev)]
+                g = off.phase_frame()
+                phases = pd.concat([phases, g[g.phase.str.startswith("gpu_")]], ignore_index=True)
+            off.profile_phases(False)
         off.route_override = None
         st = cache.stats()
         per = statistics.fmean(steps)
@@ -344,29 +375,45 @@ def main() -> None:
         else:
             base_ms[(routing, budget, policy, adaptive, host)] = per * 1e3
         if host:
+            row["host_kernel"] = hx.kernel
+            row["split_bias"] = bias
             row["host_experts_per_token"] = float(ls.host_experts.sum() / N)
             row["host_ms_per_token"] = float(ls.host_ms.sum() / N)
             ls.to_csv(args.out / f"layers_{routing}_{int(budget * 100)}_{policy}_host.csv", index=False)
         row["label"] = label
         rows.append(row)
+        tag = f"{routing} {budget:.0%} {row['policy']}{' +prefetch' if prefetch else ''}" + \
+            (f" +host{row['host']}{'' if hx.kernel == 'c' else ' ' + hx.kernel}" if host else "") + \
+            (f" bias{bias}" if bias != 1.0 else "")
+        phase_tables[tag] = phases.assign(ms_per_token_measured=per * 1e3)
+        res.setdefault("phases", {})[tag] = dict(zip(phases.phase, phases.ms_per_token)) | {
+            "measured_ms_per_token": per * 1e3}
         log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        log("  phases ms/token: " + " ".join(f"{p}={v:.2f}" for p, v in zip(phases.phase, phases.ms_per_token)))
         save()
         return row
 
     belady_cache: dict = {}
+    phase_tables: dict = {}
     base_ms: dict = {}
     printed_layers: list = []
     b0 = budgets[0]
     half = max((args.host_threads or 2) // 2, 1)
-    plan = [("synthetic", b0, "lru", {})]
-    plan += [("uniform", b0, "lru", {}), ("uniform", b0, "lru", {"host": True}),
-             ("uniform", b0, "lru", {"host": True, "host_threads": half}), ("uniform", b0, "lru", {"prefetch": True})]
+    gp = {"gpu_profile": True}
+    plan = [("synthetic", b0, "lru", gp)]
+    plan += [("uniform", b0, "lru", gp), ("uniform", b0, "lru", {"host": True, **gp}),
+             ("uniform", b0, "lru", {"host": True, "host_threads": half}),
+             ("uniform", b0, "lru", {"host": True, "kernel": "torch", "label": "torch twin", **gp}),
+             # the split rule checked: more of the misses to the host, then more to the link
+             ("uniform", b0, "lru", {"host": True, "bias": 0.6, "label": "split bias 0.6"}),
+             ("uniform", b0, "lru", {"host": True, "bias": 1.6, "label": "split bias 1.6"}),
+             ("uniform", b0, "lru", {"prefetch": True})]
     if "mini128" in traces:
         for pol in ("lru", "lfu", "score", "belady", "pinned"):
-            plan.append(("mini128", b0, pol, {}))
+            plan.append(("mini128", b0, pol, gp if pol == "lfu" else {}))
         plan += [("mini128", b0, "lfu", {"adaptive": True}),
                  ("mini128", b0, "lru", {"prefetch": True}), ("mini128", b0, "lfu", {"prefetch": True}),
-                 ("mini128", b0, "lfu", {"host": True}), ("mini128", b0, "lfu", {"prefetch": True, "host": True})]
+                 ("mini128", b0, "lfu", {"host": True, **gp}), ("mini128", b0, "lfu", {"prefetch": True, "host": True})]
     for b in budgets[1:]:
         plan += [("uniform", b, "lru", {}), ("uniform", b, "lru", {"host": True})]
         if "mini128" in traces:
@@ -380,17 +427,36 @@ def main() -> None:
             rows.append(dict(routing=routing, budget=b, policy=pol, error=f"{type(e).__name__}: {e}", **opts))
     res["seconds"] = time.perf_counter() - t_start
     save()
-    import pandas as pd
     df = pd.DataFrame(rows)
     df.to_csv(args.out / "gpu_offload.csv", index=False)
     cols = [c for c in ("routing", "budget", "policy", "prefetch", "host", "tok_s", "ms_per_token", "hit_rate",
                         "belady_hit_rate", "GB_per_token", "link_GBps", "floor_ms", "prediction_accuracy",
                         "GB_wasted_per_token", "saved_ms_vs_no_prefetch", "host_experts_per_token",
-                        "host_ms_per_token", "error") if c in df]
+                        "host_ms_per_token", "host_kernel", "split_bias", "label", "error") if c in df]
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+    _phases(phase_tables, b0)
     _goals(df, b0)
     log(f"total {res['seconds']:.0f} s")
+
+
+def _phases(tables: dict, b0: float) -> None:
+    """The per-phase profile (host clock, ms per token) of the key rows side by side, and of every row in the
+    JSON: where a step's time goes."""
+    key = [t for t in tables if t.startswith(("synthetic", f"uniform {b0:.0%} lru", f"mini128 {b0:.0%} lfu"))
+           and "per-layer" not in t]
+    if not key:
+        return
+    df = pd.DataFrame({t: tables[t].set_index("phase").ms_per_token for t in key})
+    host_ph = [p for p in OffloadedDecoder.PHASES if p in df.index]
+    gpu_ph = [p for p in OffloadedDecoder.GPU_PHASES if p in df.index]
+    df = pd.concat([df.loc[host_ph], pd.DataFrame([df.loc[host_ph].sum(),
+                    pd.Series({t: float(tables[t].ms_per_token_measured.iloc[0]) for t in key})],
+                    index=["sum of phases", "measured step"]), df.loc[gpu_ph]])
+    log("per-phase profile of OffloadedDecoder.step, ms per token (host clock; GPU time shows up as sync):")
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        log(df.to_string(float_format=lambda v: f"{v:.2f}"))
+    log("phases: " + "; ".join(f"{p}: {w}" for p, w in (OffloadedDecoder.PHASE_DOC | OffloadedDecoder.GPU_PHASES).items()))
 
 
 def _goals(df, b0: float) -> None:

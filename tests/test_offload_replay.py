@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import q3lab
 from q3lab.analysis.cachesim import replay as sim_replay, simulate
@@ -223,12 +224,90 @@ def test_host_experts_match_resident_arithmetic(dtype, tol, small_ckpt):
         assert err <= tol, err
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_experts_c_kernel_against_torch_twin_and_float64(dtype, small_ckpt):
+    """The C host path against its torch twin and a float64 hand computation of the same experts; compute_sum
+    (one C call for all of them) equals the sum of compute's rows to float32 rounding."""
+    model = _load(small_ckpt, dtype)
+    gate, up, down = model.host_experts_
+    c = HostExperts(gate, up, down, threads=2, kernel="c")
+    t = HostExperts(gate, up, down, threads=1, kernel="torch")
+    assert c.kernel == "c" and t.kernel == "torch" and c.isa() != t.isa()
+    g = torch.Generator().manual_seed(1)
+    layer, ids = 3, [5, 2, 9]
+    h = torch.randn(model.config.hidden_size, generator=g).to(dtype)
+    w = torch.softmax(torch.randn(3, generator=g), -1).to(dtype).float().tolist()
+    hd = h.double()
+    ref = torch.stack([(down[layer, e].double() @ (F.silu(gate[layer, e].double() @ hd) * (up[layer, e].double() @ hd)))
+                       * wk for e, wk in zip(ids, w)])
+    got_c, got_t = c.compute(layer, h, ids, w), t.compute(layer, h, ids, w)
+    rel = lambda a, b: ((a.double() - b).norm(dim=-1) / b.norm(dim=-1)).max().item()  # noqa: E731
+    # float32: sums in another order only; bf16: both round the projections, silu, silu * up and each
+    # output to bf16 (as the device's kernels do): they differ only where a sum lands across a rounding
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert rel(got_c, ref) <= tol and rel(got_t, ref) <= tol
+    assert rel(got_c, got_t.double()) <= (1e-5 if dtype == torch.float32 else 4e-3)
+    s = c.compute_sum(layer, h, ids, w)
+    assert s.shape == (model.config.hidden_size,)
+    assert torch.allclose(s, got_c.sum(0), rtol=1e-5, atol=1e-6 * got_c.abs().max().item())
+    assert torch.allclose(t.compute_sum(layer, h, ids, w), got_t.sum(0))
+    with pytest.raises(InputError, match="outside"):
+        c.compute_sum(layer, h, [0, gate.shape[1]], [0.5, 0.5])
+
+
+def test_host_experts_fall_back_to_torch_with_a_warning(small_ckpt):
+    """float16 experts: the C kernels do not take them; the default warns once and runs the torch twin, an
+    explicit kernel='c' raises."""
+    from q3lab.kernels.cpu import KernelError
+    model = _load(small_ckpt, torch.float32)
+    g16 = [x[:2].half() for x in model.host_experts_]
+    with pytest.warns(RuntimeWarning, match="float16"):
+        host = HostExperts(*g16)
+    assert host.kernel == "torch"
+    with pytest.raises(KernelError, match="float16"):
+        HostExperts(*g16, kernel="c")
+
+
+def test_phase_profile_sums_to_the_step_and_is_off_by_default(small_ckpt):
+    model = _load(small_ckpt, torch.float32)
+    c = model.config
+    cache = _cache(model, 12)
+    off = OffloadedDecoder(model, 48, cache)
+    off.prefill(_prompt(c.vocab_size, 5))
+    off.step()
+    assert off.phase_times is None
+    with pytest.raises(InputError, match="profile_phases"):
+        off.phase_frame()
+    off.profile_phases()
+    import time
+    t = time.perf_counter()
+    for _ in range(3):
+        off.step()
+    wall = (time.perf_counter() - t) / 3 * 1e3
+    df = off.phase_frame()
+    assert list(df.phase) == list(OffloadedDecoder.PHASES) and off.phase_steps == 3
+    assert 0 < df.ms_per_token.sum() <= wall        # the phases are laps inside the steps
+    assert df.set_index("phase").loc["launch_moe", "ms_per_token"] > 0 and abs(df.share.sum() - 1) < 1e-9
+    off.profile_phases(False)
+    assert off.phase_times is None
+    # with the GPU phases: on the CPU the host clock stands in for the events (the frame code is the same)
+    off.profile_phases(gpu=True)
+    for _ in range(2):
+        off.step()
+    df = off.phase_frame().set_index("phase")
+    assert set(OffloadedDecoder.GPU_PHASES) <= set(df.index)
+    assert df.loc["gpu_pre", "ms_per_token"] > 0 and df.loc["gpu_moe", "ms_per_token"] > 0
+
+
 def test_host_split_from_rates():
     s = HostSplit(4, expert_bytes=9_437_184, link_bytes_per_s=50e9, host_s_per_expert=0.4e-3)
     # link 0.189 ms per expert, host 0.4 ms: of 6 misses, 2 on the host (0.8 ms) beat 1 (0.94) and 3 (1.2)
     assert s.split(0, 6) == 2 and s.split(0, 1) == 0
     s.record(1, 2, 2e-3, 4)       # measured 1 ms per expert on layer 1: fewer go there
     assert s.split(1, 6) == 1 and s.split(0, 6) == 2
+    # bias moves the split: host_s x 0.5 = 0.2 ms -> 3 of 6 (0.6 ms) on the host; x 2 = 0.8 ms -> 1
+    assert HostSplit(4, 9_437_184, 50e9, 0.4e-3, bias=0.5).split(0, 6) == 3
+    assert HostSplit(4, 9_437_184, 50e9, 0.4e-3, bias=2.0).split(0, 6) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -272,3 +351,90 @@ def test_per_layer_policies_rank_as_one_policy(policy):
             hits.extend(res.access(layer, e)[1] for e in experts)
         runs.append(hits)
     assert runs[0] == runs[1] and 0 < sum(runs[0]) < len(runs[0])
+
+
+def test_segment_variants_stay_bit_equal(small_ckpt):
+    """A decoder built with the predictor and the host path, run with prefetch off and no host split, takes
+    the lean segment variants (no predictor, experts without the host's outputs): still bit-equal to the
+    resident decoder, as it is with prefetch on."""
+    model = _load(small_ckpt, torch.float32)
+    c = model.config
+    ids = _prompt(c.vocab_size, 7, seed=4)
+    want = StaticDecoder(model, 40).generate(ids, 12)
+    cache = _cache(model, 10)
+    host = HostExperts(*model.host_experts_)
+    off = OffloadedDecoder(model, 40, cache, prefetch=True, host_experts=host,
+                           host_split=HostSplit(c.num_hidden_layers, cache.expert_bytes, 1e9, 1.0))
+    assert ("pre", 0, True) in off._segments() and ("moe", True) in off._segments()
+    off.host_split, off.prefetch = None, False
+    assert torch.equal(off.generate(ids, 12), want)
+    off.prefetch = True
+    assert torch.equal(off.generate(ids, 12), want)
+    assert cache.stats()["prefetch_loads"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_split_switched_off_leaves_no_host_outputs(dtype, small_ckpt):
+    """A generate with host-computed experts, then the same decoder with the host split off: bit-equal to the
+    resident decoder (the experts segment without the host's outputs runs; what yh/mask still hold from the
+    last host layer is not read). The lead's H200 probe found this broken at 3cd0626 (first diff at step 13)."""
+    model = _load(small_ckpt, dtype)
+    c = model.config
+    ids = _prompt(c.vocab_size, 9, seed=7)
+    want = StaticDecoder(model, 48).generate(ids, 24)
+    cache = _cache(model, 12)
+    split = HostSplit(c.num_hidden_layers, cache.expert_bytes, 1e9, 1e-9, max_host=3)
+    split.split = lambda layer, misses: min(misses, 3)
+    off = OffloadedDecoder(model, 48, cache, host_experts=HostExperts(*model.host_experts_), host_split=split)
+    off.generate(ids, 24)
+    assert off.offload_stats().host_experts.sum() > 50 and off._yh_row is not None   # yh holds host work
+    off.host_split = None
+    assert torch.equal(off.generate(ids, 24), want)
+
+
+def test_direct_copy_plan_addresses_on_cpu(small_ckpt, monkeypatch):
+    """The direct-driver copy path (CUDA: cuMemcpyHtoDAsync per tensor of an expert) with memmove standing in
+    for the driver on CPU tensors: the byte offsets of experts and slots are right (decode bit-equal to the
+    resident decoder) and the issue order is the one the CUDA path uses."""
+    import ctypes
+    model = _load(small_ckpt, torch.float32)
+    c = model.config
+    ids = _prompt(c.vocab_size, 9, seed=7)
+    want = StaticDecoder(model, 40).generate(ids, 16)
+    cache = _cache(model, 12)
+    calls = []
+
+    def fake(dst, src, nb, stream):
+        ctypes.memmove(dst, src, nb)
+        calls.append(nb)
+        return 0
+
+    class Stream:
+        cuda_stream = 0
+
+        def wait_stream(self, other):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+    class Event:
+        def record(self, stream=None):
+            pass
+    hosts, slabs = cache.host, (cache.gate, cache.up, cache.down)
+    plan = [(h.data_ptr(), d.data_ptr(), h[0, 0].numel() * h.element_size()) for h, d in zip(hosts, slabs)]
+    cache._raw, cache.copy_stream = (fake, plan, hosts[0].shape[1]), Stream()
+    cache._ev_compute, cache._ev_copy = Event(), Event()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    off = OffloadedDecoder(model, 40, cache)
+    n0 = len(calls)
+    assert torch.equal(off.generate(ids, 16), want)
+    # the decoder's slot ids go through the same path (one small copy a layer), the experts 3 copies each
+    experts = sum(1 for nb in calls[n0:] if nb == plan[0][2])
+    assert experts == 3 * cache.stats()["bytes_copied"] // cache.expert_bytes > 0
+    assert len(calls) - n0 - experts == 15 * c.num_hidden_layers          # 15 decode steps x layers
+    # with host-computed experts: mask and outputs too; tokens still those of the resident decoder
+    split = HostSplit(c.num_hidden_layers, cache.expert_bytes, 1e9, 1e-9, max_host=3)
+    split.split = lambda layer, misses: min(misses, 3)
+    offh = OffloadedDecoder(model, 40, cache, host_experts=HostExperts(*model.host_experts_), host_split=split)
+    assert torch.equal(offh.generate(ids, 16), want) and offh.offload_stats().host_experts.sum() > 20

@@ -134,9 +134,9 @@ class Replay:
         got = self.trace.experts[self.seq, self.token, layer]
         if len(got) != len(ids):
             raise InputError(f"Replay: the trace has top-{len(got)} routing, the decoder asked for {len(ids)}")
-        out = [int(e) for e in got]
+        out = got.tolist() if isinstance(got, np.ndarray) else [int(e) for e in got]   # numpy: Python ints
         w = self.trace.weights
-        self.last_weights = None if w is None else [float(v) for v in w[self.seq, self.token, layer]]
+        self.last_weights = None if w is None else np.asarray(w[self.seq, self.token, layer], dtype=float).tolist()
         if layer == self.layers - 1:
             self.token += 1
         self.served += 1

@@ -6,17 +6,24 @@ miss is copied (host -> device, on a side stream on CUDA).
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from q3lab.errors import InputError
+from q3lab.errors import InputError, Q3LabError
 from q3lab.runtime.experts import ExpertProvider
 from q3lab.runtime.residency import Policy, Residency
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+class KernelCopyError(Q3LabError):
+    """A host -> device copy of an expert failed in the CUDA driver."""
 
 
 class DeviceExpertCache(ExpertProvider):
@@ -67,6 +74,9 @@ class DeviceExpertCache(ExpertProvider):
         self.down = torch.zeros(S, D, I, dtype=dt, device=self.device)                # [slots, D, I]
         self.expert_bytes = 3 * I * D * host_gate.element_size()
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.copy_stream is not None:
+            self._ev_compute, self._ev_copy = torch.cuda.Event(), torch.cuda.Event()
+        self._raw = self._raw_copies() if self.copy_stream is not None else None
         self._copied = 0                                  # experts copied since the last reset (misses)
         self._prefetched = 0                              # ... of them by prefetch
         self._content: list = [None] * S                  # the key each slot's tensors hold
@@ -118,14 +128,22 @@ class DeviceExpertCache(ExpertProvider):
         if host > 0:
             missing = [e for e in uniq if (layer, e) not in res.slot_of]
             on_host = set(missing[len(missing) - min(host, len(missing)):])
-        slot_of, copied = {}, self._prefetch_pending
+        slot_of, fetch = {}, []
+        raw = self._raw
         for e in uniq:
             slot, hit = res.access(layer, e, admit=e not in on_host)
             if not hit and e not in on_host:
-                self._copy_in((layer, e), slot)
-                copied = True
+                if raw is not None:      # issued at once (a few us): the link starts while the rest is decided
+                    if not fetch:
+                        self._copies_after_compute()
+                    self._copied += 1
+                    self._content[slot] = (layer, e)
+                    self._raw_issue(raw, [((layer, e), slot)])
+                fetch.append(((layer, e), slot))
             slot_of[e] = slot
-        if copied:
+        if raw is None:
+            self._copy_many(fetch)   # protected until served: no access above reassigned these slots
+        if fetch or self._prefetch_pending:
             self._sync_copies()
             self._prefetch_pending = False
         return [slot_of[e] for e in experts], sorted(on_host)
@@ -134,18 +152,19 @@ class DeviceExpertCache(ExpertProvider):
         """Copy in `experts` of `layer` ahead of use, where that evicts nothing of the current group: the
         copies are queued on the copy stream and not waited for here (the next `slots` call makes the compute
         stream wait for them). Returns the number of experts loaded."""
-        res, n = self.residency, 0
+        res = self.residency
         guess = sorted(set(int(x) for x in experts))
         batch = {(layer, e) for e in guess}          # one guess's experts do not evict each other
+        fetch = []
         for e in guess:
             loaded, slot = res.prefetch((layer, e), protect=batch)
             if loaded:
-                self._copy_in((layer, e), slot)
-                self._prefetched += 1
-                n += 1
-        if n:
+                fetch.append(((layer, e), slot))
+        self._copy_many(fetch)
+        self._prefetched += len(fetch)
+        if fetch:
             self._prefetch_pending = True
-        return n
+        return len(fetch)
 
     def warm(self, groups: Iterable[tuple[int, Sequence[int], Sequence[float] | None]]) -> int:
         """Run `groups` (layer, experts, weights or None) through the residency as a decode would, without
@@ -173,24 +192,96 @@ class DeviceExpertCache(ExpertProvider):
         self.reset_stats()
         return n
 
+    def _raw_copies(self):
+        """The copy plan for the driver's cuMemcpyHtoDAsync called directly (ctypes): one call per tensor of an
+        expert, ~1-2 us of host time against ~10 us for torch's copy_ (dispatch, pinned-pointer lookup, a host
+        allocator event per copy), which a layer of misses pays several times before its copies run. Used
+        when the host tensors are pinned and contiguous and a test copy reads back equal; else None (torch's
+        copy_, with a warning naming why). Q3LAB_RAW_COPIES=0 turns it off."""
+        if os.environ.get("Q3LAB_RAW_COPIES", "1") == "0":
+            return None
+        hosts, slabs = self.host, (self.gate, self.up, self.down)
+        why = None
+        if not all(h.is_contiguous() and h.is_pinned() for h in hosts):
+            why = "the host expert tensors are not all pinned and contiguous"
+        else:
+            try:
+                fn = ctypes.CDLL("libcuda.so.1").cuMemcpyHtoDAsync_v2
+                fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError) as e:
+                why = f"libcuda.so.1's cuMemcpyHtoDAsync_v2 not found ({e})"
+        if why is None:
+            E = hosts[0].shape[1]
+            plan = [(h.data_ptr(), d.data_ptr(), h[0, 0].numel() * h.element_size()) for h, d in zip(hosts, slabs)]
+            raw = (fn, plan, E)
+            # a test copy of the last expert into slot 0 (still empty: pins are copied in after this)
+            L = hosts[0].shape[0]
+            try:
+                self._raw_issue(raw, [((L - 1, E - 1), 0)])
+                torch.cuda.synchronize(self.device)
+                ok = all(torch.equal(d[0].cpu(), h[L - 1, E - 1]) for h, d in zip(hosts, slabs))
+            except Q3LabError as e:
+                ok, why = False, str(e)
+            for d in slabs:
+                d[0].zero_()
+            torch.cuda.synchronize(self.device)
+            if ok:
+                return raw
+            why = why or "a test copy read back different bytes"
+        warnings.warn(f"DeviceExpertCache: direct driver copies off ({why}); torch's copy_ issues the copies",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+    def _raw_issue(self, raw, items) -> None:
+        fn, plan, E = raw
+        stream = ctypes.c_void_p(self.copy_stream.cuda_stream)
+        for (layer, e), slot in items:
+            src = layer * E + e
+            for hbase, dbase, nb in plan:
+                rc = fn(dbase + slot * nb, ctypes.c_void_p(hbase + src * nb), nb, stream)
+                if rc:
+                    raise KernelCopyError(f"cuMemcpyHtoDAsync of expert ({layer}, {e}) into slot {slot} failed "
+                                          f"with CUresult {rc}")
+
     def _copy_in(self, key: tuple[int, int], slot: int) -> None:
-        layer, e = key
-        hg, hu, hd = self.host
-        self._copied += 1
-        self._content[slot] = key
-        if self.copy_stream is None:
-            self.gate[slot].copy_(hg[layer, e]), self.up[slot].copy_(hu[layer, e]), self.down[slot].copy_(hd[layer, e])
+        self._copy_many([(key, slot)])
+
+    def _copy_many(self, items: list) -> None:
+        """Copy ((layer, expert), slot) pairs in: on CUDA one stream wait and one stream switch for all of them
+        (a decode layer's misses), then three asynchronous copies each."""
+        if not items:
             return
-        # the slot may still be read by kernels queued on the compute stream: copy after them
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        hg, hu, hd = self.host
+        self._copied += len(items)
+        for key, slot in items:
+            self._content[slot] = key
+        if self.copy_stream is None:
+            for (layer, e), slot in items:
+                self.gate[slot].copy_(hg[layer, e]), self.up[slot].copy_(hu[layer, e])
+                self.down[slot].copy_(hd[layer, e])
+            return
+        # the slots may still be read by kernels queued on the compute stream: copy after them
+        self._copies_after_compute()
+        if self._raw is not None:
+            self._raw_issue(self._raw, items)
+            return
         with torch.cuda.stream(self.copy_stream):
-            self.gate[slot].copy_(hg[layer, e], non_blocking=True)
-            self.up[slot].copy_(hu[layer, e], non_blocking=True)
-            self.down[slot].copy_(hd[layer, e], non_blocking=True)
+            for (layer, e), slot in items:
+                self.gate[slot].copy_(hg[layer, e], non_blocking=True)
+                self.up[slot].copy_(hu[layer, e], non_blocking=True)
+                self.down[slot].copy_(hd[layer, e], non_blocking=True)
 
     def _sync_copies(self) -> None:
         if self.copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            # as wait_stream, with one reused event (wait_stream makes a new one each call)
+            self._ev_copy.record(self.copy_stream)
+            torch.cuda.current_stream(self.device).wait_event(self._ev_copy)
+
+    def _copies_after_compute(self) -> None:
+        """The copy stream waits for the compute stream's queued work (kernels may still read the slots)."""
+        self._ev_compute.record(torch.cuda.current_stream(self.device))
+        self.copy_stream.wait_event(self._ev_compute)
 
     # -- the provider protocol, so that the eager model (prefill) reads the same slots --------------
     def prepare(self, layer: int, experts: list[int], weights: Sequence[float] | None = None) -> None:

@@ -170,6 +170,35 @@ int moe_bf16(const uint16_t *h, const uint16_t *gate, const uint16_t *up, const 
     return 0;
 }
 
+/* moe_bf16 with the eager model's (and the GPU experts kernels') roundings: the gate and up projections, silu
+   of the gate, silu * up and each expert's output rounded to bf16, then times its weight, float32 sums in rank
+   order (q3lab.fast.host_experts: host-computed experts that agree with the device's to the last bit mostly) */
+int moe_bf16_rounded(const uint16_t *h, const uint16_t *gate, const uint16_t *up, const uint16_t *down,
+                     const int64_t *ids, const void *wv, float *out, int A, int I, int D, int E, int threads, int wbf) {
+    for (int a = 0; a < A; a++) if (ids[a] < 0 || ids[a] >= E) return -1;
+    float wts[A];
+    for (int a = 0; a < A; a++) wts[a] = wbf ? bf2f(((const uint16_t *)wv)[a]) : ((const float *)wv)[a];
+    uint16_t act[A * I];
+    #pragma omp parallel num_threads(threads) if(threads > 1)
+    {
+        #pragma omp for schedule(static)
+        for (int r = 0; r < A * I; r++) {
+            int a = r / I, i = r % I;
+            int64_t off = (ids[a] * (int64_t)I + i) * D;
+            float g = bf2f(f2bf(dot_bf16(gate + off, h, D))), u = bf2f(f2bf(dot_bf16(up + off, h, D)));
+            act[r] = f2bf(bf2f(f2bf(silu(g))) * u);
+        }
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int d0 = (int)((int64_t)D * t / nt), d1 = (int)((int64_t)D * (t + 1) / nt);
+        for (int d = d0; d < d1; d++) out[d] = 0.f;
+        for (int a = 0; a < A; a++) {
+            const uint16_t *base = down + ids[a] * (int64_t)D * I;
+            for (int d = d0; d < d1; d++) out[d] += wts[a] * bf2f(f2bf(dot_bf16(base + (int64_t)d * I, act + a * I, I)));
+        }
+    }
+    return 0;
+}
+
 int moe_f32(const float *h, const float *gate, const float *up, const float *down,
             const int64_t *ids, const void *wv, float *out, int A, int I, int D, int E, int threads, int wbf) {
     for (int a = 0; a < A; a++) if (ids[a] < 0 || ids[a] >= E) return -1;
@@ -498,8 +527,8 @@ def _build() -> ctypes.CDLL:
     vp, ci = ctypes.c_void_p, ctypes.c_int
     dll.linear_bf16.argtypes = dll.linear_f32.argtypes = [vp, vp, vp, ci, ci, ci, ci]
     dll.linear_bf16.restype = dll.linear_f32.restype = None
-    dll.moe_bf16.argtypes = dll.moe_f32.argtypes = [vp] * 7 + [ci] * 6
-    dll.moe_bf16.restype = dll.moe_f32.restype = ci
+    dll.moe_bf16.argtypes = dll.moe_f32.argtypes = dll.moe_bf16_rounded.argtypes = [vp] * 7 + [ci] * 6
+    dll.moe_bf16.restype = dll.moe_f32.restype = dll.moe_bf16_rounded.restype = ci
     dll.q3_isa.restype = ci
     dll.moe_tokens.argtypes = [vp] * 7 + [ci] * 7
     dll.moe_tokens.restype = ci

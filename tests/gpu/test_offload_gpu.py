@@ -61,6 +61,9 @@ def test_host_computed_misses_on_cuda_keep_greedy_tokens(ckpt):
     assert torch.equal(got, want)
     err = ((off.cache.k - res.cache.k).norm() / res.cache.k.norm()).item()
     assert err < 1e-4
+    # the host split off on the same decoder (its graphs): no stale host outputs read
+    off.host_split = None
+    assert torch.equal(off.generate(ids, 30), want)
 
 
 def test_replay_with_prefetch_on_cuda_counts_like_cpu(ckpt):
@@ -83,3 +86,21 @@ def test_replay_with_prefetch_on_cuda_counts_like_cpu(ckpt):
             off.step()
         out.append(cache.layer_stats()[["hits", "misses", "prefetch_loads", "prefetch_hits"]].to_numpy().tolist())
     assert out[0] == out[1]
+
+
+def test_c_host_kernel_and_gpu_phase_profile_on_cuda(ckpt):
+    """The C host kernel builds on this host and serves the CUDA decoder (greedy tokens equal to resident,
+    float32); the per-phase profile with CUDA events has every phase, the GPU ones positive."""
+    model, host, ids = _setup(ckpt, torch.float32)
+    want = StaticDecoder(model, 64).generate(ids, 20)
+    hx = HostExperts(*host, kernel="c")
+    cache = DeviceExpertCache(*host, capacity=20, device="cuda")
+    split = HostSplit(3, cache.expert_bytes, 1e6, 1e-9, max_host=4)
+    off = OffloadedDecoder(model, 64, cache, host_experts=hx, host_split=split)
+    off.profile_phases(gpu=True)
+    got = off.generate(ids, 20)
+    assert torch.equal(got, want) and off.offload_stats().host_experts.sum() > 10
+    df = off.phase_frame().set_index("phase")
+    assert set(OffloadedDecoder.PHASES) | set(OffloadedDecoder.GPU_PHASES) == set(df.index)
+    assert (df.loc[["gpu_pre", "gpu_moe", "host", "sync"], "ms_per_token"] > 0).all()
+    assert off.phase_steps == 19        # generate's steps after the prefill's token
