@@ -195,10 +195,13 @@ class DeviceExpertCache(ExpertProvider):
     def _raw_copies(self):
         """The copy plan for the driver's cuMemcpyHtoDAsync called directly (ctypes): one call per tensor of an
         expert, ~1-2 us of host time against ~10 us for torch's copy_ (dispatch, pinned-pointer lookup, a host
-        allocator event per copy), which a layer of misses pays several times before its copies run. Used
-        when the host tensors are pinned and contiguous and a test copy reads back equal; else None (torch's
-        copy_, with a warning naming why). Q3LAB_RAW_COPIES=0 turns it off."""
-        if os.environ.get("Q3LAB_RAW_COPIES", "1") == "0":
+        allocator event per copy), which a layer of misses pays several times before its copies run.
+
+        Opt-in (Q3LAB_RAW_COPIES=1), not verified on a GPU: in its one H200 run (2026-12-01, commit 2bf4e5f) the
+        test copy read back different bytes, because it was not ordered after the slab's zero-fill on the
+        compute stream (fixed below, not rerun). Used when asked for, the host tensors are pinned and contiguous
+        and the test copy reads back equal; else None (torch's copy_, with a warning naming why)."""
+        if os.environ.get("Q3LAB_RAW_COPIES", "0") != "1":
             return None
         hosts, slabs = self.host, (self.gate, self.up, self.down)
         why = None
@@ -218,6 +221,8 @@ class DeviceExpertCache(ExpertProvider):
             # a test copy of the last expert into slot 0 (still empty: pins are copied in after this)
             L = hosts[0].shape[0]
             try:
+                # after the slabs' zero-fill, queued on the compute stream
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
                 self._raw_issue(raw, [((L - 1, E - 1), 0)])
                 torch.cuda.synchronize(self.device)
                 ok = all(torch.equal(d[0].cpu(), h[L - 1, E - 1]) for h, d in zip(hosts, slabs))
