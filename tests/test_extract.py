@@ -531,7 +531,9 @@ def test_peak_memory_is_bounded_well_below_the_checkpoint(tmp_path):
     delta_mb = (peak_kb - base_kb) / 1024
     print(f"checkpoint {total / 2**20:.0f} MiB, baseline {base_kb / 1024:.0f} MiB, extract adds {delta_mb:.0f} MiB")
     assert delta_mb > 1  # the measurement sees the extraction at all
-    assert delta_mb < 96, f"extraction added {delta_mb:.0f} MiB of resident memory"
+    # measured 79-97 MiB over 8 runs on the 2-core VM (the current shard's mapped pages and one converted tensor);
+    # a whole 128 MiB embedding read at once would add >= 128 MiB
+    assert delta_mb < 112, f"extraction added {delta_mb:.0f} MiB of resident memory"
     store = Store.open(tmp_path / "st")
     ckpt = Checkpoint(tmp_path / "ck")
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.o_proj.weight"):
