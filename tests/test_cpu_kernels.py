@@ -452,3 +452,33 @@ def test_small_experts_of_a_long_prompt_run_as_one_padded_batch(dtype, monkeypat
     torch.testing.assert_close(step.expert_sum(step.moe_padded_cpu(h, skew, w, gate, up, down), dtype).float(),
                                step.expert_sum(step.moe_torch(h, skew, w, gate, up, down), dtype).float(),
                                **(F32 if dtype == torch.float32 else BF16))
+
+
+def test_experts_as_halves_of_a_fused_gate_up_decode_on_the_cpu_set(hf_ckpt):
+    """Experts whose gate/up are views into one [L, E, 2I, D] tensor (transformers' gate_up_proj layout, as
+    `q3lab.oracle.thinker_sharing_weights` binds them) are not what the one-call layer reads: the step composes
+    the CPU set's functions for them, with moe_torch for the experts (it raised KernelError before), and decodes
+    the contiguous model's tokens."""
+    import q3lab
+    from q3lab.weights.checkpoint import Checkpoint
+    _, path, vocab = hf_ckpt
+    ids = torch.randint(0, vocab, (1, 9), generator=_g(21))
+    out = []
+    for fused in (False, True):
+        model = q3lab.load(Checkpoint(path), dtype=torch.bfloat16)
+        p = model.experts_provider
+        if fused:
+            I = p.gate.shape[2]
+            both = torch.cat([p.gate, p.up], dim=2)                       # [L, E, 2I, D]
+            p.gate, p.up = both[:, :, :I], both[:, :, I:]
+            assert not p.gate.is_contiguous()
+        with torch.inference_mode():
+            c = model.new_cache(1, 12)
+            model(ids, cache=c)
+            step_logits = model._forward(torch.tensor([[5]]), None, c, None, True, model.plan(step.CPU))
+            out.append((model.generate(ids, 6), step_logits))
+    assert torch.equal(out[0][0], out[1][0])
+    # their experts run moe_torch, the contiguous model's the C kernel: bf16 roundings in other orders, as in
+    # test_bf16_decode_step_on_the_cpu_set_is_close_to_torch
+    a, b = out[1][1], out[0][1]
+    assert (a - b).abs().max() < 0.05 * b.abs().max() and a.argmax().item() == b.argmax().item()

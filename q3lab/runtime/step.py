@@ -549,7 +549,7 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
     `cpu_kernels.moe_decode`, the experts read in place, summed over A in float32: [1, 1, D]; up to
     CPU_MAX_ROWS tokens: `cpu_kernels.moe_tokens` ([N, 1, D]). A provider's callable with `slots`
     (`Experts._served`) is stacked first for those cases. Anything else (more tokens, several float32 tokens):
-    `moe_torch`."""
+    `moe_torch`, as are experts that are not contiguous (gate/up as halves of transformers' gate_up_proj)."""
     if up is None and getattr(gate, "slots", None) and _one_row(h) \
             and h.shape[0] <= CPU_MAX_ROWS:
         # a provider's experts (a cache): stacked in slot order, so that they run the kernel resident experts run
@@ -557,7 +557,8 @@ def moe_cpu(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up=None, 
         fetch, g0 = gate, gate(0)
         if g0[0].dtype == h.dtype:
             gate, up, down = stack_served(fetch, fetch.slots, g0)
-    if up is not None and isinstance(gate, torch.Tensor) and gate.dim() == 3 and _cpu_ok(h, gate):
+    if up is not None and isinstance(gate, torch.Tensor) and gate.dim() == 3 and _cpu_ok(h, gate) \
+            and gate.is_contiguous() and up.is_contiguous() and down.is_contiguous():   # the C kernels read in place
         from q3lab.kernels import cpu as cpu_kernels
         if h.shape[0] == 1:
             return cpu_kernels.moe_decode(h.contiguous(), gate, up, down, ids, w).view(1, 1, -1)
@@ -649,7 +650,8 @@ def layer_cpu(x: torch.Tensor, w: LayerWeights, d: Dims, rope: Rope, kv: KV | No
     st = getattr(experts, "stacked", None)
     if st is None or kv is None or kv.k is None or kv.mask is not None or rope.sin is not None \
             or w.qkv is not None or type(kv.at) is not int or x.numel() != x.shape[-1] or x.dim() != 3 \
-            or not _one_row(x) or w.wq.requires_grad or st[0].dtype != x.dtype:
+            or not _one_row(x) or w.wq.requires_grad or st[0].dtype != x.dtype \
+            or not all(t.is_contiguous() for t in st):    # e.g. gate/up as halves of transformers' gate_up_proj
         return None
     got = _LAYER_CALLS.get(experts)
     if got is None or got[0] is not w:     # checked once per plan (a plan serves a whole generation)
