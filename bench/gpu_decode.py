@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.timing import sync as _sync, sync_time  # noqa: E402
 from q3lab.fast.decoders import DeviceExpertCache, OffloadedDecoder, StaticDecoder  # noqa: E402
 from q3lab.oracle import build_reference_generator, text_model, thinker_sharing_weights  # noqa: E402
 from q3lab.weights.synthetic import preset_config  # noqa: E402
@@ -49,17 +50,6 @@ def log(*a) -> None:
     print(f"[{time.perf_counter() - _T0:5.0f} s]", *a, flush=True)
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def sync_time(fn) -> float:
-    _sync()
-    t = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - t
 
 
 def copy_bandwidth(nbytes: int = 4 * 2**30, repeats: int = 10) -> float:

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.timing import sync as _sync, sync_time  # noqa: E402
 from q3lab.fast.device_cache import DeviceExpertCache  # noqa: E402
 from q3lab.fast.decoders import OffloadedDecoder, StaticDecoder  # noqa: E402
 from q3lab.fast.host_experts import HostExperts, HostSplit, time_host_expert  # noqa: E402
@@ -53,17 +54,6 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
-def _sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def sync_time(fn) -> float:
-    _sync()
-    t = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - t
 
 
 def h2d_rate(expert_shape, pin: bool, n: int = 64) -> float:

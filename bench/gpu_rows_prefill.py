@@ -25,16 +25,13 @@ import traceback
 
 import torch
 
+from bench.timing import sync as _sync
+
 GB = 1e9
 
 
 def log(*a) -> None:
     print(*a, flush=True)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _time(fn, repeats: int, warmup: int = 1) -> float:
